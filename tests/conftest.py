@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HAMILTON = REPO / "tests" / "data" / "hamilton_clip.mp4"
+SHARED = REPO.parent / "shared"
+
+#: Hard cuts of the Hamilton clip (first frame of each new shot), checked by eye.
+HAMILTON_CUTS = (20, 82, 211)
+
+
+@pytest.fixture(scope="session")
+def hamilton() -> Path:
+    return HAMILTON
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, skipping the test clearly when shared/ is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"needs {path} (the project's shared/ folder beside the repository), which is absent here")
+    return path

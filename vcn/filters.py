@@ -1,0 +1,60 @@
+"""The three crop filters of the method: face area, top-K largest faces per frame, blur.
+
+They mark crops as rejected with a reason instead of deleting them, so that a
+user can see what was left out and why, and re-filter with other settings
+without re-running detection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import polars as pl
+
+#: Reject reasons, in the order they are checked; a crop gets the first that applies.
+REASONS = ("small_face", "not_top_k", "blurry")
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Thresholds of the crop filters.
+
+    Attributes:
+        min_face_area: Smallest face box area in original-video pixels (40 x 40 by
+            default): below it a face carries too little identity detail.
+        top_k: Only the K largest faces of a frame are kept; crowds and
+            background extras are not the characters the product clusters.
+        min_sharpness: Smallest variance of the Laplacian of the grey aligned
+            crop. Motion-blurred and out-of-focus faces fall well below it.
+    """
+
+    min_face_area: float = 1600.0
+    top_k: int = 5
+    min_sharpness: float = 40.0
+
+
+def face_rank_in_frame(detections: pl.DataFrame) -> pl.Series:
+    """0-based rank of each detection by box area within its frame (0 = largest)."""
+    area = (pl.col("x2") - pl.col("x1")) * (pl.col("y2") - pl.col("y1"))
+    return detections.select(
+        area.rank(method="ordinal", descending=True).over("frame").cast(pl.Int32).alias("frame_rank") - 1
+    )["frame_rank"]
+
+
+def sharpness(chip: np.ndarray) -> float:
+    """Variance of the Laplacian of the grey image: low for blurred faces."""
+    grey = cv2.cvtColor(chip, cv2.COLOR_RGB2GRAY)
+    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+
+
+def reject_reason(face_area: float, frame_rank: int, sharp: float, config: FilterConfig) -> str | None:
+    """The first filter a crop fails, or None when it passes all three."""
+    if face_area < config.min_face_area:
+        return "small_face"
+    if frame_rank >= config.top_k:
+        return "not_top_k"
+    if sharp < config.min_sharpness:
+        return "blurry"
+    return None

@@ -1,0 +1,180 @@
+"""The DuckDB warehouse: per-movie result tables, lineage and stage metrics.
+
+DuckDB lets one process open a database file for writing at a time. Every write
+here takes an exclusive file lock beside the database first, opens the
+connection, writes in one transaction and closes, so any number of pipeline
+processes can share the file; a process that finds DuckDB's own lock held (an
+analyst's read-only session) retries for a while before giving up with a clear
+error. Readers open read-only connections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import polars as pl
+
+log = logging.getLogger(__name__)
+
+#: Per-movie result tables the pipeline maintains (rows keyed by ``movie_id``).
+RESULT_TABLES = ("movies", "shots", "frames", "detections", "tracks", "track_crops")
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS lineage (
+    asset VARCHAR NOT NULL,
+    movie_id VARCHAR,
+    run_id VARCHAR NOT NULL,
+    code_version VARCHAR,
+    artifact VARCHAR,
+    row_count BIGINT,
+    started_at TIMESTAMPTZ,
+    finished_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS stage_metrics (
+    movie_id VARCHAR,
+    asset VARCHAR NOT NULL,
+    run_id VARCHAR NOT NULL,
+    seconds DOUBLE,
+    frames BIGINT,
+    frames_per_s DOUBLE,
+    items BIGINT,
+    realtime_factor DOUBLE,
+    details JSON,
+    recorded_at TIMESTAMPTZ
+);
+"""
+
+
+class WarehouseBusyError(RuntimeError):
+    """The database stayed locked by another process for longer than the timeout."""
+
+
+@dataclass(frozen=True)
+class Warehouse:
+    """A DuckDB file with the platform's tables.
+
+    Args:
+        path: The database file; created with its tables on first write.
+        lock_timeout_s: How long a writer waits for other processes.
+    """
+
+    path: str
+    lock_timeout_s: float = 300.0
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[Any]:
+        """An exclusive read-write connection inside one transaction."""
+        import duckdb
+
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.lock_timeout_s
+        with open(self.path + ".lock", "a+") as lock_file:
+            while True:
+                try:
+                    fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise WarehouseBusyError(f"{self.path}: another writer held the warehouse for {self.lock_timeout_s:.0f} s")
+                    time.sleep(0.05)
+            try:
+                con = self._connect(duckdb, deadline, read_only=False)
+                try:
+                    con.execute(_DDL)
+                    con.execute("BEGIN TRANSACTION")
+                    try:
+                        yield con
+                    except BaseException:
+                        con.execute("ROLLBACK")
+                        raise
+                    con.execute("COMMIT")
+                finally:
+                    con.close()
+            finally:
+                fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Any]:
+        """A read-only connection (fails clearly when the database does not exist yet)."""
+        import duckdb
+
+        if not Path(self.path).exists():
+            raise FileNotFoundError(f"{self.path}: no warehouse yet; process a movie first")
+        con = self._connect(duckdb, time.monotonic() + self.lock_timeout_s, read_only=True)
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def _connect(self, duckdb, deadline: float, read_only: bool):
+        delay = 0.05
+        while True:
+            try:
+                return duckdb.connect(self.path, read_only=read_only)
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                    raise WarehouseBusyError(f"{self.path}: {exc}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    def replace_movie_rows(self, table: str, movie_id: str, rows: pl.DataFrame) -> None:
+        """Replaces ``table``'s rows of one movie with ``rows`` in one transaction."""
+        if table not in RESULT_TABLES:
+            raise ValueError(f"unknown result table {table!r}; known: {', '.join(RESULT_TABLES)}")
+        incoming = rows.with_columns(pl.lit(movie_id, pl.String).alias("movie_id")).select(
+            "movie_id", *[c for c in rows.columns if c != "movie_id"]
+        )
+        with self.writer() as con:
+            con.register("incoming", incoming.to_arrow())
+            con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM incoming LIMIT 0")
+            con.execute(f"DELETE FROM {table} WHERE movie_id = ?", [movie_id])
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
+            con.unregister("incoming")
+
+    def record_stage(
+        self,
+        *,
+        asset: str,
+        movie_id: str | None,
+        run_id: str,
+        code_version: str,
+        artifact: str | None,
+        row_count: int | None,
+        started_at: datetime,
+        finished_at: datetime,
+        frames: int | None = None,
+        items: int | None = None,
+        video_seconds: float | None = None,
+        details: dict | None = None,
+    ) -> None:
+        """Appends one lineage row and one stage-metrics row."""
+        seconds = (finished_at - started_at).total_seconds()
+        fps = frames / seconds if frames and seconds > 0 else None
+        realtime = video_seconds / seconds if video_seconds and seconds > 0 else None
+        with self.writer() as con:
+            con.execute(
+                "INSERT INTO lineage VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [asset, movie_id, run_id, code_version, artifact, row_count, started_at, finished_at],
+            )
+            con.execute(
+                "INSERT INTO stage_metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [movie_id, asset, run_id, seconds, frames, fps, items, realtime, json.dumps(details or {}), finished_at],
+            )
+
+    def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
+        """Runs a read-only query and returns the result as a polars frame."""
+        with self.reader() as con:
+            return con.execute(sql, params or []).pl()
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)

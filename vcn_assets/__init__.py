@@ -1,0 +1,1 @@
+"""The Dagster layer of the platform: definitions, assets, partitions, sensors, checks, CLI."""

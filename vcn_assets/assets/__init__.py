@@ -1,0 +1,1 @@
+"""Per-movie software-defined assets."""

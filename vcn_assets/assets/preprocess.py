@@ -1,0 +1,227 @@
+"""From a movie file to aligned face-track crops: shots, frames, detections, tracks, crops.
+
+Each asset reads its inputs from the artifact store, calls the core, writes its
+Parquet file atomically, loads the warehouse table and returns metadata.
+"""
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from resources import ArtifactStore, DetectorResource, WarehouseResource
+from vcn.crops import CropConfig, write_track_crops
+from vcn.detection.video import appearance_matrix, detect_video_faces
+from vcn.filters import FilterConfig
+from vcn.frames import DEFAULT_DETECT_FPS, build_frame_index, sample_stride
+from vcn.shots import ShotConfig, detect_shots
+from vcn.tracking import TrackerConfig, summarise_tracks, track_detections
+from vcn.video import VideoReader, probe_video
+from vcn_assets.assets.recording import CODE_VERSION, preview, stage
+from vcn_assets.partitions import movies
+
+GROUP = "preprocess"
+
+
+class ShotsConfig(dg.Config):
+    detector: str = Field(default="content", description="PySceneDetect detector: 'content' (HSV change) or 'adaptive'.")
+    threshold: float | None = Field(default=None, description="Detector threshold; None uses PySceneDetect's default.")
+    min_shot_s: float = Field(default=0.4, description="Shortest shot in seconds; closer cuts merge.")
+
+
+class FramesConfig(dg.Config):
+    detect_fps: float = Field(default=DEFAULT_DETECT_FPS, description="Frames per second of video on which faces are detected.")
+
+
+class TracksConfig(dg.Config):
+    max_age_s: float = Field(default=1.0, description="Seconds a track survives without a detection.")
+    n_init: int = Field(default=2, description="Matches before a track is confirmed.")
+    min_track_detections: int = Field(default=2, description="Shorter tracks are dropped as noise.")
+
+
+class CropsConfig(dg.Config):
+    template: str = Field(default="dlib-150", description="Alignment template of the face-ID backbone.")
+    every_s: float = Field(default=0.25, description="Seconds between two crops of a track.")
+    min_face_area: float = Field(default=1600.0, description="Smallest face box area (px of the original video).")
+    top_k: int = Field(default=5, description="Largest faces per frame that are kept.")
+    min_sharpness: float = Field(default=40.0, description="Smallest variance of the Laplacian of an aligned crop.")
+
+
+def _video(store: ArtifactStore, movie_id: str) -> VideoReader:
+    return VideoReader(store.movie_source(movie_id))
+
+
+@dg.asset(partitions_def=movies, group_name=GROUP, code_version=CODE_VERSION, kinds={"pyav", "parquet", "duckdb"})
+def shots(
+    context: dg.AssetExecutionContext, config: ShotsConfig, store: ArtifactStore, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
+    """Shot boundaries (PySceneDetect); also records the movie's video facts."""
+    wh = warehouse.get()
+    with stage(context, wh, "shots") as run:
+        reader = _video(store, run.movie_id)
+        table = detect_shots(
+            reader, ShotConfig(detector=config.detector, threshold=config.threshold, min_shot_s=config.min_shot_s)
+        )
+        path = store.write_parquet(run.movie_id, "shots.parquet", table)
+        info = reader.info.as_dict() | {"decoded_frames": reader.report.frames, "decode_warnings": "; ".join(reader.report.warnings)}
+        wh.replace_movie_rows("movies", run.movie_id, pl.DataFrame([info]))
+        wh.replace_movie_rows("shots", run.movie_id, table)
+        run.frames, run.items, run.row_count = reader.report.frames, table.height, table.height
+        run.video_seconds = float(table["end_s"].max() or 0.0) if table.height else 0.0
+        run.artifact = str(path)
+        for warning in reader.report.warnings:
+            context.log.warning(f"{run.movie_id}: {warning}")
+    return dg.MaterializeResult(
+        metadata={
+            "shots": table.height,
+            "frames": reader.report.frames,
+            "width": reader.info.width,
+            "height": reader.info.height,
+            "fps": reader.info.fps,
+            "rotation": reader.info.rotation,
+            "decode_warnings": dg.MetadataValue.text("; ".join(reader.report.warnings) or "none"),
+            "seconds": run.details["seconds"],
+            "path": dg.MetadataValue.path(str(path)),
+            "preview": preview(table),
+        }
+    )
+
+
+@dg.asset(partitions_def=movies, group_name=GROUP, code_version=CODE_VERSION, deps=[shots], kinds={"pyav", "parquet", "duckdb"})
+def frames(
+    context: dg.AssetExecutionContext, config: FramesConfig, store: ArtifactStore, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
+    """The frame index (time, key frame, shot of every frame) and the frames sampled for detection."""
+    wh = warehouse.get()
+    with stage(context, wh, "frames") as run:
+        reader = _video(store, run.movie_id)
+        stride = sample_stride(reader.info.fps, config.detect_fps)
+        table = build_frame_index(reader, store.read_parquet(run.movie_id, "shots.parquet"), stride)
+        path = store.write_parquet(run.movie_id, "frames.parquet", table)
+        wh.replace_movie_rows("frames", run.movie_id, table)
+        sampled = int(table["sampled"].sum())
+        run.frames, run.items, run.row_count, run.artifact = table.height, sampled, table.height, str(path)
+        run.video_seconds = float(table["time_s"].max() or 0.0) if table.height else 0.0
+        run.details = {"stride": stride}
+    return dg.MaterializeResult(
+        metadata={
+            "frames": table.height,
+            "sampled_frames": sampled,
+            "stride": stride,
+            "seconds": run.details["seconds"],
+            "path": dg.MetadataValue.path(str(path)),
+        }
+    )
+
+
+@dg.asset(partitions_def=movies, group_name=GROUP, code_version=CODE_VERSION, deps=[frames], kinds={"onnx", "parquet"})
+def face_detections(
+    context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource, detector: DetectorResource
+) -> dg.MaterializeResult:
+    """Face boxes, five landmarks and scores on every sampled frame."""
+    wh = warehouse.get()
+    with stage(context, wh, "face_detections") as run:
+        frame_table = store.read_parquet(run.movie_id, "frames.parquet")
+        source = store.movie_source(run.movie_id)
+        reader = VideoReader(source, max_side=detector.max_side, info=probe_video(source))
+        model = detector.create()
+        table = detect_video_faces(reader, frame_table, model, batch_size=detector.batch_size)
+        path = store.write_parquet(run.movie_id, "face_detections.parquet", table)
+        sampled = int(frame_table["sampled"].sum())
+        run.frames, run.items, run.row_count, run.artifact = sampled, table.height, table.height, str(path)
+        run.video_seconds = float(frame_table["time_s"].max() or 0.0) if frame_table.height else 0.0
+        run.details = {"detector": model.name, "max_side": detector.max_side}
+    return dg.MaterializeResult(
+        metadata={
+            "detections": table.height,
+            "frames_searched": sampled,
+            "frames_with_faces": table["frame"].n_unique() if table.height else 0,
+            "detector": model.name,
+            "seconds": run.details["seconds"],
+            "path": dg.MetadataValue.path(str(path)),
+            "preview": preview(table.drop("appearance")),
+        }
+    )
+
+
+@dg.asset(partitions_def=movies, group_name=GROUP, code_version=CODE_VERSION, deps=[face_detections], kinds={"parquet", "duckdb"})
+def face_tracks(
+    context: dg.AssetExecutionContext, config: TracksConfig, store: ArtifactStore, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
+    """Detections linked into tracks inside each shot (Deep SORT); a track never crosses a cut."""
+    wh = warehouse.get()
+    with stage(context, wh, "face_tracks") as run:
+        detections = store.read_parquet(run.movie_id, "face_detections.parquet")
+        frame_table = store.read_parquet(run.movie_id, "frames.parquet", columns=["frame", "time_s", "sampled"])
+        samples_per_s = _sampling_rate(frame_table)
+        tracked = track_detections(
+            detections,
+            appearance_matrix(detections),
+            samples_per_s,
+            TrackerConfig(max_age_s=config.max_age_s, n_init=config.n_init, min_track_detections=config.min_track_detections),
+        ).drop("appearance")
+        tracks = summarise_tracks(tracked)
+        path = store.write_parquet(run.movie_id, "face_tracks.parquet", tracked)
+        store.write_parquet(run.movie_id, "tracks.parquet", tracks)
+        wh.replace_movie_rows("detections", run.movie_id, tracked)
+        wh.replace_movie_rows("tracks", run.movie_id, tracks)
+        run.items, run.row_count, run.artifact = tracks.height, tracked.height, str(path)
+        run.frames = int(frame_table["sampled"].sum())
+        run.video_seconds = float(frame_table["time_s"].max() or 0.0) if frame_table.height else 0.0
+    untracked = tracked["track_id"].null_count() if tracked.height else 0
+    return dg.MaterializeResult(
+        metadata={
+            "tracks": tracks.height,
+            "tracked_detections": tracked.height - untracked,
+            "untracked_detections": untracked,
+            "median_track_length": float(tracks["n_detections"].median() or 0) if tracks.height else 0.0,
+            "seconds": run.details["seconds"],
+            "path": dg.MetadataValue.path(str(path)),
+            "preview": preview(tracks),
+        }
+    )
+
+
+@dg.asset(partitions_def=movies, group_name=GROUP, code_version=CODE_VERSION, deps=[face_tracks], kinds={"pyav", "parquet", "duckdb"})
+def track_crops(
+    context: dg.AssetExecutionContext, config: CropsConfig, store: ArtifactStore, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
+    """Aligned face crops sampled along each track, with the crop filters' verdicts."""
+    wh = warehouse.get()
+    with stage(context, wh, "track_crops") as run:
+        tracked = store.read_parquet(run.movie_id, "face_tracks.parquet")
+        crop_config = CropConfig(
+            template=config.template,
+            every_s=config.every_s,
+            filters=FilterConfig(min_face_area=config.min_face_area, top_k=config.top_k, min_sharpness=config.min_sharpness),
+        )
+        with store.writing(run.movie_id, "track_crops.parquet") as tmp:
+            crops = write_track_crops(_video(store, run.movie_id), tracked, tmp, crop_config)
+        path = store.path(run.movie_id, "track_crops.parquet")
+        wh.replace_movie_rows("track_crops", run.movie_id, crops)
+        kept = int((~crops["rejected"]).sum()) if crops.height else 0
+        run.items, run.row_count, run.artifact = crops.height, crops.height, str(path)
+        run.frames = crops["frame"].n_unique() if crops.height else 0
+        run.details = {"kept": kept, "template": config.template}
+    reasons = crops.group_by("reject_reason").len().drop_nulls() if crops.height else pl.DataFrame()
+    return dg.MaterializeResult(
+        metadata={
+            "crops": crops.height,
+            "kept": kept,
+            "rejected": crops.height - kept,
+            **{f"rejected_{r}": int(n) for r, n in reasons.iter_rows()},
+            "tracks_with_kept_crops": crops.filter(~pl.col("rejected"))["track_id"].n_unique() if kept else 0,
+            "template": config.template,
+            "seconds": run.details["seconds"],
+            "path": dg.MetadataValue.path(str(path)),
+        }
+    )
+
+
+def _sampling_rate(frame_table: pl.DataFrame) -> float:
+    """Detection samples per second of video."""
+    duration = float(frame_table["time_s"].max() or 0.0) if frame_table.height else 0.0
+    sampled = int(frame_table["sampled"].sum()) if frame_table.height else 0
+    return sampled / duration if duration > 0 and sampled > 1 else DEFAULT_DETECT_FPS
+
+
+preprocess_assets = [shots, frames, face_detections, face_tracks, track_crops]

@@ -1,0 +1,34 @@
+"""The platform's Dagster definitions, assembled in one place."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from resources import ArtifactStore, DetectorResource, WarehouseResource
+from vcn_assets.assets.preprocess import preprocess_assets
+from vcn_assets.checks import checks
+from vcn_assets.jobs import preprocess_job
+from vcn_assets.sensors import inbox_sensor
+from vcn_assets.settings import Settings
+
+
+def build_resources(settings: Settings) -> dict:
+    return {
+        "store": ArtifactStore(base_dir=str(settings.artifacts)),
+        "warehouse": WarehouseResource(path=str(settings.warehouse)),
+        "detector": DetectorResource(),
+    }
+
+
+def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    settings = settings or Settings.from_env()
+    return dg.Definitions(
+        assets=preprocess_assets,
+        asset_checks=checks,
+        jobs=[preprocess_job],
+        sensors=[inbox_sensor],
+        resources=build_resources(settings),
+    )
+
+
+defs = build_definitions()
