@@ -77,11 +77,11 @@ class _Clip:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            graph = _graph(
-                stream,
+            graph = _filters(
                 f"scale={width}:{height}:force_original_aspect_ratio=decrease",
                 f"pad={width}:{height}:(ow-iw)/2:(oh-ih)/2",
                 "format=yuv420p",
+                template=stream,
             )
             for frame in container.decode(stream):
                 graph.push(frame)
@@ -140,7 +140,9 @@ def build_movie(
             "libx264", rate=fps, options={"preset": "veryfast", "crf": "23"}
         )
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        mirror = _graph_for_frame(clips[0].frames[0], fps, "hflip")
+        mirror = _filters(
+            "hflip", width=width, height=height, format="yuv420p", time_base=Fraction(1, fps)
+        )
         by_name = {clip.name: clip for clip in clips}
         with tqdm(total=total, unit="frame", desc=out.name) as progress:
             for segment in segments:
@@ -200,26 +202,16 @@ def _plan(clips: list[_Clip], total: int, fps: int, rng: np.random.Generator) ->
     return segments
 
 
-def _graph(stream: av.video.stream.VideoStream, *filters: str) -> av.filter.Graph:
-    """A configured chain of FFmpeg video filters fed with frames of ``stream``."""
+def _filters(*filters: str, **buffer: object) -> av.filter.Graph:
+    """A configured chain of FFmpeg video filters, one frame out for each frame in.
+
+    Args:
+        *filters: Filters in FFmpeg syntax, ``name=args``.
+        **buffer: Description of the input frames for ``Graph.add_buffer``:
+            ``template=stream``, or ``width``, ``height``, ``format`` and ``time_base``.
+    """
     graph = av.filter.Graph()
-    return _link(graph, graph.add_buffer(template=stream), filters)
-
-
-def _graph_for_frame(frame: av.VideoFrame, fps: int, *filters: str) -> av.filter.Graph:
-    """A configured chain of FFmpeg video filters fed with frames like ``frame``."""
-    graph = av.filter.Graph()
-    source = graph.add_buffer(
-        width=frame.width,
-        height=frame.height,
-        format=frame.format.name,
-        time_base=Fraction(1, fps),
-    )
-    return _link(graph, source, filters)
-
-
-def _link(graph: av.filter.Graph, source: av.filter.FilterContext, filters: tuple[str, ...]) -> av.filter.Graph:
-    chain = [source]
+    chain = [graph.add_buffer(**buffer)]
     for spec in filters:
         name, _, args = spec.partition("=")
         chain.append(graph.add(name, args or None))
@@ -233,7 +225,9 @@ def _link(graph: av.filter.Graph, source: av.filter.FilterContext, filters: tupl
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, required=True, help="length of the movie")
-    parser.add_argument("--out", type=Path, required=True, help="output .mp4 (under benchmarks/work/)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="output .mp4, under benchmarks/work/"
+    )
     parser.add_argument("--height", type=int, default=720, help="frame height; width is 16:9")
     parser.add_argument("--fps", type=int, default=24, help="output frame rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random edit")

@@ -146,6 +146,7 @@ def make_vfr(directory: Path, source: Path, frames: int = 60) -> Path:
         for index, frame in zip(range(frames), decoded):
             out = frame.reformat(format="yuv420p")
             out.pts, out.time_base = pts, time_base
+            out.pict_type = av.video.frame.PictureType.NONE  # let x264 choose, not the source
             pts += VFR_DELTAS_MS[index % len(VFR_DELTAS_MS)]
             yield out
 
@@ -160,10 +161,10 @@ def make_rotated(directory: Path, source: Path, degrees: float = 90) -> Path:
 
     ``degrees`` is counter-clockwise, the convention of ``VideoFrame.rotation``
     on read, which reports it folded into [-180, 180] (270 reads back as -90,
-    180 as -180).
-    A phone held upright typically records -90: the stored landscape frames
-    must be turned 90 degrees clockwise for display. The pixels are untouched;
-    only the container's display matrix (the ``tkhd`` matrix in MP4) changes.
+    180 as -180). A phone held upright typically records -90: the stored
+    landscape frames must be turned 90 degrees clockwise for display. The
+    pixels are untouched; only the container's display matrix (the ``tkhd``
+    matrix in MP4) changes.
     """
     path = Path(directory) / f"rotated_{int(degrees)}.mp4"
     _remux(source, path, faststart=False, rotation=degrees)
@@ -284,7 +285,7 @@ def _colour_frame(index: int, width: int, height: int) -> np.ndarray:
 
 
 def _yuv420p(width: int, height: int, luma: int, cb: int, cr: int) -> np.ndarray:
-    """A flat yuv420p frame in PyAV's ndarray layout: Y rows, then U and V packed two rows per row."""
+    """A flat yuv420p frame in PyAV's ndarray layout: the Y rows, then U and V, two rows per row."""
     image = np.empty((height * 3 // 2, width), np.uint8)
     image[:height] = luma
     image[height : height + height // 4] = cb

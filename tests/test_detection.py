@@ -193,7 +193,13 @@ def test_empty_batch_and_blank_image(detector):
 
 @pytest.mark.parametrize(
     "options",
-    [{"score_threshold": 1.5}, {"nms_threshold": 0.0}, {"max_side": 16}, {"threads": 0}, {"providers": []}],
+    [
+        {"score_threshold": 1.5},
+        {"nms_threshold": 0.0},
+        {"max_side": 16},
+        {"threads": 0},
+        {"providers": []},
+    ],
 )
 def test_bad_options_raise(options):
     with pytest.raises(ValueError):

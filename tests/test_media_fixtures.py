@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from media import (
+from tests.media import (
     HAMILTON,
     VFR_DELTAS_MS,
     make_audio_only,

@@ -1,0 +1,202 @@
+"""`vcn process` end to end on the Hamilton clip: a real Dagster instance, Parquet files, DuckDB."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from tests import media
+from tests.conftest import HAMILTON, HAMILTON_CUTS
+from vcn.align import get_template
+from vcn.crops import read_crop_images
+from vcn.detection import create_detector
+from vcn.warehouse import Warehouse
+from vcn_assets.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A project data folder in which the Hamilton clip has been processed once."""
+    home = tmp_path_factory.mktemp("vcn_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VCN_HOME", str(home))
+        mp.delenv("DAGSTER_HOME", raising=False)
+        assert main(["process", str(HAMILTON), "--movie-id", "hamilton"]) == 0
+        yield home
+
+
+@pytest.fixture
+def env(home, monkeypatch):
+    monkeypatch.setenv("VCN_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    return home
+
+
+def _movie(home: Path, name: str) -> Path:
+    return home / "artifacts" / "movies" / "hamilton" / name
+
+
+def _warehouse(home: Path) -> Warehouse:
+    return Warehouse(str(home / "warehouse.duckdb"))
+
+
+def test_every_asset_wrote_its_parquet_and_table(env):
+    for name in ("shots", "frames", "face_detections", "face_tracks", "tracks", "track_crops"):
+        assert _movie(env, name + ".parquet").exists(), name
+    wh = _warehouse(env)
+    for table in ("movies", "shots", "frames", "detections", "tracks", "track_crops"):
+        assert wh.query(f"SELECT count(*) FROM {table} WHERE movie_id = 'hamilton'").item() > 0, table
+    lineage = wh.query("SELECT DISTINCT asset FROM lineage WHERE movie_id = 'hamilton'")["asset"].to_list()
+    assert sorted(lineage) == ["face_detections", "face_tracks", "frames", "shots", "track_crops"]
+    metrics = wh.query("SELECT asset, seconds, realtime_factor FROM stage_metrics WHERE movie_id = 'hamilton'")
+    assert (metrics["seconds"] > 0).all()
+
+
+def test_cuts_are_found(env):
+    starts = pl.read_parquet(_movie(env, "shots.parquet"))["start_frame"].to_list()
+    assert len(starts) == 4 and all(abs(a - b) <= 1 for a, b in zip(starts[1:], HAMILTON_CUTS))
+
+
+def test_faces_are_found_where_people_are_on_screen(env):
+    frames = pl.read_parquet(_movie(env, "frames.parquet"))
+    det = pl.read_parquet(_movie(env, "face_tracks.parquet"))
+    sampled = frames.filter("sampled")["frame"].to_list()
+    with_faces = set(det["frame"].to_list())
+    # People are on screen in every shot of this clip.
+    assert len(with_faces) >= 0.9 * len(sampled)
+    per_frame = det.group_by("frame").len()["len"]
+    assert per_frame.max() >= 4  # the audience shots
+    # Boxes are in pixels of the original 640x360 video.
+    assert det["x1"].min() >= 0 and det["x2"].max() <= 640 and det["y2"].max() <= 360
+
+
+def test_no_track_crosses_a_cut(env):
+    det = pl.read_parquet(_movie(env, "face_tracks.parquet")).filter(pl.col("track_id").is_not_null())
+    shots = pl.read_parquet(_movie(env, "shots.parquet"))
+    cut_frames = set(shots["start_frame"].to_list())
+    spans = det.group_by("track_id").agg(pl.col("frame").min().alias("a"), pl.col("frame").max().alias("b"), pl.col("shot_id").n_unique().alias("n"))
+    assert (spans["n"] == 1).all()
+    for a, b in spans.select("a", "b").iter_rows():
+        assert not any(a < c <= b for c in cut_frames)
+
+
+def test_aligned_crops_put_the_eyes_where_the_template_says(env):
+    crops = pl.read_parquet(_movie(env, "track_crops.parquet"), columns=["crop_id", "rejected", "template"])
+    assert crops["template"].unique().to_list() == ["dlib-150"]
+    kept = crops.filter(~pl.col("rejected"))["crop_id"].to_list()[:40]
+    ids, images = read_crop_images(_movie(env, "track_crops.parquet"), kept)
+    template = get_template("dlib-150")
+    assert images.shape[1:] == (template.size, template.size, 3)
+    detector = create_detector("retinaface", max_side=None, score_threshold=0.5)
+    errors = []
+    for image in images:
+        # Pad so the detector sees the whole face with context, as in a frame.
+        pad = template.size // 2
+        padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+        found = detector.detect([padded])[0]
+        if len(found) == 0:
+            continue
+        best = int(np.argmax(found.scores))
+        eyes = found.landmarks[best, :2] - pad
+        errors.append(np.linalg.norm(eyes - template.points[:2], axis=1).max())
+    assert len(errors) >= 0.8 * len(images)
+    assert np.median(errors) < 0.05 * template.size
+
+
+def test_rejected_crops_are_kept_with_a_reason(env):
+    wh = _warehouse(env)
+    reasons = wh.query("SELECT reject_reason, rejected FROM track_crops WHERE movie_id = 'hamilton'")
+    assert (reasons["rejected"] == reasons["reject_reason"].is_not_null()).all()
+    assert set(reasons["reject_reason"].drop_nulls().to_list()) <= {"small_face", "not_top_k", "blurry"}
+
+
+def test_export_writes_detections_csv(env, tmp_path):
+    assert main(["export", "hamilton", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "detections.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["frame", "x1", "y1", "x2", "y2", "score", "track_id"]
+    n = _warehouse(env).query("SELECT count(*) FROM detections WHERE movie_id = 'hamilton'").item()
+    assert len(rows) - 1 == n
+    frames = [int(r[0]) for r in rows[1:]]
+    assert frames == sorted(frames) and 0 <= frames[0] and frames[-1] < 275
+
+
+def test_sql_is_read_only(env, capsys):
+    assert main(["sql", "SELECT count(*) AS n FROM tracks", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.startswith("n\n")
+    assert main(["sql", "DELETE FROM tracks"]) != 0
+    assert _warehouse(env).query("SELECT count(*) FROM tracks").item() > 0
+
+
+def test_reprocessing_is_idempotent(env, capsys):
+    wh = _warehouse(env)
+    before = {t: wh.query(f"SELECT count(*) FROM {t}").item() for t in ("shots", "detections", "tracks", "track_crops")}
+    assert main(["process", str(HAMILTON), "--movie-id", "hamilton"]) == 0
+    out = capsys.readouterr().out
+    assert "4 shots" in out and "tracks" in out and "crops" in out
+    after = {t: wh.query(f"SELECT count(*) FROM {t}").item() for t in before}
+    assert after == before
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_dynamic_partitions("movies") == ["hamilton"]
+
+
+def test_movie_without_faces_gives_empty_tables(env, tmp_path):
+    video = media.make_synthetic(tmp_path, frames=48, size=(320, 240))
+    assert main(["process", str(video), "--movie-id", "blank"]) == 0
+    wh = _warehouse(env)
+    assert wh.query("SELECT count(*) FROM detections WHERE movie_id = 'blank'").item() == 0
+    assert wh.query("SELECT count(*) FROM tracks WHERE movie_id = 'blank'").item() == 0
+    assert wh.query("SELECT count(*) FROM shots WHERE movie_id = 'blank'").item() >= 1
+    assert pl.read_parquet(env / "artifacts" / "movies" / "blank" / "track_crops.parquet").height == 0
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.mp4", "no such file"),
+        (media.make_not_a_video, "not a media file"),
+        (media.make_zero_length, "empty"),
+        (media.make_audio_only, "no video stream"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_registered(env, tmp_path, capsys, make, message):
+    path = make(tmp_path)
+    assert main(["process", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (env / "artifacts" / "movies" / path.stem.replace("_", "-")).exists()
+
+
+def test_a_failed_run_keeps_the_previous_good_outputs(env, monkeypatch, capsys):
+    path = _movie(env, "face_detections.parquet")
+    before = path.read_bytes()
+    tracks_before = _warehouse(env).query("SELECT count(*) FROM tracks WHERE movie_id = 'hamilton'").item()
+
+    def explode(self, images):
+        raise RuntimeError("detector crashed half-way")
+
+    monkeypatch.setattr("vcn.detection.retinaface.RetinaFaceDetector.detect", explode)
+    assert main(["process", str(HAMILTON), "--movie-id", "hamilton"]) == 1
+    assert "detector crashed half-way" in capsys.readouterr().err
+    assert path.read_bytes() == before
+    assert not list(path.parent.glob("*.partial"))
+    assert _warehouse(env).query("SELECT count(*) FROM tracks WHERE movie_id = 'hamilton'").item() == tracks_before
+
+
+def test_another_file_under_a_taken_movie_id_is_refused(env, tmp_path, capsys):
+    other = media.make_synthetic(tmp_path, frames=10)
+    assert main(["process", str(other), "--movie-id", "hamilton"]) == 2
+    assert "already registered" in capsys.readouterr().err
+
+
+def test_invalid_movie_id(env, capsys):
+    assert main(["process", str(HAMILTON), "--movie-id", "a,b"]) == 2
+    assert "invalid movie id" in capsys.readouterr().err

@@ -1,0 +1,96 @@
+"""The DuckDB warehouse: replace-by-movie, lineage, metrics, one writer at a time."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from datetime import timedelta
+
+import polars as pl
+import pytest
+
+from vcn.warehouse import Warehouse, WarehouseBusyError, utcnow
+
+
+def test_replace_movie_rows_is_idempotent_and_per_movie(tmp_path):
+    wh = Warehouse(str(tmp_path / "w.duckdb"))
+    a = pl.DataFrame({"shot_id": [0, 1], "start_frame": [0, 10]})
+    wh.replace_movie_rows("shots", "a", a)
+    wh.replace_movie_rows("shots", "b", a.head(1))
+    wh.replace_movie_rows("shots", "a", a)
+    counts = wh.query("SELECT movie_id, count(*) AS n FROM shots GROUP BY movie_id ORDER BY movie_id")
+    assert counts.rows() == [("a", 2), ("b", 1)]
+    assert wh.query("SELECT * FROM shots LIMIT 1").columns[0] == "movie_id"
+
+
+def test_unknown_table_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown result table"):
+        Warehouse(str(tmp_path / "w.duckdb")).replace_movie_rows("users; DROP", "a", pl.DataFrame({"x": [1]}))
+
+
+def test_a_failed_write_changes_nothing(tmp_path):
+    wh = Warehouse(str(tmp_path / "w.duckdb"))
+    wh.replace_movie_rows("shots", "a", pl.DataFrame({"shot_id": [0, 1]}))
+    with pytest.raises(RuntimeError):
+        with wh.writer() as con:
+            con.execute("DELETE FROM shots")
+            raise RuntimeError("crash mid-write")
+    assert wh.query("SELECT count(*) FROM shots").item() == 2
+
+
+def test_record_stage_writes_lineage_and_metrics(tmp_path):
+    wh = Warehouse(str(tmp_path / "w.duckdb"))
+    t0 = utcnow()
+    wh.record_stage(
+        asset="frames", movie_id="a", run_id="r1", code_version="0.1.0", artifact="/x.parquet", row_count=100,
+        started_at=t0, finished_at=t0 + timedelta(seconds=2), frames=100, items=25, video_seconds=4.0,
+    )
+    lineage = wh.query("SELECT asset, movie_id, run_id, code_version, row_count FROM lineage")
+    assert lineage.rows() == [("frames", "a", "r1", "0.1.0", 100)]
+    m = wh.query("SELECT seconds, frames_per_s, realtime_factor, items FROM stage_metrics").row(0)
+    assert m == pytest.approx((2.0, 50.0, 2.0, 25))
+
+
+def test_reader_before_any_write_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no warehouse yet"):
+        Warehouse(str(tmp_path / "none.duckdb")).query("SELECT 1")
+
+
+def _writer_process(path: str, movie: str, rounds: int) -> None:
+    wh = Warehouse(path)
+    for i in range(rounds):
+        wh.replace_movie_rows("tracks", movie, pl.DataFrame({"track_id": list(range(i + 1))}))
+
+
+def test_concurrent_writer_processes_serialise(tmp_path):
+    path = str(tmp_path / "w.duckdb")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer_process, args=(path, f"m{i}", 15)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    counts = Warehouse(path).query("SELECT movie_id, count(*) FROM tracks GROUP BY 1 ORDER BY 1")
+    assert counts.rows() == [("m0", 15), ("m1", 15), ("m2", 15)]
+
+
+def test_writer_gives_up_with_a_clear_error_when_the_lock_is_held(tmp_path):
+    import fcntl
+
+    path = str(tmp_path / "w.duckdb")
+    with open(path + ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        p = ctx.Process(target=_busy_writer, args=(path, q))
+        p.start()
+        p.join(60)
+    assert "another writer" in q.get(timeout=5)
+
+
+def _busy_writer(path: str, q) -> None:
+    try:
+        Warehouse(path, lock_timeout_s=0.5).replace_movie_rows("shots", "a", pl.DataFrame({"x": [1]}))
+        q.put("no error")
+    except WarehouseBusyError as exc:
+        q.put(str(exc))
