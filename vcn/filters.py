@@ -26,13 +26,14 @@ class FilterConfig:
             default): below it a face carries too little identity detail.
         top_k: Only the K largest faces of a frame are kept; crowds and
             background extras are not the characters the product clusters.
-        min_sharpness: Smallest variance of the Laplacian of the grey aligned
-            crop. Motion-blurred and out-of-focus faces fall well below it.
+        min_sharpness: Smallest :func:`sharpness` of the aligned crop. On our
+            test footage dark, defocused audience faces score 2-10, soft but
+            recognisable faces 15-40 and faces in focus 60 and more.
     """
 
     min_face_area: float = 1600.0
     top_k: int = 5
-    min_sharpness: float = 40.0
+    min_sharpness: float = 15.0
 
 
 def face_rank_in_frame(detections: pl.DataFrame) -> pl.Series:
@@ -43,10 +44,20 @@ def face_rank_in_frame(detections: pl.DataFrame) -> pl.Series:
     )["frame_rank"]
 
 
+#: Side of the image on which sharpness is measured.
+SHARPNESS_SIDE = 64
+
+
 def sharpness(chip: np.ndarray) -> float:
-    """Variance of the Laplacian of the grey image: low for blurred faces."""
+    """Variance of the Laplacian of the grey crop at 64 x 64 px: low for blurred faces.
+
+    Measuring at a fixed small size makes the score independent of how much the
+    alignment magnified the face: a small face upscaled to a 150 px chip would
+    otherwise look blurred however sharp it was in the frame.
+    """
     grey = cv2.cvtColor(chip, cv2.COLOR_RGB2GRAY)
-    return float(cv2.Laplacian(grey, cv2.CV_64F).var())
+    small = cv2.resize(grey, (SHARPNESS_SIDE, SHARPNESS_SIDE), interpolation=cv2.INTER_AREA)
+    return float(cv2.Laplacian(small.astype(np.float32), cv2.CV_32F).var())
 
 
 def reject_reason(face_area: float, frame_rank: int, sharp: float, config: FilterConfig) -> str | None:

@@ -173,7 +173,7 @@ class Warehouse:
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
         """Runs a read-only query and returns the result as a polars frame."""
         with self.reader() as con:
-            return pl.from_arrow(con.execute(sql, params or []).to_arrow_table())
+            return con.sql(sql, params=params or None).pl()
 
 
 def utcnow() -> datetime:

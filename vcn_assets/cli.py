@@ -151,7 +151,13 @@ def _sql(args: argparse.Namespace) -> int:
     from vcn.warehouse import Warehouse
     from vcn_assets.settings import Settings
 
-    table = Warehouse(str(Settings.from_env().warehouse)).query(args.query)
+    import duckdb
+
+    try:
+        table = Warehouse(str(Settings.from_env().warehouse)).query(args.query)
+    except duckdb.Error as exc:
+        print(f"vcn sql: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.format == "csv":
         sys.stdout.write(table.write_csv())
     elif args.format == "json":

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-from vcn_assets.partitions import movies
-
 preprocess_job = dg.define_asset_job(
     name="preprocess_movie",
     selection=dg.AssetSelection.groups("preprocess"),
-    partitions_def=movies,
     description="Shots, frames, face detections, tracks and aligned crops of one movie.",
 )

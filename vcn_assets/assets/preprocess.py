@@ -43,7 +43,7 @@ class CropsConfig(dg.Config):
     every_s: float = Field(default=0.25, description="Seconds between two crops of a track.")
     min_face_area: float = Field(default=1600.0, description="Smallest face box area (px of the original video).")
     top_k: int = Field(default=5, description="Largest faces per frame that are kept.")
-    min_sharpness: float = Field(default=40.0, description="Smallest variance of the Laplacian of an aligned crop.")
+    min_sharpness: float = Field(default=15.0, description="Smallest sharpness (variance of the Laplacian at 64 px) of an aligned crop.")
 
 
 def _video(store: ArtifactStore, movie_id: str) -> VideoReader:
