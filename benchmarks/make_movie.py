@@ -35,7 +35,7 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-VIDEOS = Path("/work/shared/data/videos")
+VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 SOURCES = (
     VIDEOS / "face_recognition_short_hamilton_clip.mp4",
     VIDEOS / "facenet-pytorch_video.mp4",

@@ -1,0 +1,205 @@
+"""Preprocessing speed and memory: frames/s per stage, realtime factor, peak RSS.
+
+Runs the five preprocessing stages (shots, frames, face_detections,
+face_tracks, track_crops) with the platform's default settings on each input,
+each input in a fresh child process so that its peak resident memory is its
+own, and writes ``benchmarks/results/preprocess.json`` and ``.md``.
+
+Inputs: the Hamilton clip (640x360, 10 s) and 720p24 movies of 5 and 20
+minutes built from real footage by ``benchmarks/make_movie.py`` (built on first
+use under ``benchmarks/work/``, which git ignores).
+
+Usage::
+
+    python benchmarks/preprocess.py                 # hamilton, 5 and 20 minutes
+    python benchmarks/preprocess.py --inputs hamilton 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+WORK = HERE / "work"
+RESULTS = HERE / "results"
+HAMILTON = REPO / "tests" / "data" / "hamilton_clip.mp4"
+
+
+def run_one(video: Path) -> dict:
+    """Runs every stage on ``video`` in this process and returns the measurements."""
+    import polars as pl
+
+    from vcn.crops import write_track_crops
+    from vcn.detection import create_detector
+    from vcn.detection.video import appearance_matrix, detect_video_faces
+    from vcn.frames import build_frame_index, sample_stride
+    from vcn.shots import detect_shots
+    from vcn.tracking import summarise_tracks, track_detections
+    from vcn.video import VideoReader, probe_video
+
+    peak = _PeakSampler()
+    stages = {}
+    info = probe_video(video)
+    out = Path(tempfile.mkdtemp(prefix="vcn-bench-"))
+
+    def timed(name, frames, fn):
+        t = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - t
+        stages[name] = {"seconds": round(seconds, 3), "frames": frames(result), "frames_per_s": round(frames(result) / seconds, 1)}
+        return result
+
+    shots = timed("shots", lambda r: int(r["end_frame"].max()) + 1, lambda: detect_shots(VideoReader(video, info=info)))
+    stride = sample_stride(info.fps)
+    frames = timed("frames", lambda r: r.height, lambda: build_frame_index(VideoReader(video, info=info), shots, stride))
+    detector = create_detector("retinaface", max_side=None)
+    detections = timed(
+        "face_detections",
+        lambda r: int(frames["sampled"].sum()),
+        lambda: detect_video_faces(VideoReader(video, max_side=640, info=info), frames, detector),
+    )
+    samples_per_s = int(frames["sampled"].sum()) / max(float(frames["time_s"].max()), 1e-6)
+    tracked = timed(
+        "face_tracks",
+        lambda r: int(frames["sampled"].sum()),
+        lambda: track_detections(detections, appearance_matrix(detections), samples_per_s).drop("appearance"),
+    )
+    tracks = summarise_tracks(tracked)
+    crops = timed(
+        "track_crops",
+        lambda r: frames.height,
+        lambda: write_track_crops(VideoReader(video, info=info), tracked, out / "track_crops.parquet"),
+    )
+    total = sum(s["seconds"] for s in stages.values())
+    duration = float(frames["time_s"].max()) + 1.0 / info.fps
+    peak.stop()
+    return {
+        "video": video.name,
+        "resolution": f"{info.width}x{info.height}",
+        "fps": round(info.fps, 3),
+        "frames": frames.height,
+        "duration_s": round(duration, 2),
+        "shots": shots.height,
+        "detections": detections.height,
+        "tracks": tracks.height,
+        "crops": crops.height,
+        "kept_crops": int((~crops["rejected"]).sum()) if crops.height else 0,
+        "stages": stages,
+        "total_s": round(total, 2),
+        "realtime_factor": round(duration / total, 3),
+        "peak_rss_mb": round(max(peak.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20, 1),
+    }
+
+
+class _PeakSampler:
+    """Samples this process's RSS every 50 ms (ru_maxrss misses nothing but is per-process-lifetime)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._proc = psutil.Process()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _input(name: str) -> Path:
+    if name == "hamilton":
+        return HAMILTON
+    minutes = float(name)
+    path = WORK / f"movie_{name}min.mp4"
+    if not path.exists():
+        from benchmarks.make_movie import build_movie
+
+        WORK.mkdir(parents=True, exist_ok=True)
+        build_movie(path, minutes)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--inputs", nargs="+", default=["hamilton", "5", "20"], help="'hamilton' or movie lengths in minutes")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(Path(args.one))))
+        return
+
+    runs = []
+    for name in args.inputs:
+        video = _input(name)
+        print(f"== {name}: {video}", flush=True)
+        child = subprocess.run(
+            [sys.executable, __file__, "--one", str(video)], capture_output=True, text=True, cwd=REPO, env=os.environ
+        )
+        if child.returncode != 0:
+            sys.exit(f"benchmark of {video} failed:\n{child.stderr[-4000:]}")
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        result["input"] = name
+        runs.append(result)
+        print(json.dumps(result, indent=2), flush=True)
+
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
+    report = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine, "runs": runs}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "preprocess.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "preprocess.md").write_text(_markdown(report))
+    print(_markdown(report))
+
+
+def _markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        "# Preprocessing benchmark",
+        "",
+        f"Measured {report['measured_at']} on {m['cpu_count']} cores, {m['memory_gb']} GiB, Python {m['python']} "
+        f"(load average at the end: {m['load_avg_at_end']}). Default settings: detection at 8 samples/s, "
+        "640 px longer side, RetinaFace-MobileNet (ONNX Runtime, CPU); crops every 0.25 s, dlib-150 template.",
+        "",
+        "| input | resolution | duration | shots | faces | tracks | crops (kept) | total s | realtime factor | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["runs"]:
+        lines.append(
+            f"| {r['video']} | {r['resolution']}@{r['fps']} | {r['duration_s']} s | {r['shots']} | {r['detections']} | {r['tracks']} | "
+            f"{r['crops']} ({r['kept_crops']}) | {r['total_s']} | {r['realtime_factor']}x | {r['peak_rss_mb']} |"
+        )
+    lines += ["", "Per stage (seconds, frames/s of the frames that stage handles):", "",
+              "| input | " + " | ".join(report["runs"][0]["stages"]) + " |",
+              "|---|" + "---|" * len(report["runs"][0]["stages"])]
+    for r in report["runs"]:
+        lines.append(f"| {r['video']} | " + " | ".join(f"{s['seconds']} s, {s['frames_per_s']} f/s" for s in r["stages"].values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The inbox sensor and the Dagster definitions as a whole."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from resources import ArtifactStore
+from tests.conftest import HAMILTON, REPO
+from vcn_assets.partitions import movie_slug, validate_movie_id
+from vcn_assets.sensors import inbox_sensor, new_inbox_videos
+
+
+def test_movie_slug():
+    assert movie_slug("The Big Bang Theory, S01E01 (720p).mkv".rsplit(".", 1)[0]) == "the-big-bang-theory-s01e01-720p"
+    assert movie_slug("Amélie") == "amelie"
+    assert movie_slug("***") == "movie"
+    assert "," not in movie_slug("a,b,c")
+    assert len(movie_slug("x" * 500)) <= 64
+
+
+def test_validate_movie_id():
+    assert validate_movie_id("bbt_s01e01.v2") == "bbt_s01e01.v2"
+    for bad in ("a,b", "", "-x", "a b", "a/b"):
+        with pytest.raises(ValueError, match="invalid movie id"):
+            validate_movie_id(bad)
+
+
+def test_new_inbox_videos_skips_known_hidden_and_non_videos(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for name in ("My Movie.mp4", "my_movie.mkv", "notes.txt", ".partial.mp4", "Old.mov"):
+        (inbox / name).write_bytes(b"x")
+    found = new_inbox_videos(inbox, {"old": str(inbox / "Old.mov")})
+    assert [(k, p.name) for k, p in found] == [("my-movie", "My Movie.mp4"), ("my-movie-2", "my_movie.mkv")]
+
+
+def test_inbox_sensor_adds_partitions_and_run_requests(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    inbox = home / "inbox"
+    inbox.mkdir(parents=True)
+    monkeypatch.setenv("VCN_HOME", str(home))
+    shutil.copy(HAMILTON, inbox / "Hamilton, White House.mp4")
+    store = ArtifactStore(base_dir=str(home / "artifacts"))
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, resources={"store": store})
+        result = inbox_sensor(context)
+        assert isinstance(result, dg.SensorResult)
+        assert [r.partition_key for r in result.run_requests] == ["hamilton-white-house"]
+        (request,) = result.dynamic_partitions_requests
+        assert request.partitions_def_name == "movies" and list(request.partition_keys) == ["hamilton-white-house"]
+        assert store.movie_source("hamilton-white-house") == str((inbox / "Hamilton, White House.mp4").resolve())
+        # A second tick finds nothing new.
+        again = inbox_sensor(dg.build_sensor_context(instance=instance, resources={"store": store}))
+        assert isinstance(again, dg.SkipReason)
+
+
+def test_definitions_load_with_every_asset_and_check():
+    from vcn_assets.definitions import defs
+
+    keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
+    assert keys == {"shots", "frames", "face_detections", "face_tracks", "track_crops"}
+    job = defs.resolve_job_def("preprocess_movie")
+    assert job.partitions_def is not None and job.partitions_def.name == "movies"
+    assert {s.name for s in defs.sensors} == {"inbox_sensor"}
+
+
+@pytest.mark.slow
+def test_dagster_definitions_validate(tmp_path):
+    env = dict(os.environ, VCN_HOME=str(tmp_path), DAGSTER_HOME=str(tmp_path))
+    shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", str(REPO / "workspace.yaml")],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Validation successful" in proc.stdout + proc.stderr
