@@ -15,6 +15,7 @@ from tests.conftest import HAMILTON, HAMILTON_CUTS
 from vcn.align import get_template
 from vcn.crops import read_crop_images
 from vcn.detection import create_detector
+from vcn.filters import REASONS
 from vcn.warehouse import Warehouse
 from vcn_assets.cli import main
 
@@ -119,7 +120,7 @@ def test_rejected_crops_are_kept_with_a_reason(env):
     wh = _warehouse(env)
     reasons = wh.query("SELECT reject_reason, rejected FROM track_crops WHERE movie_id = 'hamilton'")
     assert (reasons["rejected"] == reasons["reject_reason"].is_not_null()).all()
-    assert set(reasons["reject_reason"].drop_nulls().to_list()) <= {"small_face", "not_top_k", "blurry"}
+    assert set(reasons["reject_reason"].drop_nulls().to_list()) <= set(REASONS)
 
 
 def test_export_writes_detections_csv(env, tmp_path):

@@ -142,11 +142,17 @@ def write_track_crops(
                 if frame.image is None:
                     continue
                 for i in by_frame[frame.index]:
-                    chip = align_face(frame.image, landmarks[i], template)
-                    sharp = sharpness(chip)
                     area = float(cols["face_area"][i])
                     rank = int(cols["frame_rank"][i])
-                    reason = reject_reason(area, rank, sharp, config.filters)
+                    try:
+                        chip = align_face(frame.image, landmarks[i], template)
+                    except ValueError:
+                        # Degenerate landmarks (all five at one spot): keep the row, visibly.
+                        chip = np.zeros((template.size, template.size, 3), np.uint8)
+                        reason, sharp = "unalignable", 0.0
+                    else:
+                        sharp = sharpness(chip)
+                        reason = reject_reason(area, rank, sharp, config.filters)
                     row = {
                         "crop_id": len(meta["crop_id"]),
                         "track_id": int(cols["track_id"][i]),

@@ -14,7 +14,8 @@ import numpy as np
 import polars as pl
 
 #: Reject reasons, in the order they are checked; a crop gets the first that applies.
-REASONS = ("small_face", "not_top_k", "blurry")
+#: ``unalignable`` (landmarks too degenerate to define an alignment) is set by the crops stage.
+REASONS = ("small_face", "not_top_k", "blurry", "unalignable")
 
 
 @dataclass(frozen=True)
