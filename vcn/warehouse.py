@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import logging
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -23,7 +21,6 @@ from typing import Any, Iterator
 
 import polars as pl
 
-log = logging.getLogger(__name__)
 
 #: Per-movie result tables the pipeline maintains (rows keyed by ``movie_id``).
 RESULT_TABLES = ("movies", "shots", "frames", "detections", "tracks", "track_crops")
