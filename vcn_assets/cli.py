@@ -137,14 +137,14 @@ def _print_summary(settings, movie_id: str, run_id: str, wall_s: float) -> None:
 def _ui(args: argparse.Namespace) -> int:
     from vcn_assets.settings import REPO_ROOT, Settings
 
-    Settings.from_env().prepare()
+    settings = Settings.from_env().prepare()
     command = [
         sys.executable, "-m", "dagster", "dev",
         "-w", str(REPO_ROOT / "workspace.yaml"),
         "--host", args.host, "--port", str(args.port),
     ]
     print(f"Dagster UI on http://{args.host}:{args.port} (instance {os.environ['DAGSTER_HOME']})")
-    return subprocess.call(command, cwd=REPO_ROOT)
+    return subprocess.call(command, cwd=settings.dagster_home)
 
 
 def _sql(args: argparse.Namespace) -> int:
