@@ -206,3 +206,43 @@ def test_another_file_under_a_taken_movie_id_is_refused(env, tmp_path, capsys):
 def test_invalid_movie_id(env, capsys):
     assert main(["process", str(HAMILTON), "--movie-id", "a,b"]) == 2
     assert "invalid movie id" in capsys.readouterr().err
+
+
+def test_truncated_video_is_processed_as_far_as_it_decodes(env, tmp_path):
+    video = media.make_truncated(tmp_path, HAMILTON)
+    assert main(["process", str(video), "--movie-id", "cut-off"]) == 0
+    movie = _warehouse(env).query("SELECT decoded_frames, frame_count, decode_warnings FROM movies WHERE movie_id = 'cut-off'").row(0)
+    assert 0 < movie[0] < movie[1] == 275
+    assert "truncated" in movie[2]
+
+
+def test_ui_serves_this_code_location(env, tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vcn_assets.cli", "ui", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ), start_new_session=True,
+    )
+    try:
+        query = json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode()
+        deadline, nodes = time.monotonic() + 120, None
+        while time.monotonic() < deadline and nodes is None:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", query, {"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    nodes = json.load(response)["data"]["assetNodes"]
+            except OSError:
+                time.sleep(1)
+        assert nodes is not None, "the webserver did not answer within 120 s"
+        assert {n["assetKey"]["path"][0] for n in nodes} == {"shots", "frames", "face_detections", "face_tracks", "track_crops"}
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
