@@ -1,1 +1,0 @@
-"""Face-ID backbones as torch modules, and readers for the formats they ship in."""
