@@ -34,10 +34,26 @@ class ArtifactStore(dg.ConfigurableResource):
     def exists(self, movie_id: str, name: str) -> bool:
         return self.path(movie_id, name).exists()
 
-    @contextlib.contextmanager
-    def writing(self, movie_id: str, name: str) -> Iterator[Path]:
+    def model_path(self, name: str) -> Path:
+        """Final path of a model-registry artifact (not tied to a movie)."""
+        return Path(self.base_dir) / "models" / name
+
+    def writing(self, movie_id: str, name: str) -> contextlib.AbstractContextManager[Path]:
         """Yields a temporary path to write; renames it into place on success only."""
-        final = self.path(movie_id, name)
+        return self._writing(self.path(movie_id, name))
+
+    def write_model_json(self, name: str, data: dict) -> Path:
+        with self._writing(self.model_path(name)) as tmp:
+            tmp.write_text(json.dumps(data, indent=2))
+        return self.model_path(name)
+
+    def read_model_json(self, name: str) -> dict | None:
+        path = self.model_path(name)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    @contextlib.contextmanager
+    def _writing(self, final: Path) -> Iterator[Path]:
+        name = final.name
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=final.parent)
         os.close(fd)

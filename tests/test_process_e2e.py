@@ -55,7 +55,7 @@ def test_every_asset_wrote_its_parquet_and_table(env):
     for table in ("movies", "shots", "frames", "detections", "tracks", "track_crops"):
         assert wh.query(f"SELECT count(*) FROM {table} WHERE movie_id = 'hamilton'").item() > 0, table
     lineage = wh.query("SELECT DISTINCT asset FROM lineage WHERE movie_id = 'hamilton'")["asset"].to_list()
-    assert sorted(lineage) == ["face_detections", "face_tracks", "frames", "shots", "track_crops"]
+    assert sorted(lineage) == ["face_detections", "face_tracks", "frames", "shots", "track_crops", "track_embeddings"]
     metrics = wh.query("SELECT asset, seconds, realtime_factor FROM stage_metrics WHERE movie_id = 'hamilton'")
     assert (metrics["seconds"] > 0).all()
 
@@ -242,7 +242,30 @@ def test_ui_serves_this_code_location(env, tmp_path):
             except OSError:
                 time.sleep(1)
         assert nodes is not None, "the webserver did not answer within 120 s"
-        assert {n["assetKey"]["path"][0] for n in nodes} == {"shots", "frames", "face_detections", "face_tracks", "track_crops"}
+        assert {n["assetKey"]["path"][0] for n in nodes} == {
+        "shots", "frames", "face_detections", "face_tracks", "track_crops", "base_model", "track_embeddings"
+    }
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(30)
+
+
+def test_track_embeddings_carry_the_model_version(env):
+    crops = pl.read_parquet(_movie(env, "crop_embeddings.parquet"))
+    matrix = np.load(_movie(env, "crop_embeddings.npy"))
+    kept = pl.read_parquet(_movie(env, "track_crops.parquet"), columns=["rejected"]).filter(~pl.col("rejected")).height
+    assert matrix.shape == (kept, 128) and crops.height == kept and matrix.dtype == np.float32
+    assert np.allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-4)
+    wh = _warehouse(env)
+    (version,) = wh.query("SELECT version FROM models WHERE name = 'dlib-resnet'")["version"].to_list()
+    assert version.startswith("dlib-resnet-v1-")
+    assert crops["model_version"].unique().to_list() == [version]
+    tracks = wh.query("SELECT track_id, model_version, embedding FROM track_embeddings WHERE movie_id = 'hamilton'")
+    assert tracks["model_version"].unique().to_list() == [version]
+    assert tracks.height == crops["track_id"].n_unique()
+    # Crops of one track are closer to each other than to crops of other tracks.
+    track_of = crops["track_id"].to_numpy()
+    sims = matrix @ matrix.T
+    same = track_of[:, None] == track_of[None, :]
+    off_diagonal = ~np.eye(len(track_of), dtype=bool)
+    assert sims[same & off_diagonal].mean() > sims[~same].mean() + 0.1

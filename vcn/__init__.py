@@ -6,3 +6,18 @@ this package; nothing here imports Dagster.
 """
 
 __version__ = "0.1.0"
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vcn.backbone import Backbone
+
+
+def load_backbone(*args, **kwargs) -> "Backbone":
+    """Load a face-ID backbone: :func:`vcn.backbone.load_backbone`, imported on first call.
+
+    Kept lazy so that ``import vcn`` does not import torch.
+    """
+    from vcn.backbone import load_backbone as _load_backbone
+
+    return _load_backbone(*args, **kwargs)

@@ -23,7 +23,7 @@ import polars as pl
 
 
 #: Per-movie result tables the pipeline maintains (rows keyed by ``movie_id``).
-RESULT_TABLES = ("movies", "shots", "frames", "detections", "tracks", "track_crops")
+RESULT_TABLES = ("movies", "shots", "frames", "detections", "tracks", "track_crops", "track_embeddings")
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS lineage (
@@ -35,6 +35,15 @@ CREATE TABLE IF NOT EXISTS lineage (
     row_count BIGINT,
     started_at TIMESTAMPTZ,
     finished_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS models (
+    version VARCHAR PRIMARY KEY,
+    name VARCHAR NOT NULL,
+    checkpoint VARCHAR,
+    dim INTEGER,
+    input_size INTEGER,
+    template VARCHAR,
+    registered_at TIMESTAMPTZ
 );
 CREATE TABLE IF NOT EXISTS stage_metrics (
     movie_id VARCHAR,
@@ -165,6 +174,14 @@ class Warehouse:
             con.execute(
                 "INSERT INTO stage_metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [movie_id, asset, run_id, seconds, frames, fps, items, realtime, json.dumps(details or {}), finished_at],
+            )
+
+    def record_model(self, *, version: str, name: str, checkpoint: str | None, dim: int, input_size: int, template: str) -> None:
+        """Adds a face-ID model version to the ``models`` table (first registration time is kept)."""
+        with self.writer() as con:
+            con.execute(
+                "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (version) DO NOTHING",
+                [version, name, checkpoint, dim, input_size, template, utcnow()],
             )
 
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:

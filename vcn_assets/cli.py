@@ -60,6 +60,7 @@ def _process(args: argparse.Namespace) -> int:
 
     import dagster as dg
 
+    from vcn_assets.assets.models import BASE_MODEL_FILE, base_model, track_embeddings
     from vcn_assets.assets.preprocess import preprocess_assets
     from vcn_assets.checks import checks
     from vcn_assets.definitions import build_resources
@@ -73,25 +74,35 @@ def _process(args: argparse.Namespace) -> int:
     store.register_movie(movie_id, str(video.resolve()))
 
     started = time.monotonic()
+    log_config = {"loggers": {"console": {"config": {"log_level": os.environ.get("VCN_LOG_LEVEL", "WARNING")}}}}
     with dg.DagsterInstance.get() as instance:
+        if store.read_model_json(BASE_MODEL_FILE) is None:
+            print("registering the base face-ID model")
+            first = dg.materialize([base_model], instance=instance, resources=resources, raise_on_error=False, run_config=log_config)
+            if not first.success:
+                return _report_failure(first)
         if not instance.has_dynamic_partition(movies.name, movie_id):
             instance.add_dynamic_partitions(movies.name, [movie_id])
         print(f"processing {video} as movie {movie_id!r} ({info.width}x{info.height}, {info.fps:.3f} fps, {info.duration_s:.1f} s)")
         result = dg.materialize(
-            [*preprocess_assets, *checks],
+            [*preprocess_assets, track_embeddings, *checks],
             partition_key=movie_id,
             instance=instance,
             resources=resources,
             raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": os.environ.get("VCN_LOG_LEVEL", "WARNING")}}}},
+            run_config=log_config,
         )
     if not result.success:
-        failure = next((e for e in result.all_events if e.is_step_failure), None)
-        message = _failure_message(failure.step_failure_data.error) if failure else "see the run log"
-        print(f"vcn process: run {result.run_id} failed: {message}", file=sys.stderr)
-        return 1
+        return _report_failure(result)
     _print_summary(settings, movie_id, result.run_id, time.monotonic() - started)
     return 0
+
+
+def _report_failure(result) -> int:
+    failure = next((e for e in result.all_events if e.is_step_failure), None)
+    message = _failure_message(failure.step_failure_data.error) if failure else "see the run log"
+    print(f"vcn process: run {result.run_id} failed: {message}", file=sys.stderr)
+    return 1
 
 
 def _failure_message(error) -> str:
@@ -114,7 +125,8 @@ def _print_summary(settings, movie_id: str, run_id: str, wall_s: float) -> None:
           (SELECT count(*) FROM detections WHERE movie_id = $1) AS faces,
           (SELECT count(*) FROM tracks WHERE movie_id = $1) AS tracks,
           (SELECT count(*) FROM track_crops WHERE movie_id = $1) AS crops,
-          (SELECT count(*) FROM track_crops WHERE movie_id = $1 AND NOT rejected) AS kept_crops
+          (SELECT count(*) FROM track_crops WHERE movie_id = $1 AND NOT rejected) AS kept_crops,
+          (SELECT any_value(model_version) FROM track_embeddings WHERE movie_id = $1) AS model_version
         """,
         [movie_id],
     ).row(0, named=True)
@@ -124,7 +136,7 @@ def _print_summary(settings, movie_id: str, run_id: str, wall_s: float) -> None:
     )
     print(
         f"movie {movie_id}: {counts['shots']} shots, {counts['faces']} faces, {counts['tracks']} tracks, "
-        f"{counts['crops']} crops ({counts['kept_crops']} kept)"
+        f"{counts['crops']} crops ({counts['kept_crops']} kept), embedded with {counts['model_version']}"
     )
     for asset, seconds, fps, realtime in stages.iter_rows():
         rate = f"{fps:8.1f} frames/s" if fps else " " * 17

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dagster as dg
 
-from resources import ArtifactStore, DetectorResource, WarehouseResource
+from resources import ArtifactStore, BackboneResource, DetectorResource, WarehouseResource
+from vcn_assets.assets.models import model_assets
 from vcn_assets.assets.preprocess import preprocess_assets
 from vcn_assets.checks import checks
-from vcn_assets.jobs import preprocess_job
+from vcn_assets.jobs import process_movie_job
 from vcn_assets.sensors import inbox_sensor
 from vcn_assets.settings import Settings
 
@@ -17,15 +18,16 @@ def build_resources(settings: Settings) -> dict:
         "store": ArtifactStore(base_dir=str(settings.artifacts)),
         "warehouse": WarehouseResource(path=str(settings.warehouse)),
         "detector": DetectorResource(),
+        "backbone": BackboneResource(),
     }
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     return dg.Definitions(
-        assets=preprocess_assets,
+        assets=[*preprocess_assets, *model_assets],
         asset_checks=checks,
-        jobs=[preprocess_job],
+        jobs=[process_movie_job],
         sensors=[inbox_sensor],
         resources=build_resources(settings),
     )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dagster as dg
 
-preprocess_job = dg.define_asset_job(
-    name="preprocess_movie",
-    selection=dg.AssetSelection.groups("preprocess"),
-    description="Shots, frames, face detections, tracks and aligned crops of one movie.",
+process_movie_job = dg.define_asset_job(
+    name="process_movie",
+    selection=dg.AssetSelection.groups("preprocess") | dg.AssetSelection.assets("track_embeddings"),
+    description="Everything per movie: shots, frames, face detections, tracks, aligned crops, embeddings.",
 )

@@ -6,7 +6,7 @@ from pathlib import Path
 import dagster as dg
 
 from resources import ArtifactStore
-from vcn_assets.jobs import preprocess_job
+from vcn_assets.jobs import process_movie_job
 from vcn_assets.partitions import movie_slug, movies
 from vcn_assets.settings import Settings
 
@@ -37,9 +37,9 @@ def new_inbox_videos(inbox: Path, registered: dict[str, str]) -> list[tuple[str,
     return found
 
 
-@dg.sensor(job=preprocess_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(job=process_movie_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def inbox_sensor(context: dg.SensorEvaluationContext, store: ArtifactStore) -> dg.SensorResult | dg.SkipReason:
-    """Registers each new video file in the inbox folder and requests its preprocessing run."""
+    """Registers each new video file in the inbox folder and requests its processing run."""
     inbox = Settings.from_env().inbox
     if not inbox.is_dir():
         return dg.SkipReason(f"inbox {inbox} does not exist")
