@@ -9,7 +9,9 @@ Two questions, one script:
    batched in 2 processes (the pip build of dlib has no BLAS and computes on
    one core, so 2 processes is the fair use of a 2-core machine). GPU, when
    torch sees one: bf16 autocast and fp32, batches of 512 and 1024. Every figure
-   is the median of 3 timed runs after an untimed warm-up run.
+   is the median of 3 timed runs after an untimed warm-up run; the machine may be
+   shared, so each pass also records the cores other processes used, and is
+   repeated after a quiet wait when they competed.
 2. **Identity quality** on the CelebA DEV crops (``shared/data/celeba-faces``;
    research-licensed, read in place, never copied). Per image, two pipelines:
 
@@ -375,61 +377,95 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 # --- throughput -----------------------------------------------------------------------------
 
 
-def machine_cpu_ticks() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat (zeros where absent)."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    except OSError:
-        return 0, 0
+#: Other work on the machine above this many cores during a timed pass marks it contended.
+CONTENDED_CORES = 0.25
+#: Passes of a measurement tried before its contended figures are kept as they are.
+ATTEMPTS = 3
+
+
+def machine_busy_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot, from /proc/stat; steal counts as neither."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
     idle = fields[3] + fields[4]  # idle + iowait
-    return sum(fields[:8]) - idle, sum(fields[:8])
+    return sum(fields) - idle, sum(fields)
 
 
-def wait_for_quiet(limit_s: float = 180.0, busy_cores: float = 0.3) -> float:
-    """Wait (up to ``limit_s``) until other work keeps under ``busy_cores`` cores busy; the last reading."""
+def process_ticks(pids: list[int]) -> int:
+    """CPU ticks (user + system, all threads) that the processes ``pids`` have used."""
+    total = 0
+    for pid in pids:
+        # Fields after the parenthesised command name; utime and stime are the 12th and 13th of them.
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def other_cores(since: tuple[int, int, int], pids: list[int]) -> float:
+    """Cores kept busy, since ``since`` (from :func:`cpu_snapshot`), by processes other than ``pids``."""
+    busy, total = machine_busy_ticks()
+    ours = process_ticks(pids)
+    return ((busy - since[0]) - (ours - since[2])) / max(total - since[1], 1) * (os.cpu_count() or 1)
+
+
+def cpu_snapshot(pids: list[int]) -> tuple[int, int, int]:
+    return (*machine_busy_ticks(), process_ticks(pids))
+
+
+def wait_for_quiet(limit_s: float = 60.0) -> None:
+    """Wait, at most ``limit_s``, until other work keeps under :data:`CONTENDED_CORES` cores busy."""
     deadline = time.perf_counter() + limit_s
-    while True:
-        busy_before, total_before = machine_cpu_ticks()
+    while time.perf_counter() < deadline:
+        since = cpu_snapshot([os.getpid()])
         time.sleep(2.0)
-        busy_after, total_after = machine_cpu_ticks()
-        busy = (busy_after - busy_before) / max(total_after - total_before, 1) * (os.cpu_count() or 1)
-        if busy < busy_cores or time.perf_counter() > deadline:
-            return round(busy, 2)
-        print(f"waiting for a quiet machine: {busy:.2f} cores busy", file=sys.stderr)
+        busy = other_cores(since, [os.getpid()])
+        if busy < CONTENDED_CORES:
+            return
+        print(f"  waiting for a quiet machine: other work keeps {busy:.2f} cores busy", file=sys.stderr)
 
 
-def timed_runs(work: Callable[[], object], chips: int, sync: Callable[[], None] = lambda: None) -> dict[str, Any]:
+def timed_runs(
+    work: Callable[[], object], chips: int, sync: Callable[[], None] = lambda: None, pids: list[int] | None = None
+) -> dict[str, Any]:
     """Crops/s of ``work`` (one pass over ``chips`` chips): an untimed warm-up, then the median of :data:`RUNS`.
 
-    Also how many cores the whole machine and this process kept busy during the
-    timed runs: on a shared machine, machine cores well above this process's
-    (or above its worker processes' count) mean other work competed for the CPU.
+    The machine is shared with other sessions, so each timed pass also measures
+    how many cores other processes than ``pids`` (default: this one) kept busy;
+    when that exceeds :data:`CONTENDED_CORES` the pass is repeated after waiting
+    for a quiet machine, up to :data:`ATTEMPTS` times, and the least contended kept.
     """
+    pids = pids or [os.getpid()]
     work()
     sync()
-    seconds = []
-    busy_before, total_before = machine_cpu_ticks()
-    own_before = time.process_time()
-    for _ in range(RUNS):
-        start = time.perf_counter()
-        work()
-        sync()
-        seconds.append(time.perf_counter() - start)
-    busy_after, total_after = machine_cpu_ticks()
-    wall = sum(seconds)
-    machine_cores = (busy_after - busy_before) / max(total_after - total_before, 1) * (os.cpu_count() or 1)
-    median = float(np.median(seconds))
-    return {
-        "chips": chips,
-        "run_seconds": [round(s, 4) for s in seconds],
-        "crops_per_s": round(chips / median, 1),
-        "machine_busy_cores": round(machine_cores, 2),
-        "this_process_cores": round((time.process_time() - own_before) / wall, 2),
-    }
+    best: dict[str, Any] | None = None
+    for attempt in range(1, ATTEMPTS + 1):
+        seconds = []
+        since = cpu_snapshot(pids)
+        for _ in range(RUNS):
+            start = time.perf_counter()
+            work()
+            sync()
+            seconds.append(time.perf_counter() - start)
+        measured = {
+            "chips": chips,
+            "run_seconds": [round(s, 4) for s in seconds],
+            "crops_per_s": round(chips / float(np.median(seconds)), 1),
+            "own_cores": round((process_ticks(pids) - since[2]) / os.sysconf("SC_CLK_TCK") / sum(seconds), 2),
+            "other_cores": round(other_cores(since, pids), 2),
+            "attempts": attempt,
+        }
+        if best is None or measured["other_cores"] < best["other_cores"]:
+            best = {**measured}
+        best["attempts"] = attempt
+        if measured["other_cores"] < CONTENDED_CORES:
+            break
+        print(f"  contended ({measured['other_cores']:.2f} other cores); waiting, then again", file=sys.stderr)
+        wait_for_quiet()
+    return best
 
 
 def cpu_throughput(embedder: Any, chips: np.ndarray) -> list[dict[str, Any]]:
     """The ported model (2 threads) and dlib's descriptor (batched, per chip, 2 processes) on the CPU."""
+    import psutil
     import torch
 
     results = []
@@ -453,7 +489,8 @@ def cpu_throughput(embedder: Any, chips: np.ndarray) -> list[dict[str, Any]]:
     print(f"throughput: dlib, batched, {CPU_THREADS} processes", file=sys.stderr)
     halves = [dlib_chips[i::CPU_THREADS] for i in range(CPU_THREADS)]
     with dlib_pool(with_detector=False) as pool:
-        measured = timed_runs(lambda: pool.map(_dlib_descriptors, halves), len(dlib_chips))
+        workers = [os.getpid(), *(child.pid for child in psutil.Process().children())]
+        measured = timed_runs(lambda: pool.map(_dlib_descriptors, halves), len(dlib_chips), pids=workers)
     results.append({"engine": "dlib C++", "device": "cpu", "precision": "fp32", "batch": len(halves[0]),
                     "workers": f"{CPU_THREADS} processes", **measured})
     return results
@@ -558,12 +595,12 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         "## Throughput (crops/s, median of 3 runs after a warm-up, same real 150 px chips)",
         "",
-        "| engine | device | precision | batch | workers | chips per run | crops/s | machine / own busy cores |",
-        "|---|---|---|---|---|---|---|---|",
+        "| engine | device | precision | batch | workers | chips per run | crops/s | own cores | other work, cores |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["throughput"]:
         lines.append(f"| {r['engine']} | {r['device']} | {r['precision']} | {r['batch']} | {r['workers']} | "
-                     f"{r['chips']} | {r['crops_per_s']:.1f} | {r['machine_busy_cores']:.2f} / {r['this_process_cores']:.2f} |")
+                     f"{r['chips']} | {r['crops_per_s']:.1f} | {r['own_cores']:.2f} | {r['other_cores']:.2f} |")
     q = report["quality"]
     lines += [
         "",
@@ -636,6 +673,21 @@ def main() -> None:
     chips, found = our_chips(faces, args.data)
     t = lap("ours_detect_align", t)
 
+    # Speed first: it is short and the machine is shared, so it should not wait behind the long dlib pass.
+    timing_chips = chips[found]
+    throughput: list[dict[str, Any]] = []
+    embedder_cpu = embedder_gpu = None
+    if not args.gpu_only:
+        embedder_cpu, embedder_source = load_embedder("cpu")
+        throughput += cpu_throughput(embedder_cpu, timing_chips)
+        t = lap("throughput_cpu", t)
+    if cuda:
+        embedder_gpu, embedder_source_gpu = load_embedder("cuda")
+        throughput += gpu_throughput(embedder_gpu, timing_chips)
+        t = lap("throughput_cuda", t)
+        if args.gpu_only:
+            embedder_source = embedder_source_gpu
+
     rows: dict[str, np.ndarray] = {}
     quality: dict[str, Any] = {
         "subset": f"first {args.per_identity} per identity (by path)" if args.per_identity else "all DEV images",
@@ -644,11 +696,8 @@ def main() -> None:
         "ours_found": int(found.sum()),
         "ours_failures": int((~found).sum()),
     }
-    throughput: list[dict[str, Any]] = []
     port_agreement: dict[str, Any] = {}
-    embedder_cpu = embedder_gpu = None
     if not args.gpu_only:
-        embedder_cpu, embedder_source = load_embedder("cpu")
         rows["ours"] = embed(embedder_cpu, chips, CPU_BATCHES[-1])
         t = lap("ours_embed_cpu", t)
         sources, dlib_chips, on_dlib, on_ours = dlib_pipeline(faces, args.data, chips, found)
@@ -658,37 +707,24 @@ def main() -> None:
         rows["dlib chips + ported model"] = embed(embedder_cpu, dlib_chips, CPU_BATCHES[-1])
         t = lap("ported_model_on_dlib_chips", t)
         hog = np.array([s == "hog" for s in sources])
+        # dlib's pipeline never fails outright: where HOG misses, the annotated box stands in.
         quality.update({"dlib_hog": int(hog.sum()), "dlib_box_fallback": int((~hog).sum()), "dlib_failures": 0})
         port_agreement = {
             "dlib chips": agreement(rows["dlib chips + ported model"], on_dlib),
             "our chips": agreement(rows["ours"][found], on_ours[found]),
         }
     if cuda:
-        embedder_gpu, embedder_source_gpu = load_embedder("cuda")
         for precision in ("fp32", "bf16"):
             with gpu_precision(embedder_gpu, precision):
                 rows[f"ours, cuda {precision}"] = embed(embedder_gpu, chips, GPU_BATCHES[0])
         port_agreement["cuda bf16 vs fp32 (our chips)"] = agreement(rows["ours, cuda bf16"][found], rows["ours, cuda fp32"][found])
         t = lap("ours_embed_cuda", t)
-        if args.gpu_only:
-            embedder_source = embedder_source_gpu
 
-    # Both pipelines handled an image when each produced a chip; dlib always does (annotated-box fallback).
-    common = found.copy()
-    quality["common"] = quality_table(rows, identities, common)
+    # Both pipelines handled an image when each produced a chip: ours where it found the face, dlib's always.
+    quality["common"] = quality_table(rows, identities, found)
     if "dlib_hog" in quality:
-        quality["hog_found"] = quality_table(rows, identities, common & hog)
+        quality["hog_found"] = quality_table(rows, identities, found & hog)
     t = lap("metrics", t)
-
-    timing_chips = chips[found]
-    if not args.gpu_only:
-        quiet = wait_for_quiet()
-        t = lap("wait_for_quiet_cpu", t)
-        throughput += cpu_throughput(embedder_cpu, timing_chips)
-        t = lap("throughput_cpu", t)
-    if cuda:
-        throughput += gpu_throughput(embedder_gpu, timing_chips)
-        t = lap("throughput_cuda", t)
     timings["total"] = round(time.perf_counter() - started, 1)
 
     embedder = embedder_cpu if embedder_cpu is not None else embedder_gpu
@@ -715,10 +751,9 @@ def main() -> None:
             "fars": FARS,
         },
         "throughput": throughput,
-        "busy_cores_before_cpu_timing": None if args.gpu_only else quiet,
         "quality": quality,
         "port_agreement": port_agreement,
-        "notes": notes(args, quality, throughput, None if args.gpu_only else quiet),
+        "notes": notes(args, throughput),
         "timings_s": timings,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -730,9 +765,7 @@ def main() -> None:
     print(f"wrote {RESULTS / f'{stem}.json'} and {stem}.md", file=sys.stderr)
 
 
-def notes(
-    args: argparse.Namespace, quality: dict[str, Any], throughput: list[dict[str, Any]], quiet: float | None
-) -> list[str]:
+def notes(args: argparse.Namespace, throughput: list[dict[str, Any]]) -> list[str]:
     """What a reader needs to interpret the numbers fairly."""
     out = [
         "The dataset's crops and boxes were made with the same RetinaFace-MobileNet0.25 weights as our detector, "
@@ -743,12 +776,13 @@ def notes(
     ]
     if not args.gpu_only:
         dlib_ = {r["workers"] + str(r["batch"]): r["crops_per_s"] for r in throughput if r["engine"] == "dlib C++"}
-        busy = [r["machine_busy_cores"] for r in throughput if r["device"] == "cpu"]
+        contended = [f"{r['engine']} batch {r['batch']} ({r['workers']})" for r in throughput
+                     if r["device"] == "cpu" and r["other_cores"] >= CONTENDED_CORES]
         out.append(
-            f"This machine is shared. Before the CPU timings other work kept {quiet:.2f} cores busy; "
-            f"during them the whole machine was {min(busy):.2f}-{max(busy):.2f} cores busy (of {os.cpu_count()}). "
-            "Where that exceeds the measured engine's own use (2 torch threads; 1 dlib process; 2 dlib workers), "
-            "other work competed and the figure is low."
+            "This machine is shared with other sessions. Each timing pass measured the cores other processes kept "
+            f"busy (last column) and was repeated after a quiet wait when that reached {CONTENDED_CORES} "
+            f"(up to {ATTEMPTS} tries, least contended kept). "
+            + (f"Still contended, so read as lower bounds: {'; '.join(contended)}." if contended else "No CPU row was contended.")
         )
         out.append(
             "dlib's pip build has no BLAS and computes on one core (CPU time = wall time), hence the 2-process row; "
