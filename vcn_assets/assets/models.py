@@ -27,7 +27,7 @@ def base_model(
         "template": model.template,
     }
     path = store.write_model_json(BASE_MODEL_FILE, record)
-    warehouse.get().record_model(**{k: v for k, v in record.items()})
+    warehouse.get().record_model(**record)
     context.log.info(f"base model {model.name} version {model.version} on {model.device}")
     return dg.MaterializeResult(
         metadata={**{k: v if v is not None else "" for k, v in record.items()}, "device": model.device, "path": dg.MetadataValue.path(str(path))},
