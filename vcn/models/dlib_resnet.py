@@ -155,14 +155,25 @@ class DlibResNet(nn.Module):
         Raises:
             ValueError: If ``x`` is not a floating-point (N, 3, 150, 150) tensor.
         """
+        return self.forward_head(self.forward_features(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 256) pooled features before the final linear layer (input as :meth:`forward`).
+
+        Quality estimation perturbs these (SER-FIQ-style dropout) and runs
+        :meth:`forward_head` many times on them without redoing the trunk.
+        """
         if not torch.is_floating_point(x):
             raise ValueError(f"chips must be a floating-point tensor on the 0..255 scale, got {x.dtype}")
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"chips must have shape (N, 3, {INPUT_SIZE}, {INPUT_SIZE}), got {tuple(x.shape)}")
         x = (x - self.input_mean.to(x.dtype).view(1, 3, 1, 1)) * _INPUT_SCALE
         x = self.stem_pool(F.relu(self.stem_affine(self.stem_conv(x))))
-        x = self.blocks(x)
-        return self.fc(x.mean(dim=(2, 3)))
+        return self.blocks(x).mean(dim=(2, 3))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, 128) descriptors from :meth:`forward_features`' output."""
+        return self.fc(features)
 
 
 def load_dlib_resnet(dat_path: str | Path | None = None, cache_dir: str | Path | None = None) -> DlibResNet:

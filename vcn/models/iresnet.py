@@ -138,14 +138,25 @@ class IResNet(nn.Module):
         Raises:
             ValueError: If ``x`` is not a floating-point (N, 3, 112, 112) tensor.
         """
+        return self.forward_head(self.forward_features(x))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened features before dropout and ``fc`` (input as :meth:`forward`).
+
+        Quality estimation perturbs these (SER-FIQ-style dropout) and runs
+        :meth:`forward_head` many times on them without redoing the trunk.
+        """
         if not torch.is_floating_point(x):
             raise ValueError(f"chips must be a floating-point tensor, got {x.dtype}")
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"chips must have shape (N, 3, {INPUT_SIZE}, {INPUT_SIZE}), got {tuple(x.shape)}")
         x = self.prelu(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        x = self.dropout(torch.flatten(self.bn2(x), 1))
-        return self.features(self.fc(x))
+        return torch.flatten(self.bn2(x), 1)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, 512) embeddings from :meth:`forward_features`' output."""
+        return self.features(self.fc(self.dropout(features)))
 
 
 def create_iresnet(name: str, dropout: float = 0.0) -> IResNet:
