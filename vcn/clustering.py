@@ -144,22 +144,32 @@ def cluster_tracks(
 
     conflicts = _conflict_matrix(cannot_link, position, t)
 
-    # Clusters as lists of active-track rows; state per cluster recomputed each round.
+    # Per cluster: member tracks, sums of the track items' factors and of their
+    # self terms (for theta), kept up to date merge by merge.
     members: list[np.ndarray] = [np.array([i]) for i in range(t)]
+    item_u, item_v = track_u.copy(), track_v.copy()
+    item_self = np.einsum("ij,ij->i", track_u, track_v)
     history: list[int] = []
     blocked = 0
     rounds = 0
     while rounds < max_rounds:
         rounds += 1
-        mean_u, mean_v, theta = _cluster_state(members, track_u, track_v, track_theta, factors.offset)
+        sizes = np.fromiter((len(m) for m in members), dtype=np.float64, count=len(members))
+        mean_u, mean_v = item_u / sizes[:, None], item_v / sizes[:, None]
+        theta = _mean_pair_dissimilarity(factors.offset, item_u, item_v, item_self, sizes)
+        single = sizes == 1
+        theta[single] = track_theta[[m[0] for m, one in zip(members, single) if one]]
         rep_u, rep_v = (mean_u, mean_v) if representatives is None else representatives(mean_u, mean_v)
-        s = factors.offset + 0.5 * (rep_u @ rep_v.T + rep_v @ rep_u.T)
-        match = (s < theta[:, None]) | (s < theta[None, :])
+        product = rep_u.astype(np.float32) @ rep_v.astype(np.float32).T
+        s = product + product.T
+        s *= 0.5
+        s += factors.offset
+        theta = theta.astype(np.float32)
+        match = s < np.maximum(theta[:, None], theta[None, :])
         np.fill_diagonal(match, False)
         if conflicts is not None:
-            forbidden = _cluster_conflicts(conflicts, members)
-            blocked += int((match & forbidden).sum()) // 2
-            match &= ~forbidden
+            blocked += int(np.count_nonzero(match & conflicts)) // 2
+            match &= ~conflicts
         # Each cluster's closest match; pairs that are each other's closest merge.
         candidate = np.where(match, s, np.inf)
         best = candidate.argmin(axis=1)
@@ -168,9 +178,23 @@ def cluster_tracks(
         if not mutual.any():
             history.append(len(members))
             break
-        members = _merge_pairs(members, index[mutual], best[mutual])
+        a, b = index[mutual], best[mutual]
+        for i, j in zip(a.tolist(), b.tolist()):
+            members[i] = np.concatenate([members[i], members[j]])
+        item_u[a] += item_u[b]
+        item_v[a] += item_v[b]
+        item_self[a] += item_self[b]
+        if conflicts is not None:
+            conflicts[a] |= conflicts[b]
+            conflicts[:, a] |= conflicts[:, b]
+        alive = np.ones(len(members), dtype=bool)
+        alive[b] = False
+        members = [m for m, keep_it in zip(members, alive) if keep_it]
+        item_u, item_v, item_self = item_u[alive], item_v[alive], item_self[alive]
+        if conflicts is not None:
+            conflicts = conflicts[np.ix_(alive, alive)]
         history.append(len(members))
-        log.debug("round %d: %d matches, %d merges, %d clusters", rounds, int(match.sum()) // 2, int(mutual.sum()), len(members))
+        log.debug("round %d: %d merges, %d clusters", rounds, len(a), len(members))
 
     # Number clusters by decreasing size, ties by first track.
     order = sorted(range(len(members)), key=lambda c: (-len(members[c]), members[c].min()))
@@ -201,30 +225,6 @@ def _mean_pair_dissimilarity(
     return np.where(pairs > 0, theta, -np.inf)
 
 
-def _cluster_state(
-    members: list[np.ndarray], track_u: np.ndarray, track_v: np.ndarray, track_theta: np.ndarray, offset: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean factors and threshold of every cluster.
-
-    A single-track cluster's items are its crops (threshold precomputed per
-    track); a larger cluster's items are its tracks' means, weighted equally, so a
-    long track does not outvote the others.
-    """
-    c = len(members)
-    sizes = np.fromiter((len(m) for m in members), dtype=np.int64, count=c)
-    owner = np.repeat(np.arange(c), sizes)
-    flat = np.concatenate(members)
-    sum_u = np.zeros((c, track_u.shape[1]))
-    sum_v = np.zeros((c, track_v.shape[1]))
-    np.add.at(sum_u, owner, track_u[flat])
-    np.add.at(sum_v, owner, track_v[flat])
-    self_terms = np.bincount(owner, weights=np.einsum("ij,ij->i", track_u[flat], track_v[flat]), minlength=c)
-    theta = _mean_pair_dissimilarity(offset, sum_u, sum_v, self_terms, sizes.astype(np.float64))
-    single = sizes == 1
-    theta[single] = track_theta[flat[np.cumsum(sizes) - 1][single]]
-    return sum_u / sizes[:, None], sum_v / sizes[:, None], theta
-
-
 def _conflict_matrix(cannot_link: np.ndarray | None, position: np.ndarray, t: int) -> np.ndarray | None:
     """(t, t) bool matrix of cannot-link between active tracks, or None when there is none."""
     if cannot_link is None:
@@ -242,26 +242,6 @@ def _conflict_matrix(cannot_link: np.ndarray | None, position: np.ndarray, t: in
     conflicts[a[both], b[both]] = True
     conflicts[b[both], a[both]] = True
     return conflicts
-
-
-def _cluster_conflicts(conflicts: np.ndarray, members: list[np.ndarray]) -> np.ndarray:
-    """(C, C) bool: clusters holding at least one cannot-link pair of tracks between them."""
-    c = len(members)
-    owner = np.empty(len(conflicts), dtype=np.int64)
-    for i, m in enumerate(members):
-        owner[m] = i
-    a, b = np.nonzero(conflicts)
-    out = np.zeros((c, c), dtype=bool)
-    out[owner[a], owner[b]] = True
-    return out
-
-
-def _merge_pairs(members: list[np.ndarray], a: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
-    """Clusters after merging each (a[k], b[k]) pair; the pairs are disjoint."""
-    merged = set(a.tolist()) | set(b.tolist())
-    out = [m for i, m in enumerate(members) if i not in merged]
-    out += [np.concatenate([members[i], members[j]]) for i, j in zip(a.tolist(), b.tolist())]
-    return out
 
 
 @dataclass(frozen=True)

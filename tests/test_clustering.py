@@ -1,0 +1,169 @@
+"""The parameter-free track clustering, its dissimilarities and the quality screen."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vcn.clustering import UNKNOWN, cluster_movie, cluster_tracks
+from vcn.dissimilarity import CosineDissimilarity, Factors
+from vcn.quality import crop_quality, low_quality_tracks, track_quality
+
+
+def _movie(rng: np.random.Generator, people: int = 4, tracks_per_person: int = 6, crops: int = 8, dim: int = 32,
+           track_noise: float = 0.01, crop_noise: float = 0.05):
+    """Synthetic crops: people far apart, tracks scattered around their person, crops around their track."""
+    centres = rng.normal(size=(people, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    person = np.repeat(np.arange(people), tracks_per_person)
+    track_centres = centres[person] + rng.normal(scale=track_noise, size=(len(person), dim))
+    crop_track = np.repeat(np.arange(len(person)), crops)
+    x = track_centres[crop_track] + rng.normal(scale=crop_noise, size=(len(crop_track), dim))
+    return x.astype(np.float32), crop_track, person
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    return all(len(set(b[a == k])) == 1 for k in set(a)) and all(len(set(a[b == k])) == 1 for k in set(b))
+
+
+def test_cosine_factors_give_mean_pair_dissimilarity() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 5))
+    f = CosineDissimilarity().factors(x)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    naive = np.array([[1.0 - unit[i] @ unit[j] for j in range(7)] for i in range(7)])
+    np.testing.assert_allclose(f.between(np.arange(7), np.arange(7)), naive, atol=1e-12)
+    # The mean over all pairs of two sets is the bilinear form of their mean factors.
+    a, b = np.array([0, 1, 2]), np.array([3, 4, 5, 6])
+    mean_pairs = naive[np.ix_(a, b)].mean()
+    via_means = f.offset + 0.5 * (f.u[a].mean(0) @ f.v[b].mean(0) + f.u[b].mean(0) @ f.v[a].mean(0))
+    assert via_means == pytest.approx(mean_pairs, abs=1e-12)
+
+
+def test_factors_refuse_bad_shapes_and_non_finite() -> None:
+    with pytest.raises(ValueError, match="one shape"):
+        Factors(u=np.zeros((3, 2)), v=np.zeros((3, 3)), offset=0.0)
+    with pytest.raises(ValueError, match="finite"):
+        Factors(u=np.full((2, 2), np.nan), v=np.zeros((2, 2)), offset=0.0)
+
+
+def test_recovers_well_separated_people_without_being_told_how_many() -> None:
+    rng = np.random.default_rng(1)
+    for people in (2, 4, 7):
+        x, crop_track, person = _movie(rng, people=people)
+        result = cluster_movie(x, crop_track, len(person))
+        assert result.n_clusters == people
+        assert _same_partition(result.labels, person)
+        assert result.n_unknown == 0
+
+
+def test_labels_numbered_by_decreasing_size() -> None:
+    rng = np.random.default_rng(2)
+    x, crop_track, person = _movie(rng, people=3, tracks_per_person=4)
+    # Drop tracks so the people have 4, 3 and 1 tracks.
+    keep_tracks = np.array([0, 1, 2, 3, 4, 5, 6, 8])
+    keep = np.isin(crop_track, keep_tracks)
+    remap = -np.ones(len(person), dtype=int)
+    remap[keep_tracks] = np.arange(len(keep_tracks))
+    result = cluster_movie(x[keep], remap[crop_track[keep]], len(keep_tracks))
+    sizes = np.bincount(result.labels)
+    assert list(sizes) == sorted(sizes, reverse=True) == [4, 3, 1]
+
+
+def test_cannot_link_keeps_tracks_on_screen_together_apart() -> None:
+    rng = np.random.default_rng(3)
+    x, crop_track, person = _movie(rng, people=1, tracks_per_person=6)
+    # One person, but tracks 0 and 5 are said to be on screen together: whole clusters respect it.
+    together = np.array([[0, 5]])
+    constrained = cluster_movie(x, crop_track, len(person), cannot_link=together)
+    assert constrained.labels[0] != constrained.labels[5]
+    assert constrained.clustering.blocked_merges > 0
+    free = cluster_movie(x, crop_track, len(person), cannot_link=None)
+    assert free.n_clusters == 1
+
+
+def test_tracks_without_crops_and_excluded_tracks_are_unknown() -> None:
+    rng = np.random.default_rng(4)
+    x, crop_track, person = _movie(rng, people=2, tracks_per_person=3)
+    n_tracks = len(person) + 1  # the last track has no crops
+    exclude = np.zeros(n_tracks, dtype=bool)
+    exclude[0] = True
+    result = cluster_tracks(CosineDissimilarity().factors(x), crop_track, n_tracks, exclude=exclude)
+    assert result.labels[-1] == UNKNOWN and result.labels[0] == UNKNOWN
+    assert (result.labels[1:-1] >= 0).all()
+
+
+def test_nothing_to_cluster_and_bad_input() -> None:
+    empty = Factors(u=np.zeros((0, 3)), v=np.zeros((0, 3)), offset=1.0)
+    result = cluster_tracks(empty, np.zeros(0, dtype=int), 3)
+    assert result.n_clusters == 0 and (result.labels == UNKNOWN).all()
+    f = CosineDissimilarity().factors(np.eye(3))
+    with pytest.raises(ValueError, match="one entry per crop"):
+        cluster_tracks(f, np.zeros(2, dtype=int), 1)
+    with pytest.raises(ValueError, match="outside"):
+        cluster_tracks(f, np.array([0, 1, 5]), 2)
+    with pytest.raises(ValueError, match="outside"):
+        cluster_tracks(f, np.array([0, 1, 1]), 2, cannot_link=np.array([[0, 7]]))
+
+
+def test_single_crop_tracks_can_still_join_a_person() -> None:
+    rng = np.random.default_rng(5)
+    x, crop_track, person = _movie(rng, people=2, tracks_per_person=5)
+    # Track 0 keeps a single crop: it has no spread of its own, its neighbours' thresholds decide.
+    first = np.flatnonzero(crop_track == 0)
+    keep = np.ones(len(x), dtype=bool)
+    keep[first[1:]] = False
+    result = cluster_movie(x[keep], crop_track[keep], len(person))
+    assert _same_partition(result.labels, person)
+
+
+def test_quality_screen_leaves_low_side_outliers_unknown() -> None:
+    quality = np.array([0.8, 0.81, 0.79, 0.8, 0.82, 0.78, 0.8, 0.2, np.nan])
+    low, cut = low_quality_tracks(quality)
+    assert list(np.flatnonzero(low)) == [7]
+    assert 0.2 < cut < 0.78
+    # No spread to judge by: nothing is cut.
+    assert not low_quality_tracks(np.array([0.5, 0.1]))[0].any()
+    np.testing.assert_allclose(track_quality(np.array([1.0, 0.0, 0.5]), np.array([0, 0, 2]), 4),
+                               [0.5, np.nan, 0.5, np.nan])
+
+
+def test_cluster_movie_uses_crop_quality() -> None:
+    rng = np.random.default_rng(6)
+    x, crop_track, person = _movie(rng, people=2, tracks_per_person=8)
+    q = np.full(len(x), 0.8) + rng.normal(scale=0.005, size=len(x))
+    q[crop_track == 3] = 0.1
+    result = cluster_movie(x, crop_track, len(person), crop_quality=q)
+    assert result.labels[3] == UNKNOWN and result.low_quality[3]
+    assert result.n_unknown == 1 and result.n_clusters == 2
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    import vcn
+
+    return vcn.load_backbone("dlib-resnet", device="cpu")
+
+
+def test_serfiq_quality_prefers_a_face_to_noise(backbone) -> None:
+    from pathlib import Path
+
+    import av
+
+    from vcn.align import get_template
+    from vcn.detection.retinaface import RetinaFaceDetector
+    from vcn.align import align_face
+
+    video = Path(__file__).parent / "data" / "hamilton_clip.mp4"
+    with av.open(str(video)) as container:
+        frame = next(f for i, f in enumerate(container.decode(video=0)) if i == 40).to_ndarray(format="rgb24")
+    [faces] = RetinaFaceDetector(threads=2).detect([frame])
+    chip = align_face(frame, faces.landmarks[0], get_template(backbone.template))
+    noise = np.random.default_rng(0).integers(0, 256, size=chip.shape, dtype=np.uint8)
+    q = crop_quality(backbone, np.stack([chip, noise]), passes=40)
+    assert q.shape == (2,) and ((q > 0) & (q <= 1)).all()
+    assert q[0] > q[1]
+    # Seeded: the same chips give the same qualities.
+    np.testing.assert_array_equal(q, crop_quality(backbone, np.stack([chip, noise]), passes=40))
+    with pytest.raises(ValueError, match="uint8"):
+        crop_quality(backbone, np.zeros((1, 10, 10, 3), np.uint8))
