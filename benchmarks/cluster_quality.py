@@ -1,0 +1,194 @@
+"""Clustering quality on a labelled track dataset: our clustering against what users pick instead.
+
+Every method clusters the same tracks from the same pretrained embeddings
+(RetinaFace on each loose crop, dlib-150 alignment, the dlib ResNet ported to
+torch). Our clustering works on the crops (``vcn.clustering.cluster_movie``, as
+``vcn cluster-tracks`` runs it); the baselines (``benchmarks/baselines.py``) take
+each track's unit-length mean embedding, with their customary defaults. Labels are
+read only to score (``vcn.metrics``): Unknown tracks count as singletons in WCP,
+NMI, BCubed and pairwise figures, and not as clusters in PCR.
+
+Rows: ours as shipped (quality screen + cannot-link), ours without cannot-link
+(the paper's setting), ours without the quality screen, then the baselines; the
+last baseline uses the true number of identities.
+
+Outputs ``benchmarks/results/cluster_quality.json`` and ``.md`` and prints the table.
+
+Usage, from the repository root::
+
+    python benchmarks/cluster_quality.py                      # ../shared/data/tracksets/dev-ep
+    python benchmarks/cluster_quality.py --trackset DIR
+
+About 3 minutes on 2 CPU cores for dev-ep (600 tracks, 6,785 crops), most of it
+embedding and quality passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.baselines import BASELINES  # noqa: E402
+from vcn.clustering import UNKNOWN, cluster_movie  # noqa: E402
+from vcn.metrics import evaluate  # noqa: E402
+
+DEFAULT_TRACKSET = ROOT.parent / "shared" / "data" / "tracksets" / "dev-ep"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def embed_trackset(directory: Path) -> dict:
+    """Aligned, embedded and quality-scored crops of a track dataset, with timings."""
+    import vcn
+    from vcn.loose_crops import align_loose_crops
+    from vcn.quality import crop_quality
+    from vcn.trackset import on_screen_together, read_trackset
+
+    timings = {}
+    started = time.perf_counter()
+    trackset = read_trackset(directory)
+    backbone = vcn.load_backbone("dlib-resnet", device="cpu")
+    timings["read_and_load"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    aligned = align_loose_crops(trackset, backbone.template)
+    timings["align"] = time.perf_counter() - started
+    bad = {p.track_id for p in [*trackset.problems, *aligned.problems]}
+    track_ids = trackset.tracks["track_id"].to_list()
+    index = {t: i for i, t in enumerate(track_ids)}
+    keep = np.array([t not in bad for t in aligned.table["track_id"].to_list()], dtype=bool)
+    chips = aligned.chips[keep]
+    crop_track = np.array([index[t] for t in aligned.table.filter(keep)["track_id"]], dtype=np.int64)
+
+    started = time.perf_counter()
+    embeddings = backbone.embed(chips, batch_size=64)
+    timings["embed"] = time.perf_counter() - started
+    started = time.perf_counter()
+    quality = crop_quality(backbone, chips)
+    timings["quality"] = time.perf_counter() - started
+    return {
+        "track_ids": track_ids,
+        "crop_track": crop_track,
+        "embeddings": embeddings,
+        "quality": quality,
+        "cannot_link": on_screen_together(trackset.tracks),
+        "methods": aligned.method_counts(),
+        "model_version": backbone.version,
+        "timings": timings,
+    }
+
+
+def track_means(embeddings: np.ndarray, crop_track: np.ndarray, n_tracks: int) -> np.ndarray:
+    sums = np.zeros((n_tracks, embeddings.shape[1]))
+    np.add.at(sums, crop_track, embeddings)
+    return (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trackset", type=Path, default=DEFAULT_TRACKSET)
+    args = parser.parse_args(argv)
+    if not (args.trackset / "labels.csv").is_file():
+        parser.error(f"{args.trackset} has no labels.csv to score against")
+
+    from vcn.trackset import read_trackset_labels
+
+    data = embed_trackset(args.trackset)
+    track_ids = data["track_ids"]
+    labels = read_trackset_labels(args.trackset)
+    n_ids = len(set(labels.values()))
+    n_tracks = len(track_ids)
+
+    rows = []
+
+    def score(name: str, description: str, uses_gt: bool, assignment: np.ndarray, seconds: float) -> None:
+        predicted = {t: (None if a == UNKNOWN else str(int(a))) for t, a in zip(track_ids, assignment)}
+        scores = evaluate(labels, predicted).to_dict()
+        rows.append({"method": name, "settings": description, "uses_ground_truth": uses_gt,
+                     "seconds": round(seconds, 3), **scores})
+        print(f"{name:45s} WCP {scores['wcp'] * 100:6.2f}  PCR {scores['pcr']:.3f}  "
+              f"BCubed F {scores['bcubed_f'] * 100:6.2f}  Unknown {scores['unknown_fraction'] * 100:5.1f}%", flush=True)
+
+    variants = [
+        ("Ours (parameter-free)", "quality screen + cannot-link (as shipped)", True, True),
+        ("Ours, no cannot-link", "quality screen, paper's setting", False, True),
+        ("Ours, no quality screen", "cannot-link", True, False),
+    ]
+    for name, description, use_cannot_link, use_quality in variants:
+        started = time.perf_counter()
+        result = cluster_movie(
+            data["embeddings"],
+            data["crop_track"],
+            n_tracks,
+            cannot_link=data["cannot_link"] if use_cannot_link else None,
+            crop_quality=data["quality"] if use_quality else None,
+        )
+        score(name, description, False, result.labels, time.perf_counter() - started)
+
+    means = track_means(data["embeddings"], data["crop_track"], n_tracks)
+    for baseline in BASELINES:
+        started = time.perf_counter()
+        assignment = baseline.run(means, n_ids)
+        score(baseline.name, baseline.description, baseline.uses_ground_truth, assignment,
+              time.perf_counter() - started)
+
+    result = {
+        "trackset": str(args.trackset.resolve().relative_to(ROOT.parent)) if args.trackset.resolve().is_relative_to(ROOT.parent) else str(args.trackset),
+        "n_tracks": n_tracks,
+        "n_crops": int(len(data["crop_track"])),
+        "n_identities": n_ids,
+        "crops_by_alignment": data["methods"],
+        "model_version": data["model_version"],
+        "timings_s": {k: round(v, 2) for k, v in data["timings"].items()},
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores",
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "cluster_quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "cluster_quality.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "# Clustering quality on a labelled track dataset",
+        "",
+        f"`benchmarks/cluster_quality.py` on `{result['trackset']}`: {result['n_tracks']} tracks, "
+        f"{result['n_crops']} crops, {result['n_identities']} identities; embeddings "
+        f"`{result['model_version']}` (pretrained, no finetuning). Measured {result['measured_at']} on "
+        f"{result['machine']}. Unknown tracks count as singletons in every figure but PCR.",
+        "",
+        "| method | settings | WCP % | PCR | BCubed P % | BCubed R % | BCubed F % | pairwise F % | NMI % | Unknown % | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        name = r["method"] + (" *" if r["uses_ground_truth"] else "")
+        lines.append(
+            f"| {name} | {r['settings']} | {r['wcp'] * 100:.2f} | {r['pcr']:.3f} | {r['bcubed_precision'] * 100:.2f} | "
+            f"{r['bcubed_recall'] * 100:.2f} | {r['bcubed_f'] * 100:.2f} | {r['pairwise_f'] * 100:.2f} | "
+            f"{r['nmi'] * 100:.2f} | {r['unknown_fraction'] * 100:.1f} | {r['seconds']:.2f} |"
+        )
+    lines += [
+        "",
+        "\\* uses the true number of identities (ground truth).",
+        "",
+        f"Crops by alignment method: {result['crops_by_alignment']}. "
+        f"Pipeline seconds: {result['timings_s']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
