@@ -93,9 +93,33 @@ def track_means(embeddings: np.ndarray, crop_track: np.ndarray, n_tracks: int) -
     return (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
+def scale_check(n_tracks: int = 5000, people: int = 60, seed: int = 0) -> dict:
+    """Seconds to cluster a synthetic movie of ``n_tracks`` tracks (3-29 crops each, 128-d).
+
+    People are random unit directions; tracks scatter around their person and
+    crops around their track, so that the procedure runs many rounds (as on a
+    real movie, where the main character's tracks join a few per round).
+    Every other track is on screen with the next one (cannot-link).
+    """
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(people, 128))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    person = rng.integers(0, people, n_tracks)
+    crop_track = np.repeat(np.arange(n_tracks), rng.integers(3, 30, n_tracks))
+    tracks = centres[person] + rng.normal(scale=0.015, size=(n_tracks, 128))
+    x = (tracks[crop_track] + rng.normal(scale=0.02, size=(len(crop_track), 128))).astype(np.float32)
+    pairs = np.stack([np.arange(0, n_tracks - 1, 2), np.arange(1, n_tracks, 2)], axis=1)
+    started = time.perf_counter()
+    result = cluster_movie(x, crop_track, n_tracks, cannot_link=pairs)
+    seconds = time.perf_counter() - started
+    return {"n_tracks": n_tracks, "n_crops": int(len(x)), "people": people, "seconds": round(seconds, 2),
+            "clusters": result.n_clusters, "rounds": result.clustering.rounds}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trackset", type=Path, default=DEFAULT_TRACKSET)
+    parser.add_argument("--scale-tracks", type=int, default=5000, help="tracks of the synthetic speed check (0: skip)")
     args = parser.parse_args(argv)
     if not (args.trackset / "labels.csv").is_file():
         parser.error(f"{args.trackset} has no labels.csv to score against")
@@ -141,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         score(baseline.name, baseline.description, baseline.uses_ground_truth, assignment,
               time.perf_counter() - started)
 
+    scale = scale_check(args.scale_tracks) if args.scale_tracks else None
+    if scale:
+        print(f"speed: {scale}", flush=True)
     result = {
+        "scale": scale,
         "trackset": str(args.trackset.resolve().relative_to(ROOT.parent)) if args.trackset.resolve().is_relative_to(ROOT.parent) else str(args.trackset),
         "n_tracks": n_tracks,
         "n_crops": int(len(data["crop_track"])),
@@ -187,6 +215,13 @@ def markdown(result: dict) -> str:
         f"Pipeline seconds: {result['timings_s']}.",
         "",
     ]
+    if result.get("scale"):
+        sc = result["scale"]
+        lines += [
+            f"Speed: a synthetic movie of {sc['n_tracks']:,} tracks ({sc['n_crops']:,} crops, {sc['people']} people) "
+            f"clusters in {sc['seconds']} s ({sc['rounds']} rounds, {sc['clusters']} clusters).",
+            "",
+        ]
     return "\n".join(lines)
 
 

@@ -167,3 +167,14 @@ def test_serfiq_quality_prefers_a_face_to_noise(backbone) -> None:
     np.testing.assert_array_equal(q, crop_quality(backbone, np.stack([chip, noise]), passes=40))
     with pytest.raises(ValueError, match="uint8"):
         crop_quality(backbone, np.zeros((1, 10, 10, 3), np.uint8))
+
+
+def test_embed_and_score_matches_embed(backbone) -> None:
+    from vcn.quality import embed_and_score
+
+    chips = np.random.default_rng(1).integers(0, 256, size=(5, 150, 150, 3), dtype=np.uint8)
+    embeddings, quality = embed_and_score(backbone, chips, passes=10, batch_size=2)
+    np.testing.assert_allclose(embeddings, backbone.embed(chips), atol=1e-5)
+    assert quality.shape == (5,)
+    empty_e, empty_q = embed_and_score(backbone, chips[:0])
+    assert empty_e.shape == (0, 128) and empty_q.shape == (0,)

@@ -16,6 +16,7 @@ from vcn.align import get_template
 from vcn.crops import read_crop_images
 from vcn.detection import create_detector
 from vcn.filters import REASONS
+from vcn.trackset import on_screen_together
 from vcn.warehouse import Warehouse
 from vcn_assets.cli import main
 
@@ -49,13 +50,15 @@ def _warehouse(home: Path) -> Warehouse:
 
 
 def test_every_asset_wrote_its_parquet_and_table(env):
-    for name in ("shots", "frames", "face_detections", "face_tracks", "tracks", "track_crops"):
+    for name in ("shots", "frames", "face_detections", "face_tracks", "tracks", "track_crops", "face_clusters"):
         assert _movie(env, name + ".parquet").exists(), name
     wh = _warehouse(env)
-    for table in ("movies", "shots", "frames", "detections", "tracks", "track_crops"):
+    for table in ("movies", "shots", "frames", "detections", "tracks", "track_crops", "track_embeddings", "face_clusters"):
         assert wh.query(f"SELECT count(*) FROM {table} WHERE movie_id = 'hamilton'").item() > 0, table
     lineage = wh.query("SELECT DISTINCT asset FROM lineage WHERE movie_id = 'hamilton'")["asset"].to_list()
-    assert sorted(lineage) == ["face_detections", "face_tracks", "frames", "shots", "track_crops", "track_embeddings"]
+    assert sorted(lineage) == [
+        "face_clusters", "face_detections", "face_tracks", "frames", "shots", "track_crops", "track_embeddings"
+    ]
     metrics = wh.query("SELECT asset, seconds, realtime_factor FROM stage_metrics WHERE movie_id = 'hamilton'")
     assert (metrics["seconds"] > 0).all()
 
@@ -123,7 +126,7 @@ def test_rejected_crops_are_kept_with_a_reason(env):
     assert set(reasons["reject_reason"].drop_nulls().to_list()) <= set(REASONS)
 
 
-def test_export_writes_detections_csv(env, tmp_path):
+def test_export_writes_detections_and_clusters_csv(env, tmp_path):
     assert main(["export", "hamilton", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "detections.csv") as f:
         rows = list(csv.reader(f))
@@ -132,6 +135,16 @@ def test_export_writes_detections_csv(env, tmp_path):
     assert len(rows) - 1 == n
     frames = [int(r[0]) for r in rows[1:]]
     assert frames == sorted(frames) and 0 <= frames[0] and frames[-1] < 275
+
+    with open(tmp_path / "clusters.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["track_id", "cluster"]
+    expected = _warehouse(env).query(
+        "SELECT track_id, cluster FROM face_clusters WHERE movie_id = 'hamilton' AND model_version = $1 ORDER BY track_id",
+        [_model_version(env)],
+    )
+    assert [(int(t), int(c) if c else None) for t, c in rows[1:]] == expected.rows()
+    assert any(c == "" for _, c in rows[1:])  # this clip has tracks without kept crops: Unknown
 
 
 def test_sql_is_read_only(env, capsys):
@@ -143,12 +156,21 @@ def test_sql_is_read_only(env, capsys):
 
 def test_reprocessing_is_idempotent(env, capsys):
     wh = _warehouse(env)
-    before = {t: wh.query(f"SELECT count(*) FROM {t}").item() for t in ("shots", "detections", "tracks", "track_crops")}
+    tables = ("shots", "detections", "tracks", "track_crops", "track_embeddings", "face_clusters")
+    before = {t: wh.query(f"SELECT count(*) FROM {t}").item() for t in tables}
     assert main(["process", str(HAMILTON), "--movie-id", "hamilton"]) == 0
     out = capsys.readouterr().out
     assert "4 shots" in out and "tracks" in out and "crops" in out
     after = {t: wh.query(f"SELECT count(*) FROM {t}").item() for t in before}
     assert after == before
+    # One set of cluster rows per (movie, model version), from the latest run.
+    sets = wh.query("SELECT model_version, count(*) AS n, count(DISTINCT run_id) AS runs FROM face_clusters WHERE movie_id = 'hamilton' GROUP BY 1")
+    assert sets.rows() == [(_model_version(env), _n_tracks(env), 1)]
+    sizes = wh.query(
+        "SELECT count(*) AS n FROM face_clusters WHERE movie_id = 'hamilton' AND cluster IS NOT NULL GROUP BY cluster ORDER BY n DESC"
+    )["n"].to_list()
+    unknown = wh.query("SELECT count(*) FROM face_clusters WHERE movie_id = 'hamilton' AND cluster IS NULL").item()
+    assert f"clusters: {len(sizes)} (tracks per cluster, largest first: {', '.join(map(str, sizes))}); Unknown: {unknown} tracks" in out
     import dagster as dg
 
     with dg.DagsterInstance.get() as instance:
@@ -163,6 +185,8 @@ def test_movie_without_faces_gives_empty_tables(env, tmp_path):
     assert wh.query("SELECT count(*) FROM tracks WHERE movie_id = 'blank'").item() == 0
     assert wh.query("SELECT count(*) FROM shots WHERE movie_id = 'blank'").item() >= 1
     assert pl.read_parquet(env / "artifacts" / "movies" / "blank" / "track_crops.parquet").height == 0
+    assert pl.read_parquet(env / "artifacts" / "movies" / "blank" / "face_clusters.parquet").height == 0
+    assert wh.query("SELECT count(*) FROM face_clusters WHERE movie_id = 'blank'").item() == 0
 
 
 @pytest.mark.parametrize(
@@ -243,8 +267,8 @@ def test_ui_serves_this_code_location(env, tmp_path):
                 time.sleep(1)
         assert nodes is not None, "the webserver did not answer within 120 s"
         assert {n["assetKey"]["path"][0] for n in nodes} == {
-        "shots", "frames", "face_detections", "face_tracks", "track_crops", "base_model", "track_embeddings"
-    }
+            "shots", "frames", "face_detections", "face_tracks", "track_crops", "base_model", "track_embeddings", "face_clusters"
+        }
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(30)
@@ -260,9 +284,14 @@ def test_track_embeddings_carry_the_model_version(env):
     (version,) = wh.query("SELECT version FROM models WHERE name = 'dlib-resnet'")["version"].to_list()
     assert version.startswith("dlib-resnet-v1-")
     assert crops["model_version"].unique().to_list() == [version]
-    tracks = wh.query("SELECT track_id, model_version, embedding FROM track_embeddings WHERE movie_id = 'hamilton'")
+    tracks = wh.query("SELECT track_id, model_version, quality, embedding FROM track_embeddings WHERE movie_id = 'hamilton'")
     assert tracks["model_version"].unique().to_list() == [version]
     assert tracks.height == crops["track_id"].n_unique()
+    # dlib's torch port scores SER-FIQ quality: every kept crop has one, in (0, 1], and a track has its crops' mean.
+    assert crops.schema["quality"] == pl.Float32 and crops["quality"].null_count() == 0
+    assert crops["quality"].min() > 0 and crops["quality"].max() <= 1
+    means = crops.group_by("track_id").agg(pl.col("quality").mean().alias("expected")).join(tracks, on="track_id")
+    assert np.allclose(means["quality"], means["expected"], atol=1e-6)
     # Crops of one track are closer to each other than to crops of other tracks (many of which
     # show the same performer, and dlib's descriptors sit in a narrow cone: cosines of 0.85-0.9
     # between different tracks, about 0.97 inside a track).
@@ -271,3 +300,131 @@ def test_track_embeddings_carry_the_model_version(env):
     same = track_of[:, None] == track_of[None, :]
     off_diagonal = ~np.eye(len(track_of), dtype=bool)
     assert sims[same & off_diagonal].mean() > sims[~same].mean() + 0.05
+
+
+def _model_version(home: Path) -> str:
+    return pl.read_parquet(_movie(home, "crop_embeddings.parquet"))["model_version"].unique().item()
+
+
+def _n_tracks(home: Path) -> int:
+    return pl.read_parquet(_movie(home, "tracks.parquet")).height
+
+
+def _latest_materialization(asset: str):
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        (record,) = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=["hamilton"]), limit=1
+        ).records
+        return record
+
+
+def _recluster(**config):
+    """Materialises face_clusters of hamilton alone, with its checks, on the project's instance."""
+    import dagster as dg
+
+    from vcn_assets.assets.clusters import face_clusters
+    from vcn_assets.checks import clusters_cover_tracks, clusters_respect_cannot_link
+    from vcn_assets.definitions import build_resources
+    from vcn_assets.settings import Settings
+
+    with dg.DagsterInstance.get() as instance:
+        return dg.materialize(
+            [face_clusters, clusters_respect_cannot_link, clusters_cover_tracks],
+            partition_key="hamilton",
+            instance=instance,
+            resources=build_resources(Settings.from_env()),
+            run_config={"ops": {"face_clusters": {"config": config}}} if config else None,
+        )
+
+
+def test_every_track_has_one_cluster_row_with_model_version_and_run(env):
+    tracks = pl.read_parquet(_movie(env, "tracks.parquet")).sort("track_id")
+    clusters = pl.read_parquet(_movie(env, "face_clusters.parquet"))
+    assert clusters.columns == ["movie_id", "track_id", "cluster", "quality", "low_quality", "model_version", "run_id", "clustered_at"]
+    assert clusters.schema["cluster"] == pl.Int64 and clusters.schema["quality"] == pl.Float32
+    assert clusters["track_id"].sort().to_list() == tracks["track_id"].to_list()
+    assert clusters["model_version"].unique().to_list() == [_model_version(env)]
+    (run_id,) = clusters["run_id"].unique().to_list()
+    assert _latest_materialization("face_clusters").run_id == run_id
+
+    rows = _warehouse(env).query("SELECT * FROM face_clusters WHERE movie_id = 'hamilton' ORDER BY track_id")
+    assert rows.drop("clustered_at").rows() == clusters.sort("track_id").drop("clustered_at").rows()
+
+    # Clusters are numbered 0.. by decreasing size; tracks without kept crops are Unknown, with no quality.
+    sizes = clusters["cluster"].drop_nulls().value_counts().sort("cluster")["count"].to_list()
+    assert len(sizes) >= 2 and sizes == sorted(sizes, reverse=True)
+    embedded = set(pl.read_parquet(_movie(env, "crop_embeddings.parquet"))["track_id"].to_list())
+    no_crops = clusters.filter(~pl.col("track_id").is_in(list(embedded)))
+    assert no_crops.height > 0 and no_crops["cluster"].null_count() == no_crops.height
+    assert no_crops["quality"].null_count() == no_crops.height
+    assert clusters.filter(pl.col("track_id").is_in(list(embedded)))["quality"].null_count() == 0
+
+
+def test_tracks_on_screen_together_are_in_different_clusters(env):
+    tracks = pl.read_parquet(_movie(env, "tracks.parquet")).sort("track_id")
+    clusters = tracks.join(pl.read_parquet(_movie(env, "face_clusters.parquet")), on="track_id", how="left")["cluster"].to_list()
+    pairs = on_screen_together(tracks.with_columns(pl.col("shot_id").cast(pl.String)))
+    clustered = [(a, b) for a, b in pairs.tolist() if clusters[a] is not None and clusters[b] is not None]
+    assert len(clustered) >= 3  # the last shot shows several faces at once
+    assert all(clusters[a] != clusters[b] for a, b in clustered)
+
+
+def test_cluster_report_is_written_and_in_the_metadata(env):
+    import dagster as dg
+
+    metadata = _latest_materialization("face_clusters").asset_materialization.metadata
+    report = _movie(env, "clusters_report")
+    for key, name in (("report", "report.html"), ("contact_sheet", "contact_sheet.png"), ("embedding_plot", "embedding_plot.png")):
+        assert isinstance(metadata[key], dg.PathMetadataValue) and metadata[key].path == str(report / name)
+        assert (report / name).stat().st_size > 0
+    assert metadata["report_preview"].value.startswith("![contact sheet](data:image/png;base64,")
+    clusters = pl.read_parquet(_movie(env, "face_clusters.parquet"))
+    sizes = clusters["cluster"].drop_nulls().value_counts(sort=True)["count"].to_list()
+    assert metadata["n_tracks"].value == clusters.height
+    assert metadata["n_clusters"].value == len(sizes) and metadata["cluster_sizes"].value == sizes
+    assert metadata["n_unknown"].value == clusters["cluster"].null_count()
+    assert metadata["model_version"].value == _model_version(env)
+    assert metadata["cannot_link"].value is True and metadata["on_screen_together_pairs"].value > 0
+    for key in ("n_low_quality", "quality_cut", "rounds", "dissimilarity", "seconds"):
+        assert key in metadata, key
+
+
+def test_cluster_checks_passed_in_the_run_that_clustered(env):
+    import dagster as dg
+
+    (run_id,) = pl.read_parquet(_movie(env, "face_clusters.parquet"))["run_id"].unique().to_list()
+    with dg.DagsterInstance.get() as instance:
+        events = instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    verdicts = {
+        e.dagster_event.asset_check_evaluation_data.asset_check_key.name: e.dagster_event.asset_check_evaluation_data.passed
+        for e in events
+        if e.dagster_event.asset_check_evaluation_data.asset_key == dg.AssetKey("face_clusters")
+    }
+    assert verdicts == {"clusters_respect_cannot_link": True, "clusters_cover_tracks": True}
+
+
+def test_reclustering_keeps_the_rows_of_other_model_versions(env):
+    wh = _warehouse(env)
+    version = _model_version(env)
+    n = _n_tracks(env)
+    old = pl.DataFrame(
+        {"track_id": [0, 1], "cluster": [0, None], "run_id": ["old-run"] * 2},
+        schema={"track_id": pl.Int64, "cluster": pl.Int64, "run_id": pl.String},
+    )
+    wh.replace_movie_rows("face_clusters", "hamilton", old, model_version="dlib-resnet-v0-old")
+
+    # Cannot-link off: the paper's clustering; the check does not apply and passes.
+    result = _recluster(cannot_link=False)
+    assert result.success
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    assert _latest_materialization("face_clusters").asset_materialization.metadata["cannot_link"].value is False
+
+    result = _recluster()
+    assert result.success and all(e.passed for e in result.get_asset_check_evaluations())
+    sets = wh.query(
+        "SELECT model_version, count(*), any_value(run_id) FROM face_clusters WHERE movie_id = 'hamilton' GROUP BY 1 ORDER BY 1"
+    )
+    assert sets.rows() == [("dlib-resnet-v0-old", 2, "old-run"), (version, n, result.run_id)]
+    assert pl.read_parquet(_movie(env, "face_clusters.parquet"))["run_id"].unique().to_list() == [result.run_id]

@@ -22,6 +22,38 @@ def test_replace_movie_rows_is_idempotent_and_per_movie(tmp_path):
     assert wh.query("SELECT * FROM shots LIMIT 1").columns[0] == "movie_id"
 
 
+def test_versioned_table_replaces_only_its_model_version(tmp_path):
+    wh = Warehouse(str(tmp_path / "w.duckdb"))
+    rows = pl.DataFrame({"track_id": [0, 1, 2], "cluster": [0, 0, None]}, schema={"track_id": pl.Int64, "cluster": pl.Int64})
+    wh.replace_movie_rows("face_clusters", "a", rows, model_version="v1")
+    wh.replace_movie_rows("face_clusters", "a", rows.head(2), model_version="v2")
+    wh.replace_movie_rows("face_clusters", "b", rows, model_version="v1")
+    # Re-clustering movie a with v1 replaces a's v1 rows only.
+    wh.replace_movie_rows("face_clusters", "a", rows.with_columns(pl.lit(1, pl.Int64).alias("cluster")), model_version="v1")
+    counts = wh.query("SELECT movie_id, model_version, count(*), sum(cluster) FROM face_clusters GROUP BY 1, 2 ORDER BY 1, 2")
+    assert counts.rows() == [("a", "v1", 3, 3), ("a", "v2", 2, 0), ("b", "v1", 3, 0)]
+    # The version is stamped on the rows, whatever they said.
+    wh.replace_movie_rows("face_clusters", "c", rows.with_columns(pl.lit("other").alias("model_version")), model_version="v3")
+    assert wh.query("SELECT DISTINCT model_version FROM face_clusters WHERE movie_id = 'c'").item() == "v3"
+
+
+def test_model_version_is_required_exactly_for_versioned_tables(tmp_path):
+    wh = Warehouse(str(tmp_path / "w.duckdb"))
+    with pytest.raises(ValueError, match="pass model_version"):
+        wh.replace_movie_rows("face_clusters", "a", pl.DataFrame({"track_id": [0]}))
+    with pytest.raises(ValueError, match="not kept per model version"):
+        wh.replace_movie_rows("shots", "a", pl.DataFrame({"shot_id": [0]}), model_version="v1")
+
+
+def test_new_columns_are_added_to_an_existing_table(tmp_path):
+    wh = Warehouse(str(tmp_path / "w.duckdb"))
+    wh.replace_movie_rows("track_embeddings", "old", pl.DataFrame({"track_id": [0, 1]}))
+    wh.replace_movie_rows("track_embeddings", "new", pl.DataFrame({"track_id": [0], "quality": [0.5]}, schema={"track_id": pl.Int64, "quality": pl.Float32}))
+    rows = wh.query("SELECT movie_id, track_id, quality FROM track_embeddings ORDER BY movie_id, track_id")
+    assert rows.rows() == [("new", 0, 0.5), ("old", 0, None), ("old", 1, None)]
+    assert rows.schema["quality"] == pl.Float32
+
+
 def test_unknown_table_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown result table"):
         Warehouse(str(tmp_path / "w.duckdb")).replace_movie_rows("users; DROP", "a", pl.DataFrame({"x": [1]}))

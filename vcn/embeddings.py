@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import polars as pl
@@ -11,8 +11,13 @@ import pyarrow.parquet as pq
 
 from vcn.crops import decode_jpeg
 
+if TYPE_CHECKING:
+    from vcn.backbone import Backbone
+
 #: Rows of the crop-embeddings table; row ``i`` is row ``i`` of the .npy matrix.
-CROP_EMBEDDINGS_SCHEMA = {"crop_id": pl.Int64, "track_id": pl.Int64, "model_version": pl.String}
+#: ``quality`` is the crop's SER-FIQ quality (:func:`vcn.quality.crop_quality`),
+#: null when the backbone cannot score it.
+CROP_EMBEDDINGS_SCHEMA = {"crop_id": pl.Int64, "track_id": pl.Int64, "model_version": pl.String, "quality": pl.Float32}
 
 
 class Embedder(Protocol):
@@ -24,8 +29,26 @@ class Embedder(Protocol):
     def embed(self, chips: np.ndarray, batch_size: int = 256) -> np.ndarray: ...
 
 
-def embed_crops(crops_path: str | os.PathLike, backbone: Embedder, batch_size: int = 256) -> tuple[pl.DataFrame, np.ndarray]:
+def embed_crops(
+    crops_path: str | os.PathLike,
+    backbone: Embedder | Backbone,
+    batch_size: int = 256,
+    *,
+    quality: bool = False,
+) -> tuple[pl.DataFrame, np.ndarray]:
     """Embeds every kept crop of a ``track_crops`` file, streaming it in row groups.
+
+    Only one batch of decoded chips is in memory at a time, so a feature-length
+    movie embeds in constant memory; the quality of a batch is scored while its
+    chips are at hand.
+
+    Args:
+        crops_path: A ``track_crops`` Parquet file.
+        backbone: The face-ID model; its template must match the crops'.
+        batch_size: Chips per forward pass.
+        quality: Also score each crop's SER-FIQ quality. Needs a torch backbone
+            (:func:`vcn.quality.supports_quality`) and costs the stochastic head
+            runs (the trunk runs once); without it the ``quality`` column is null.
 
     Returns:
         The crop-embeddings table (:data:`CROP_EMBEDDINGS_SCHEMA`) and the (N, D)
@@ -33,11 +56,30 @@ def embed_crops(crops_path: str | os.PathLike, backbone: Embedder, batch_size: i
 
     Raises:
         ValueError: the crops were aligned for another template than the backbone's.
+        TypeError: ``quality`` was asked of a backbone that cannot score it.
     """
+    if quality:
+        from vcn.quality import embed_and_score, supports_quality
+
+        if not supports_quality(backbone):
+            raise TypeError(f"backbone {getattr(backbone, 'name', backbone)!r} cannot score crop quality")
     ids: list[int] = []
     tracks: list[int] = []
     parts: list[np.ndarray] = []
+    qualities: list[np.ndarray] = []
     pending: list[np.ndarray] = []
+
+    def flush() -> None:
+        chips = np.stack(pending)
+        if quality:
+            # One trunk pass gives both the embedding and the stochastic head runs.
+            embedded, scored = embed_and_score(backbone, chips, batch_size=min(batch_size, 128))
+            parts.append(embedded)
+            qualities.append(scored)
+        else:
+            parts.append(backbone.embed(chips, batch_size=batch_size))
+        pending.clear()
+
     source = pq.ParquetFile(str(crops_path))
     for batch in source.iter_batches(batch_size=max(batch_size, 64), columns=["crop_id", "track_id", "rejected", "template", "image"]):
         table = pl.from_arrow(batch).filter(~pl.col("rejected"))
@@ -53,25 +95,36 @@ def embed_crops(crops_path: str | os.PathLike, backbone: Embedder, batch_size: i
         tracks.extend(table["track_id"].to_list())
         pending.extend(decode_jpeg(b) for b in table["image"].to_list())
         if len(pending) >= batch_size:
-            parts.append(backbone.embed(np.stack(pending), batch_size=batch_size))
-            pending = []
+            flush()
     if pending:
-        parts.append(backbone.embed(np.stack(pending), batch_size=batch_size))
+        flush()
     matrix = np.concatenate(parts) if parts else np.zeros((0, backbone.dim), np.float32)
     table = pl.DataFrame(
-        {"crop_id": ids, "track_id": tracks, "model_version": [backbone.version] * len(ids)},
+        {
+            "crop_id": ids,
+            "track_id": tracks,
+            "model_version": [backbone.version] * len(ids),
+            "quality": np.concatenate(qualities) if quality and qualities else [None] * len(ids),
+        },
         schema=CROP_EMBEDDINGS_SCHEMA,
     )
     return table, matrix.astype(np.float32, copy=False)
 
 
 def track_means(crops: pl.DataFrame, matrix: np.ndarray, model_version: str) -> pl.DataFrame:
-    """Per-track mean of crop embeddings, re-normalised: one row per track with kept crops."""
+    """Per-track mean of crop embeddings, re-normalised, and mean crop quality.
+
+    Returns:
+        One row per track with kept crops: ``track_id, n_crops, model_version,
+        quality`` (mean crop quality; null when the crops have none) and
+        ``embedding``.
+    """
     dim = matrix.shape[1] if matrix.ndim == 2 else 0
     schema = {
         "track_id": pl.Int64,
         "n_crops": pl.Int64,
         "model_version": pl.String,
+        "quality": pl.Float32,
         "embedding": pl.Array(pl.Float32, dim),
     }
     if crops.is_empty():
@@ -81,11 +134,15 @@ def track_means(crops: pl.DataFrame, matrix: np.ndarray, model_version: str) -> 
     sums = np.zeros((len(unique), dim), np.float64)
     np.add.at(sums, inverse, matrix)
     means = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    quality = None
+    if "quality" in crops.columns and crops["quality"].null_count() == 0:
+        quality = np.bincount(inverse, weights=crops["quality"].to_numpy().astype(np.float64)) / counts
     return pl.DataFrame(
         {
             "track_id": unique,
             "n_crops": counts,
             "model_version": [model_version] * len(unique),
+            "quality": quality if quality is not None else [None] * len(unique),
             "embedding": means.astype(np.float32),
         },
         schema=schema,

@@ -266,6 +266,7 @@ def write_predictions(
             writer.writerows(zip(track_ids, map(_cluster_text, clusters)))
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; a prediction file is for sharing
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -23,7 +23,11 @@ import polars as pl
 
 
 #: Per-movie result tables the pipeline maintains (rows keyed by ``movie_id``).
-RESULT_TABLES = ("movies", "shots", "frames", "detections", "tracks", "track_crops", "track_embeddings")
+RESULT_TABLES = ("movies", "shots", "frames", "detections", "tracks", "track_crops", "track_embeddings", "face_clusters")
+
+#: Result tables keyed by ``(movie_id, model_version)``: a run replaces the rows of
+#: its own model version only, so the results of earlier models stay queryable.
+VERSIONED_TABLES = frozenset({"face_clusters"})
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS lineage (
@@ -132,17 +136,44 @@ class Warehouse:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def replace_movie_rows(self, table: str, movie_id: str, rows: pl.DataFrame) -> None:
-        """Replaces ``table``'s rows of one movie with ``rows`` in one transaction."""
+    def replace_movie_rows(self, table: str, movie_id: str, rows: pl.DataFrame, *, model_version: str | None = None) -> None:
+        """Replaces ``table``'s rows of one movie with ``rows`` in one transaction.
+
+        Columns that ``rows`` has and the table lacks (a newer release's output in
+        an older warehouse) are added to the table first, null in its other rows.
+
+        Args:
+            table: One of :data:`RESULT_TABLES`.
+            movie_id: The movie whose rows are replaced; written into ``movie_id``.
+            rows: The new rows, with or without a ``movie_id`` column.
+            model_version: Required for, and only for, :data:`VERSIONED_TABLES`:
+                only that version's rows of the movie are replaced, and it is
+                written into ``model_version``.
+
+        Raises:
+            ValueError: An unknown table, or ``model_version`` missing for a
+                versioned table or given for another.
+        """
         if table not in RESULT_TABLES:
             raise ValueError(f"unknown result table {table!r}; known: {', '.join(RESULT_TABLES)}")
-        incoming = rows.with_columns(pl.lit(movie_id, pl.String).alias("movie_id")).select(
-            "movie_id", *[c for c in rows.columns if c != "movie_id"]
-        )
+        versioned = table in VERSIONED_TABLES
+        if versioned and not model_version:
+            raise ValueError(f"table {table!r} is kept per model version; pass model_version")
+        if not versioned and model_version is not None:
+            raise ValueError(f"table {table!r} is not kept per model version; model_version applies to {sorted(VERSIONED_TABLES)}")
+        stamped = [pl.lit(movie_id, pl.String).alias("movie_id")]
+        if versioned:
+            stamped.append(pl.lit(model_version, pl.String).alias("model_version"))
+        incoming = rows.with_columns(stamped)
+        incoming = incoming.select("movie_id", *[c for c in incoming.columns if c != "movie_id"])
         with self.writer() as con:
             con.register("incoming", incoming.to_arrow())
             con.execute(f"CREATE TABLE IF NOT EXISTS {table} AS SELECT * FROM incoming LIMIT 0")
-            con.execute(f"DELETE FROM {table} WHERE movie_id = ?", [movie_id])
+            _add_missing_columns(con, table, "incoming")
+            if versioned:
+                con.execute(f"DELETE FROM {table} WHERE movie_id = ? AND model_version = ?", [movie_id, model_version])
+            else:
+                con.execute(f"DELETE FROM {table} WHERE movie_id = ?", [movie_id])
             con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM incoming")
             con.unregister("incoming")
 
@@ -188,6 +219,14 @@ class Warehouse:
         """Runs a read-only query and returns the result as a polars frame."""
         with self.reader() as con:
             return con.sql(sql, params=params or None).pl()
+
+
+def _add_missing_columns(con: Any, table: str, source: str) -> None:
+    """Adds to ``table`` the columns of ``source`` it lacks, with their types."""
+    have = {row[0] for row in con.execute(f"DESCRIBE {table}").fetchall()}
+    for name, kind, *_ in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall():
+        if name not in have:
+            con.execute(f'ALTER TABLE {table} ADD COLUMN "{name}" {kind}')
 
 
 def utcnow() -> datetime:

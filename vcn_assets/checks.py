@@ -3,9 +3,10 @@
 import dagster as dg
 import polars as pl
 
-from resources import ArtifactStore
+from resources import ArtifactStore, WarehouseResource
+from vcn.trackset import on_screen_together
+from vcn_assets.assets.clusters import FACE_CLUSTERS_FILE, face_clusters
 from vcn_assets.assets.preprocess import face_tracks, track_crops
-from vcn_assets.partitions import movies
 
 
 @dg.asset_check(asset=face_tracks, blocking=True, description="Every track lies inside one shot: no track crosses a cut.")
@@ -31,4 +32,62 @@ def crops_cover_tracks(context: dg.AssetCheckExecutionContext, store: ArtifactSt
     )
 
 
-checks = [tracks_within_shots, crops_cover_tracks]
+@dg.asset_check(
+    asset=face_clusters,
+    blocking=True,
+    description="With cannot-link on, no cluster holds two tracks that are on screen together (same shot, overlapping frames).",
+)
+def clusters_respect_cannot_link(context: dg.AssetCheckExecutionContext, store: ArtifactStore) -> dg.AssetCheckResult:
+    movie_id = context.partition_key
+    tracks = store.read_parquet(movie_id, "tracks.parquet", columns=["track_id", "shot_id", "start_frame", "end_frame"])
+    clusters = store.read_parquet(movie_id, FACE_CLUSTERS_FILE, columns=["track_id", "cluster"])
+    cluster = tracks.join(clusters, on="track_id", how="left")["cluster"].to_numpy()
+    pairs = on_screen_together(tracks.with_columns(pl.col("shot_id").cast(pl.String)))
+    # Unknown tracks are NaN here, and NaN equals nothing: they never count.
+    together = int((cluster[pairs[:, 0]] == cluster[pairs[:, 1]]).sum())
+    enforced = _cannot_link_was_on(context, movie_id)
+    return dg.AssetCheckResult(
+        passed=not enforced or together == 0,
+        metadata={"cannot_link": enforced, "on_screen_together_pairs": len(pairs), "pairs_in_one_cluster": together},
+    )
+
+
+@dg.asset_check(
+    asset=face_clusters,
+    blocking=True,
+    description="Every track of face_tracks has exactly one row, in the Parquet file and in the warehouse (for its model version).",
+)
+def clusters_cover_tracks(
+    context: dg.AssetCheckExecutionContext, store: ArtifactStore, warehouse: WarehouseResource
+) -> dg.AssetCheckResult:
+    movie_id = context.partition_key
+    tracks = store.read_parquet(movie_id, "tracks.parquet", columns=["track_id"])
+    clusters = store.read_parquet(movie_id, FACE_CLUSTERS_FILE, columns=["track_id", "model_version"])
+    versions = clusters["model_version"].unique().to_list()
+    rows = warehouse.get().query(
+        "SELECT track_id FROM face_clusters WHERE movie_id = $1 AND model_version = $2", [movie_id, versions[0] if versions else ""]
+    )
+    problems = {}
+    for where, table in (("parquet", clusters), ("warehouse", rows)):
+        counts = tracks.join(table.group_by("track_id").len(), on="track_id", how="left").fill_null(0)
+        problems[f"{where}_missing"] = counts.filter(pl.col("len") == 0).height
+        problems[f"{where}_repeated"] = counts.filter(pl.col("len") > 1).height
+        problems[f"{where}_unknown_tracks"] = table.join(tracks, on="track_id", how="anti").height
+    return dg.AssetCheckResult(
+        passed=not any(problems.values()) and len(versions) <= 1,
+        metadata={"tracks": tracks.height, "model_versions": len(versions), **problems},
+    )
+
+
+def _cannot_link_was_on(context: dg.AssetCheckExecutionContext, movie_id: str) -> bool:
+    """Whether the latest materialisation of the movie's face_clusters enforced cannot-link (assumed on if unknown)."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=face_clusters.key, asset_partitions=[movie_id]), limit=1
+    ).records
+    if not records or records[0].asset_materialization is None:
+        return True
+    value = records[0].asset_materialization.metadata.get("cannot_link")
+    return True if value is None else bool(value.value)
+
+
+checks = [tracks_within_shots, crops_cover_tracks, clusters_respect_cannot_link, clusters_cover_tracks]

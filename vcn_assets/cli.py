@@ -3,7 +3,8 @@
 ``vcn process VIDEO`` registers a movie and materialises its asset graph in this
 process on the local Dagster instance; ``vcn ui`` serves the Dagster UI on the
 same instance; ``vcn sql`` queries the warehouse read-only; ``vcn export``
-writes results for other tools.
+writes results for other tools. ``vcn cluster-tracks DIR`` clusters the tracks of
+a track dataset (format v1) and ``vcn evaluate`` scores a prediction against labels.
 """
 
 from __future__ import annotations
@@ -14,8 +15,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vcn.errors import VcnError
+
+if TYPE_CHECKING:
+    from vcn.cluster_tracks import TracksetClustering
 
 EXIT_BAD_INPUT = 2
 
@@ -40,10 +45,45 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("movie_id")
     e.add_argument("--out", required=True, help="output folder")
 
+    c = sub.add_parser(
+        "cluster-tracks",
+        help="cluster the face tracks of a track dataset (format v1) by identity",
+        description="Cluster the face tracks of a track dataset (shared/formats/trackset-v1.md: tracks.csv, "
+        "crops.csv) and write one track_id,cluster row per track; an empty cluster is a track left Unknown. "
+        "labels.csv, if present, is never read by the clustering.",
+    )
+    c.add_argument("directory", metavar="DIR", help="track dataset folder (tracks.csv, crops.csv)")
+    c.add_argument("--out", required=True, metavar="PRED_CSV", help="prediction CSV to write (track_id,cluster)")
+    c.add_argument(
+        "--no-cannot-link",
+        action="store_true",
+        help="let tracks on screen together (same shot, overlapping frames) share a cluster, as the paper does",
+    )
+    c.add_argument(
+        "--report",
+        metavar="REPORT_DIR",
+        help="also write the cluster report (contact sheet, embedding plot, HTML) into this folder; if the dataset "
+        "has a labels.csv, its identities colour the report only, after clustering, never the clustering itself",
+    )
+    c.add_argument("--device", choices=["cpu", "cuda"], help="where the face-ID model runs (default: cuda if available)")
+
+    v = sub.add_parser("evaluate", help="score a track clustering against ground-truth labels (WCP, PCR, BCubed, ...)")
+    v.add_argument("labels", help="ground truth CSV: track_id,identity")
+    v.add_argument("pred", help="prediction CSV: track_id,cluster (empty cluster = Unknown)")
+    v.add_argument("--json", metavar="OUT_JSON", help="also write the scores as JSON to this file")
+    v.add_argument("--format", choices=["table", "json"], default="table", help="what to print on stdout")
+
     args = parser.parse_args(argv)
     try:
-        return {"process": _process, "ui": _ui, "sql": _sql, "export": _export}[args.command](args)
-    except (VcnError, FileNotFoundError, ValueError) as exc:
+        return {
+            "process": _process,
+            "ui": _ui,
+            "sql": _sql,
+            "export": _export,
+            "cluster-tracks": _cluster_tracks,
+            "evaluate": _evaluate,
+        }[args.command](args)
+    except (VcnError, OSError, ValueError) as exc:
         print(f"vcn {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
@@ -60,6 +100,7 @@ def _process(args: argparse.Namespace) -> int:
 
     import dagster as dg
 
+    from vcn_assets.assets.clusters import face_clusters
     from vcn_assets.assets.models import BASE_MODEL_FILE, base_model, track_embeddings
     from vcn_assets.assets.preprocess import preprocess_assets
     from vcn_assets.checks import checks
@@ -85,7 +126,7 @@ def _process(args: argparse.Namespace) -> int:
             instance.add_dynamic_partitions(movies.name, [movie_id])
         print(f"processing {video} as movie {movie_id!r} ({info.width}x{info.height}, {info.fps:.3f} fps, {info.duration_s:.1f} s)")
         result = dg.materialize(
-            [*preprocess_assets, track_embeddings, *checks],
+            [*preprocess_assets, track_embeddings, face_clusters, *checks],
             partition_key=movie_id,
             instance=instance,
             resources=resources,
@@ -134,10 +175,18 @@ def _print_summary(settings, movie_id: str, run_id: str, wall_s: float) -> None:
         "SELECT asset, seconds, frames_per_s, realtime_factor FROM stage_metrics WHERE run_id = $1 ORDER BY recorded_at",
         [run_id],
     )
+    clusters = wh.query(
+        "SELECT cluster, count(*) AS n FROM face_clusters WHERE movie_id = $1 AND run_id = $2 GROUP BY cluster ORDER BY n DESC, cluster",
+        [movie_id, run_id],
+    )
+    sizes = clusters.filter(clusters["cluster"].is_not_null())["n"].to_list()
+    unknown = int(clusters.filter(clusters["cluster"].is_null())["n"].sum())
     print(
         f"movie {movie_id}: {counts['shots']} shots, {counts['faces']} faces, {counts['tracks']} tracks, "
         f"{counts['crops']} crops ({counts['kept_crops']} kept), embedded with {counts['model_version']}"
     )
+    shown = ", ".join(map(str, sizes[:20])) + (f", ... ({len(sizes) - 20} more)" if len(sizes) > 20 else "")
+    print(f"clusters: {len(sizes)} (tracks per cluster, largest first: {shown or '-'}); Unknown: {unknown} tracks")
     for asset, seconds, fps, realtime in stages.iter_rows():
         rate = f"{fps:8.1f} frames/s" if fps else " " * 17
         rt = f"{realtime:6.2f}x realtime" if realtime else ""
@@ -190,20 +239,115 @@ def _export(args: argparse.Namespace) -> int:
 
     store = ArtifactStore(base_dir=str(Settings.from_env().artifacts))
     tracked = store.read_parquet(args.movie_id, "face_tracks.parquet")
+    # The latest clustering of the movie (its current model version); an empty cluster is Unknown.
+    clusters = store.read_parquet(args.movie_id, "face_clusters.parquet", columns=["track_id", "cluster"]).sort("track_id")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = tracked.sort("frame", "detection_id").select(
+    detections = tracked.sort("frame", "detection_id").select(
         "frame",
         *[pl.col(c).round(2) for c in ("x1", "y1", "x2", "y2")],
         pl.col("score").round(4),
         "track_id",
     )
-    target = out / "detections.csv"
-    tmp = out / ".detections.csv.partial"
-    table.write_csv(tmp)
-    os.replace(tmp, target)
-    print(f"wrote {target} ({table.height} detections)")
+    for name, table, what in (("detections.csv", detections, "detections"), ("clusters.csv", clusters, "tracks")):
+        target = out / name
+        tmp = out / f".{name}.partial"
+        table.write_csv(tmp)
+        os.replace(tmp, target)
+        print(f"wrote {target} ({table.height} {what})")
     return 0
+
+
+def _cluster_tracks(args: argparse.Namespace) -> int:
+    import logging
+
+    from vcn.cluster_tracks import cluster_trackset
+    from vcn.trackset import write_predictions
+
+    if os.environ.get("VCN_LOG_LEVEL"):  # e.g. INFO for progress; warnings show without it
+        logging.basicConfig(level=os.environ["VCN_LOG_LEVEL"], format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the path of the CSV file to write")
+
+    # Nothing is written before the clustering has succeeded.
+    result = cluster_trackset(args.directory, cannot_link=not args.no_cannot_link, device=args.device)
+    for problem in result.problems:
+        print(f"vcn cluster-tracks: warning: track {problem.track_id!r} left Unknown: {problem.reason}", file=sys.stderr)
+    write_predictions(out, result.track_ids, result.clusters)
+
+    n_problem = len(result.problem_track_ids)
+    methods = ", ".join(f"{count} {method}" for method, count in result.crops_by_method.items())
+    steps = ", ".join(f"{step} {seconds:.2f}" for step, seconds in result.timings.items())
+    print(
+        f"{len(result.track_ids)} tracks: {len(result.track_ids) - result.n_unknown} in {result.n_clusters} clusters, "
+        f"{result.n_unknown} Unknown ({result.n_low_quality} low quality, {n_problem} with problems)"
+    )
+    print(f"{result.n_crops} crops aligned: {methods}")
+    print(
+        f"model {result.model_version}, {result.dissimilarity} dissimilarity, "
+        f"cannot-link {'off' if args.no_cannot_link else 'on'}"
+    )
+    print(f"seconds: {steps} (total {sum(result.timings.values()):.2f})")
+    print(f"wrote {out}")
+    if args.report:
+        _write_trackset_report(Path(args.directory), Path(args.report), result)
+    return 0
+
+
+def _write_trackset_report(directory: Path, out_dir: Path, result: TracksetClustering) -> None:
+    """The cluster report of the tracks that took part; labels.csv only colours it."""
+    from vcn.report import write_cluster_report
+    from vcn.trackset import LABELS_FILE, TracksetError, read_trackset_labels
+
+    labels = None
+    if (directory / LABELS_FILE).is_file():
+        try:
+            labels = read_trackset_labels(directory)
+        except TracksetError as exc:
+            print(f"vcn cluster-tracks: warning: report without identities: {exc}", file=sys.stderr)
+    shown = [i for i, has in enumerate(result.has_crops) if has]
+    report = write_cluster_report(
+        out_dir,
+        title=directory.resolve().name,
+        track_ids=[result.track_ids[i] for i in shown],
+        clusters=[result.clusters[i] for i in shown],
+        thumbnails=result.thumbnails,
+        embeddings=result.embeddings[shown],
+        identities=None if labels is None else [labels.get(result.track_ids[i], "(no label)") for i in shown],
+    )
+    left_out = len(result.track_ids) - len(shown)
+    note = f" ({left_out} problem tracks without crops not shown)" if left_out else ""
+    print(f"wrote report {report.html}{note}")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from vcn.metrics import evaluate_files, format_table
+
+    scores = evaluate_files(args.labels, args.pred)
+    text = json.dumps(scores.to_dict(), indent=2) + "\n"
+    if args.json:
+        _write_text_atomically(Path(args.json), text)
+    sys.stdout.write(text if args.format == "json" else format_table(scores) + "\n")
+    return 0
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    """Writes ``text`` beside ``path`` under a temporary name, then moves it into place."""
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; scores are meant to be read
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from resources import ArtifactStore, BackboneResource, DetectorResource, WarehouseResource
+from vcn_assets.assets.clusters import cluster_assets
 from vcn_assets.assets.models import model_assets
 from vcn_assets.assets.preprocess import preprocess_assets
 from vcn_assets.checks import checks
@@ -25,7 +26,7 @@ def build_resources(settings: Settings) -> dict:
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or Settings.from_env()
     return dg.Definitions(
-        assets=[*preprocess_assets, *model_assets],
+        assets=[*preprocess_assets, *model_assets, *cluster_assets],
         asset_checks=checks,
         jobs=[process_movie_job],
         sensors=[inbox_sensor],

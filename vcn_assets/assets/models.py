@@ -5,6 +5,7 @@ import numpy as np
 
 from resources import ArtifactStore, BackboneResource, WarehouseResource
 from vcn.embeddings import embed_crops, track_means
+from vcn.quality import supports_quality
 from vcn_assets.assets.preprocess import track_crops
 from vcn_assets.assets.recording import CODE_VERSION, preview, stage
 from vcn_assets.partitions import movies
@@ -45,7 +46,7 @@ def base_model(
 def track_embeddings(
     context: dg.AssetExecutionContext, backbone: BackboneResource, store: ArtifactStore, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
-    """Embeddings of every kept crop (Parquet + .npy) and per-track mean embeddings, with the model version on every row."""
+    """Embeddings and SER-FIQ quality of every kept crop (Parquet + .npy), and per-track means, with the model version on every row."""
     wh = warehouse.get()
     with stage(context, wh, "track_embeddings") as run:
         model = backbone.load()
@@ -55,7 +56,12 @@ def track_embeddings(
                 f"backbone version {model.version} differs from the registered base model {registered['version']}; "
                 "re-materialise base_model to record it"
             )
-        crops, matrix = embed_crops(store.path(run.movie_id, "track_crops.parquet"), model, backbone.batch_size)
+        with_quality = supports_quality(model)
+        if not with_quality:
+            context.log.warning(f"backbone {model.name} cannot score crop quality; no track will be left out for quality")
+        crops, matrix = embed_crops(
+            store.path(run.movie_id, "track_crops.parquet"), model, backbone.batch_size, quality=with_quality
+        )
         tracks = track_means(crops, matrix, model.version)
         with store.writing(run.movie_id, "crop_embeddings.npy") as tmp:
             with open(tmp, "wb") as f:
@@ -64,7 +70,7 @@ def track_embeddings(
         path = store.write_parquet(run.movie_id, "track_embeddings.parquet", tracks)
         wh.replace_movie_rows("track_embeddings", run.movie_id, tracks)
         run.items, run.row_count, run.artifact = crops.height, tracks.height, str(path)
-        run.details = {"model_version": model.version, "device": model.device, "dtype": model.dtype}
+        run.details = {"model_version": model.version, "device": model.device, "dtype": model.dtype, "quality": with_quality}
     return dg.MaterializeResult(
         metadata={
             "crops_embedded": crops.height,
@@ -73,6 +79,8 @@ def track_embeddings(
             "model_version": model.version,
             "device": model.device,
             "dtype": model.dtype,
+            "crop_quality": "SER-FIQ" if with_quality else "unsupported by the backbone",
+            "mean_crop_quality": float(crops["quality"].mean()) if with_quality and crops.height else None,
             "crops_per_s": round(crops.height / run.details["seconds"], 1) if run.details["seconds"] else 0.0,
             "seconds": run.details["seconds"],
             "path": dg.MetadataValue.path(str(path)),

@@ -1,0 +1,296 @@
+"""Clustering the face tracks of a track dataset: the product behind ``vcn cluster-tracks``.
+
+A track dataset (``shared/formats/trackset-v1.md``) holds tracks detected and
+tracked elsewhere, each a list of loose face crops. :func:`cluster_trackset`
+runs them through the same steps as a movie of our own, minus detection and
+tracking:
+
+1. read ``tracks.csv`` and ``crops.csv`` (never ``labels.csv``: the ground truth
+   plays no part in clustering);
+2. find and align the face in every crop for the backbone's template;
+3. embed the aligned chips and, in the same pass, score each crop's quality
+   (SER-FIQ) when the backbone allows it;
+4. cluster the tracks, with cannot-link between tracks on screen together.
+
+A track with any problem (no crops, a missing or unreadable crop file, a crop
+outside its frames) takes no part: it is reported and left Unknown, as the
+format asks, so one bad track never costs the whole episode and never enters a
+cluster on partial evidence.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vcn.trackset import TrackProblem
+
+if TYPE_CHECKING:
+    from vcn.backbone import Backbone
+
+logger = logging.getLogger(__name__)
+
+#: The steps timed by :func:`cluster_trackset`, in order.
+STEPS = ("read", "align", "embed", "cluster")
+
+#: Called as ``progress(step, done, total)`` while a step runs; ``step`` is one of :data:`STEPS`.
+ProgressCallback = Callable[[str, int, int], None]
+
+#: Chips per embedding / quality call: a progress tick every this many crops.
+_CHUNK = 512
+
+
+@dataclass(frozen=True, eq=False)
+class TracksetClustering:
+    """What :func:`cluster_trackset` found, one entry per track in ``tracks.csv`` order.
+
+    Attributes:
+        track_ids: Every track of ``tracks.csv``, in file order.
+        clusters: Cluster of each track as a string, ``"0"`` the largest cluster,
+            ``"1"`` the next and so on; ``None`` for a track left Unknown (a
+            problem track, or a low-quality one). Ready for
+            :func:`vcn.trackset.write_predictions`.
+        problems: Per-track problems found while reading and aligning; each
+            named track is Unknown.
+        crops_by_method: How many of the crops used were aligned by each
+            method of :data:`vcn.loose_crops.METHODS` (all listed).
+        n_crops: Crops used (embedded): those of the tracks without problems.
+        track_quality: (T,) float64 mean crop quality per track; NaN where none
+            was computed (quality off or unsupported, or the track has no crops).
+        embeddings: (T, D) float32 track embeddings: the mean of the track's
+            crop embeddings, scaled to unit length. Tracks without crops (the
+            problem tracks) get a row of NaN, so that they cannot pass for a
+            point of the embedding space; :attr:`has_crops` tells them apart.
+        thumbnails: Track id -> the track's middle aligned chip (by frame),
+            (S, S, 3) uint8 RGB. Tracks without crops are absent.
+        n_clusters: Clusters formed.
+        n_unknown: Tracks left Unknown, problem and low-quality tracks together.
+        n_low_quality: Tracks left Unknown by the quality screen.
+        quality_cut: The movie's quality cut (-inf when quality was not used).
+        model_version: Version of the backbone's weights, for lineage.
+        dissimilarity: Name of the dissimilarity the clustering used.
+        timings: Seconds per step in the order run: :data:`STEPS` (the embed
+            step includes quality scoring), with ``"load_backbone"`` after ``"read"`` when the
+            default backbone was loaded here.
+    """
+
+    track_ids: list[str]
+    clusters: list[str | None]
+    problems: list[TrackProblem]
+    crops_by_method: dict[str, int]
+    n_crops: int
+    track_quality: np.ndarray
+    embeddings: np.ndarray
+    thumbnails: dict[str, np.ndarray]
+    n_clusters: int
+    n_unknown: int
+    n_low_quality: int
+    quality_cut: float
+    model_version: str
+    dissimilarity: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def has_crops(self) -> np.ndarray:
+        """(T,) bool: tracks that took part in the clustering (had usable crops)."""
+        return np.isfinite(self.embeddings).all(axis=1)
+
+    @property
+    def problem_track_ids(self) -> list[str]:
+        """Ids of the tracks with problems, each once, in ``tracks.csv`` order."""
+        named = {problem.track_id for problem in self.problems}
+        return [track_id for track_id in self.track_ids if track_id in named]
+
+
+def cluster_trackset(
+    directory: str | os.PathLike[str],
+    *,
+    backbone: Backbone | None = None,
+    cannot_link: bool = True,
+    quality: bool = True,
+    progress: ProgressCallback | None = None,
+    device: str | None = None,
+) -> TracksetClustering:
+    """Clusters the face tracks of a track dataset by identity.
+
+    The dataset is read (and so validated) before the backbone is loaded, so a
+    malformed file fails in a fraction of a second.
+
+    Args:
+        directory: The dataset folder (``tracks.csv``, ``crops.csv``).
+        backbone: The face-ID backbone; by default dlib's ResNet
+            (``vcn.load_backbone("dlib-resnet")``), which needs no checkpoint.
+        cannot_link: Forbid tracks on screen together (same shot, overlapping
+            frames) from sharing a cluster. Off reproduces the paper's method.
+        quality: Leave low-quality tracks Unknown (SER-FIQ outliers of the
+            movie); ignored for a backbone that cannot give stochastic passes
+            (:func:`vcn.quality.supports_quality`), such as an ONNX model.
+        progress: Called as ``progress(step, done, total)`` during the align
+            and embed steps.
+        device: Where the default backbone runs (``"cpu"``, ``"cuda"``); by
+            default CUDA when available. Ignored when ``backbone`` is given.
+
+    Returns:
+        Clusters per track with what led to them.
+
+    Raises:
+        TracksetError: A dataset file is missing or malformed (names the file and line).
+        CheckpointError: The default backbone cannot be loaded.
+        ValueError: An unusable ``device``.
+    """
+    from vcn.clustering import UNKNOWN, cluster_movie
+    from vcn.loose_crops import METHODS, align_loose_crops
+    from vcn.quality import embed_and_score, supports_quality
+    from vcn.trackset import on_screen_together, read_trackset
+
+    timings: dict[str, float] = {}
+
+    # Read and validate; labels.csv is never opened.
+    started = time.perf_counter()
+    trackset = read_trackset(directory)
+    track_ids: list[str] = trackset.tracks["track_id"].to_list()
+    n_tracks = len(track_ids)
+    timings["read"] = time.perf_counter() - started
+    logger.info(
+        "read %s: %d tracks, %d crops, %d track problem(s)",
+        trackset.root,
+        n_tracks,
+        trackset.crops.height,
+        len(trackset.problems),
+    )
+
+    if backbone is None:
+        import vcn
+
+        started = time.perf_counter()
+        backbone = vcn.load_backbone("dlib-resnet", device=device)
+        timings["load_backbone"] = time.perf_counter() - started
+
+    # Find and align the face in every crop of the tracks without problems.
+    started = time.perf_counter()
+    aligned = align_loose_crops(
+        trackset,
+        backbone.template,
+        progress=None if progress is None else lambda done, total: progress("align", done, total),
+    )
+    timings["align"] = time.perf_counter() - started
+    problems = [*trackset.problems, *aligned.problems]
+
+    # A track with any problem takes no part (Unknown): keep the crops of the others.
+    excluded = {problem.track_id for problem in problems}
+    index = {track_id: i for i, track_id in enumerate(track_ids)}
+    table_tracks = aligned.table["track_id"].to_list()
+    keep = np.array([track_id not in excluded for track_id in table_tracks], dtype=bool)
+    chips = aligned.chips[keep]
+    table = aligned.table.filter(keep)
+    crop_track = np.array([index[track_id] for track_id in table["track_id"]], dtype=np.int64)
+    crops_by_method = dict.fromkeys(METHODS, 0)
+    for method in table["method"]:
+        crops_by_method[method] += 1
+
+    # Embed the chips, and score their SER-FIQ quality in the same trunk pass when asked and possible.
+    started = time.perf_counter()
+    qualities = None
+    if quality and supports_quality(backbone):
+
+        def embed_with_quality(part: np.ndarray) -> np.ndarray:
+            embeddings, scores = embed_and_score(backbone, part)
+            return np.concatenate([embeddings, scores[:, None]], axis=1)
+
+        both = _in_chunks(embed_with_quality, chips, "embed", progress, np.zeros((0, backbone.dim + 1), np.float32))
+        outputs, qualities = np.ascontiguousarray(both[:, :-1]), both[:, -1].copy()
+    else:
+        if quality:
+            logger.warning("backbone %s cannot score crop quality; no track is left out for quality", backbone.name)
+        outputs = _in_chunks(backbone.embed, chips, "embed", progress, np.zeros((0, backbone.dim), np.float32))
+    timings["embed"] = time.perf_counter() - started
+    logger.info("embedded %d crops with %s in %.1f s%s", len(chips), backbone.version, timings["embed"],
+                "" if qualities is None else " (with quality)")
+
+    # Cluster the tracks.
+    started = time.perf_counter()
+    pairs = on_screen_together(trackset.tracks) if cannot_link else None
+    result = cluster_movie(outputs, crop_track, n_tracks, cannot_link=pairs, crop_quality=qualities)
+    timings["cluster"] = time.perf_counter() - started
+    clusters = [None if label == UNKNOWN else str(int(label)) for label in result.labels]
+    n_low_quality = int(np.asarray(result.low_quality).sum())
+    logger.info(
+        "clustered %d tracks into %d clusters in %.2f s (%d rounds, %s); %d Unknown (%d low quality, %d with problems)",
+        n_tracks,
+        result.n_clusters,
+        timings["cluster"],
+        result.clustering.rounds,
+        "cannot-link on" if cannot_link else "cannot-link off",
+        result.n_unknown,
+        n_low_quality,
+        len(excluded),
+    )
+
+    return TracksetClustering(
+        track_ids=track_ids,
+        clusters=clusters,
+        problems=problems,
+        crops_by_method=crops_by_method,
+        n_crops=len(chips),
+        track_quality=np.asarray(result.track_quality, dtype=np.float64),
+        embeddings=_track_means(outputs, crop_track, n_tracks),
+        thumbnails=_middle_chips(chips, crop_track, table["frame"].to_numpy(), track_ids),
+        n_clusters=int(result.n_clusters),
+        n_unknown=int(result.n_unknown),
+        n_low_quality=n_low_quality,
+        quality_cut=float(result.quality_cut),
+        model_version=backbone.version,
+        dissimilarity=result.dissimilarity,
+        timings=timings,
+    )
+
+
+def _in_chunks(
+    run: Callable[[np.ndarray], np.ndarray],
+    chips: np.ndarray,
+    step: str,
+    progress: ProgressCallback | None,
+    empty: np.ndarray,
+) -> np.ndarray:
+    """``run`` over ``chips`` in chunks of :data:`_CHUNK`, ticking ``progress`` after each; ``empty`` for no chips."""
+    parts = []
+    for start in range(0, len(chips), _CHUNK):
+        parts.append(run(chips[start : start + _CHUNK]))
+        if progress is not None:
+            progress(step, min(start + _CHUNK, len(chips)), len(chips))
+    return np.concatenate(parts) if parts else empty
+
+
+def _track_means(outputs: np.ndarray, crop_track: np.ndarray, n_tracks: int) -> np.ndarray:
+    """(T, D) unit-length mean embedding per track; NaN rows for tracks without crops."""
+    dim = outputs.shape[1]
+    sums = np.zeros((n_tracks, dim), dtype=np.float64)
+    np.add.at(sums, crop_track, outputs.astype(np.float64))
+    counts = np.bincount(crop_track, minlength=n_tracks)
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    means = np.full((n_tracks, dim), np.nan, dtype=np.float64)
+    filled = counts > 0
+    # Crop embeddings are unit length, so a track's sum is zero only if they cancel exactly.
+    means[filled] = sums[filled] / np.maximum(norms[filled], 1e-12)
+    return means.astype(np.float32)
+
+
+def _middle_chips(
+    chips: np.ndarray, crop_track: np.ndarray, frames: np.ndarray, track_ids: list[str]
+) -> dict[str, np.ndarray]:
+    """Each track's middle chip by frame, keyed by track id; tracks without chips absent."""
+    order = np.lexsort((frames, crop_track))  # by track, then frame
+    thumbnails: dict[str, np.ndarray] = {}
+    tracks_sorted = crop_track[order]
+    starts = np.flatnonzero(np.r_[True, tracks_sorted[1:] != tracks_sorted[:-1]]) if len(order) else []
+    ends = np.r_[starts[1:], len(order)] if len(order) else []
+    for start, end in zip(starts, ends):
+        row = order[(start + end - 1) // 2]
+        thumbnails[track_ids[int(crop_track[row])]] = chips[row]
+    return thumbnails

@@ -1,0 +1,206 @@
+"""Tracks grouped by identity: the parameter-free clustering and its report."""
+
+import base64
+import time
+
+import dagster as dg
+import numpy as np
+import polars as pl
+from pydantic import Field
+
+from resources import ArtifactStore, WarehouseResource
+from vcn.clustering import UNKNOWN, cluster_movie
+from vcn.crops import read_crop_images
+from vcn.report import ClusterReport, write_cluster_report
+from vcn.trackset import on_screen_together
+from vcn.warehouse import utcnow
+from vcn_assets.assets.models import BASE_MODEL_FILE, track_embeddings
+from vcn_assets.assets.preprocess import face_tracks
+from vcn_assets.assets.recording import CODE_VERSION, preview, stage
+from vcn_assets.partitions import movies
+
+FACE_CLUSTERS_FILE = "face_clusters.parquet"
+REPORT_DIR = "clusters_report"
+
+#: Columns of ``face_clusters`` (Parquet and warehouse); ``cluster`` null = Unknown.
+FACE_CLUSTERS_SCHEMA = {
+    "movie_id": pl.String,
+    "track_id": pl.Int64,
+    "cluster": pl.Int64,
+    "quality": pl.Float32,
+    "low_quality": pl.Boolean,
+    "model_version": pl.String,
+    "run_id": pl.String,
+    "clustered_at": pl.Datetime("us", "UTC"),
+}
+
+#: Contact sheets up to this size are shown inline in the asset's metadata.
+_INLINE_PREVIEW_BYTES = 300_000
+
+
+class ClustersConfig(dg.Config):
+    cannot_link: bool = Field(
+        default=True,
+        description=(
+            "Never put two tracks that are on screen together (same shot, overlapping frames) in one cluster: "
+            "two faces in one frame are two people. Off reproduces the paper's clustering exactly."
+        ),
+    )
+
+
+@dg.asset(
+    partitions_def=movies,
+    group_name="clusters",
+    code_version=CODE_VERSION,
+    deps=[track_embeddings, face_tracks],
+    kinds={"numpy", "parquet", "duckdb"},
+)
+def face_clusters(
+    context: dg.AssetExecutionContext, config: ClustersConfig, store: ArtifactStore, warehouse: WarehouseResource
+) -> dg.MaterializeResult:
+    """One cluster (identity) per track, or Unknown for low-quality tracks and tracks without kept crops.
+
+    The warehouse keeps the assignments of every model version: a run replaces
+    only the rows of its own (movie, model version).
+    """
+    wh = warehouse.get()
+    with stage(context, wh, "face_clusters") as run:
+        movie_id = run.movie_id
+        tracks = store.read_parquet(movie_id, "tracks.parquet", columns=["track_id", "shot_id", "start_frame", "end_frame"]).sort("track_id")
+        crops = store.read_parquet(movie_id, "crop_embeddings.parquet")
+        matrix = np.load(store.path(movie_id, "crop_embeddings.npy"))
+        model_version = _model_version(store, crops)
+
+        track_ids = tracks["track_id"].to_numpy()
+        crop_track = _track_rows(track_ids, crops["track_id"].to_numpy(), movie_id)
+        pairs = on_screen_together(tracks.with_columns(pl.col("shot_id").cast(pl.String)))
+        quality = crops["quality"].to_numpy() if crops.height and crops["quality"].null_count() == 0 else None
+        if quality is None and crops.height:
+            context.log.warning("crop embeddings carry no quality; no track is left out as low-quality")
+
+        started = time.perf_counter()
+        result = cluster_movie(
+            matrix, crop_track, len(track_ids), cannot_link=pairs if config.cannot_link else None, crop_quality=quality
+        )
+        cluster_seconds = time.perf_counter() - started
+
+        n = len(track_ids)
+        table = pl.DataFrame(
+            {
+                "movie_id": [movie_id] * n,
+                "track_id": track_ids,
+                "cluster": result.labels,
+                "quality": result.track_quality.astype(np.float32),
+                "low_quality": result.low_quality,
+                "model_version": [model_version] * n,
+                "run_id": [context.run.run_id] * n,
+                "clustered_at": [utcnow()] * n,
+            },
+            schema=FACE_CLUSTERS_SCHEMA,
+        ).with_columns(
+            pl.when(pl.col("cluster") != UNKNOWN).then(pl.col("cluster")).alias("cluster"),
+            pl.col("quality").fill_nan(None),
+        )
+        report = _write_report(store, movie_id, table)
+        path = store.write_parquet(movie_id, FACE_CLUSTERS_FILE, table)
+        wh.replace_movie_rows("face_clusters", movie_id, table, model_version=model_version)
+
+        sizes = table["cluster"].drop_nulls().value_counts(sort=True)["count"].to_list()
+        run.items, run.row_count, run.artifact = table.height, table.height, str(path)
+        run.details = {
+            "model_version": model_version,
+            "cannot_link": config.cannot_link,
+            "n_clusters": result.n_clusters,
+            "n_unknown": result.n_unknown,
+            "rounds": result.clustering.rounds,
+        }
+    cut = result.quality_cut if np.isfinite(result.quality_cut) else None
+    return dg.MaterializeResult(
+        metadata={
+            "n_tracks": table.height,
+            "n_clusters": result.n_clusters,
+            "n_unknown": result.n_unknown,
+            "n_low_quality": int(result.low_quality.sum()),
+            "quality_cut": cut,
+            "rounds": result.clustering.rounds,
+            "blocked_merges": result.clustering.blocked_merges,
+            "cannot_link": config.cannot_link,
+            "on_screen_together_pairs": len(pairs),
+            "cluster_sizes": dg.MetadataValue.json(sizes[:20]),
+            "dissimilarity": result.dissimilarity,
+            "model_version": model_version,
+            "cluster_seconds": round(cluster_seconds, 3),
+            "seconds": run.details["seconds"],
+            "path": dg.MetadataValue.path(str(path)),
+            "report": dg.MetadataValue.path(str(report.html)),
+            "contact_sheet": dg.MetadataValue.path(str(report.contact_sheet)),
+            "embedding_plot": dg.MetadataValue.path(str(report.embedding_plot)),
+            "report_preview": _report_preview(report),
+            "preview": preview(table.select("track_id", "cluster", "quality", "low_quality")),
+        }
+    )
+
+
+def _track_rows(track_ids: np.ndarray, crop_tracks: np.ndarray, movie_id: str) -> np.ndarray:
+    """Row of each crop's track in the sorted ``track_ids``."""
+    rows = np.searchsorted(track_ids, crop_tracks)
+    found = rows < len(track_ids)
+    found[found] = track_ids[rows[found]] == crop_tracks[found]
+    if not found.all():
+        raise ValueError(f"{movie_id}: crop embeddings name tracks that tracks.parquet lacks; re-materialise track_embeddings")
+    return rows
+
+
+def _model_version(store: ArtifactStore, crops: pl.DataFrame) -> str:
+    """The model version of the crop embeddings; the registered base model's when no crop was kept."""
+    versions = crops["model_version"].unique().to_list()
+    if len(versions) > 1:
+        raise ValueError(f"crop embeddings mix model versions {sorted(versions)}; re-materialise track_embeddings")
+    if versions:
+        return versions[0]
+    registered = store.read_model_json(BASE_MODEL_FILE)
+    if registered is None:
+        raise FileNotFoundError("no base model is registered; materialise base_model first")
+    return registered["version"]
+
+
+def _write_report(store: ArtifactStore, movie_id: str, table: pl.DataFrame) -> ClusterReport:
+    """The cluster report of the tracks that have kept crops (the others have no face to show).
+
+    Each track is shown by its middle kept crop and placed by its mean embedding.
+    """
+    means = store.read_parquet(movie_id, "track_embeddings.parquet", columns=["track_id", "embedding"])
+    shown = means.join(table.select("track_id", "cluster"), on="track_id", how="inner").sort("track_id")
+    crops_path = store.path(movie_id, "track_crops.parquet")
+    middle = (
+        pl.read_parquet(crops_path, columns=["crop_id", "track_id", "frame", "rejected"])
+        .filter(~pl.col("rejected"))
+        .sort("track_id", "frame", "crop_id")
+        .group_by("track_id", maintain_order=True)
+        .agg(pl.col("crop_id").get(pl.len() // 2))
+    )
+    crop_ids, images = read_crop_images(crops_path, middle["crop_id"].to_list())
+    image_of = dict(zip(crop_ids.tolist(), images))
+    thumbnails = {t: image_of[c] for t, c in middle.iter_rows() if c in image_of}
+    dim = means["embedding"].dtype.shape[0] if means.height else 1
+    embeddings = shown["embedding"].to_numpy().reshape(-1, dim) if shown.height else np.zeros((0, dim), np.float32)
+    return write_cluster_report(
+        store.path(movie_id, REPORT_DIR),
+        title=movie_id,
+        track_ids=shown["track_id"].to_list(),
+        clusters=[None if c is None else str(c) for c in shown["cluster"].to_list()],
+        thumbnails=thumbnails,
+        embeddings=embeddings,
+    )
+
+
+def _report_preview(report: ClusterReport) -> dg.MetadataValue:
+    """The contact sheet inline when small enough to embed, else where it is."""
+    data = report.contact_sheet.read_bytes()
+    if len(data) > _INLINE_PREVIEW_BYTES:
+        return dg.MetadataValue.md(f"Contact sheet: `{report.contact_sheet}` ({len(data) // 1000} KB); report: `{report.html}`")
+    encoded = base64.b64encode(data).decode("ascii")
+    return dg.MetadataValue.md(f"![contact sheet](data:image/png;base64,{encoded})\n\nReport: `{report.html}`")
+
+
+cluster_assets = [face_clusters]
