@@ -13,9 +13,8 @@ Tracks whose quality is a low-side outlier of the movie, below
 not rescaled to a normal standard deviation, which would cut 1.48x further out),
 are left Unknown. The cut adapts to each movie: nothing to tune. On the labelled
 development episode it leaves 20 of 600 tracks Unknown (3.3 %), the most degraded
-ones; the rescaled cut would leave 5, and the clustering then merges more than it
-should through those blurred "glue" tracks (PCR 0.67 against 1.33;
-``benchmarks/results/cluster_quality.md``).
+ones (the rescaled cut would leave 3); ``benchmarks/results/cluster_quality.md``
+has the clustering with and without the screen.
 """
 
 from __future__ import annotations
