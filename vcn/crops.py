@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vcn.align import align_face, get_template
@@ -195,14 +196,25 @@ def decode_jpeg(data: bytes) -> np.ndarray:
 
 
 def read_crop_images(path: str | os.PathLike, crop_ids: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Crop ids and (N, S, S, 3) uint8 RGB images from a ``track_crops`` file."""
-    table = pl.read_parquet(path, columns=["crop_id", "image"])
-    if crop_ids is not None:
-        table = table.filter(pl.col("crop_id").is_in(crop_ids))
-    images = [decode_jpeg(b) for b in table["image"].to_list()]
+    """Crop ids and (N, S, S, 3) uint8 RGB images from a ``track_crops`` file, in file order.
+
+    The file is streamed in batches and only the wanted crops are kept, so picking
+    a few thumbnails from a feature film's crops does not load all its images.
+    """
+    wanted = None if crop_ids is None else pa.array(crop_ids, type=pa.int64())
+    ids: list[np.ndarray] = []
+    images: list[np.ndarray] = []
+    for batch in pq.ParquetFile(str(path)).iter_batches(batch_size=1024, columns=["crop_id", "image"]):
+        if wanted is not None:
+            batch = batch.filter(pc.is_in(batch.column("crop_id"), value_set=wanted))
+        if batch.num_rows == 0:
+            continue
+        ids.append(batch.column("crop_id").to_numpy())
+        images.extend(decode_jpeg(b) for b in batch.column("image").to_pylist())
+    crop_id_array = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     if not images:
-        return table["crop_id"].to_numpy(), np.zeros((0, 0, 0, 3), np.uint8)
-    return table["crop_id"].to_numpy(), np.stack(images)
+        return crop_id_array, np.zeros((0, 0, 0, 3), np.uint8)
+    return crop_id_array, np.stack(images)
 
 
 def _flush(writer: pq.ParquetWriter, buffer: dict[str, list]) -> None:
