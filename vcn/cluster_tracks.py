@@ -43,7 +43,7 @@ STEPS = ("read", "align", "embed", "cluster")
 ProgressCallback = Callable[[str, int, int], None]
 
 #: Chips per embedding / quality call: a progress tick every this many crops.
-_CHUNK = 512
+CHUNK_SIZE = 512
 
 
 @dataclass(frozen=True, eq=False)
@@ -258,12 +258,12 @@ def _in_chunks(
     progress: ProgressCallback | None,
     empty: np.ndarray,
 ) -> np.ndarray:
-    """``run`` over ``chips`` in chunks of :data:`_CHUNK`, ticking ``progress`` after each; ``empty`` for no chips."""
+    """``run`` over ``chips`` in chunks of :data:`CHUNK_SIZE`, ticking ``progress`` after each; ``empty`` for no chips."""
     parts = []
-    for start in range(0, len(chips), _CHUNK):
-        parts.append(run(chips[start : start + _CHUNK]))
+    for start in range(0, len(chips), CHUNK_SIZE):
+        parts.append(run(chips[start : start + CHUNK_SIZE]))
         if progress is not None:
-            progress(step, min(start + _CHUNK, len(chips)), len(chips))
+            progress(step, min(start + CHUNK_SIZE, len(chips)), len(chips))
     return np.concatenate(parts) if parts else empty
 
 
