@@ -1,0 +1,246 @@
+"""Progressive self-supervised adaptation of a backbone to one movie (DESIGN.md section 2).
+
+Rounds of :func:`~vcn.selfsup.trainer.train_round`: round 1 trains on pairs of
+crops of one track; after each round the crops are embedded with the finetuned
+backbone, coarse Gaussian track matching (:func:`~vcn.selfsup.matching.match_tracks`)
+finds tracks that look like one person, and the next round also trains on pairs
+across matched tracks, starting from the previous round's backbone. Matches only
+make training pairs; nothing is merged here.
+
+The rounds stop when the matches stop changing (another round would train on the
+same pairs) or after ``max_rounds``. Labels, where they exist, only measure the
+matches' precision for the logs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from vcn.selfsup.matching import TrackMatches, match_precision, match_tracks
+from vcn.selfsup.trainer import TrainConfig, TrainResult, train_round
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from vcn.backbone import Backbone
+    from vcn.selfsup.head import ProjectionHead
+
+log = logging.getLogger(__name__)
+
+
+class AdaptConfig(BaseModel):
+    """Settings of the progressive rounds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_rounds: int = Field(
+        3, ge=1, description="Most training rounds (the paper runs 3-4); fewer when the matches settle earlier."
+    )
+    train: TrainConfig = Field(
+        default_factory=TrainConfig, description="Settings of every round; round r (1-based) uses seed + r - 1."
+    )
+    pca_dim: int | None = Field(
+        32, ge=1, description="Dimension of the PCA basis of the Gaussian track matching (None: full embedding)."
+    )
+    stable_jaccard: float = Field(
+        0.99, gt=0, le=1, description="The matches count as unchanged when the Jaccard index of the new and the "
+        "previous set of matched track pairs reaches this: at 0.99 at most 1 pair in 100 differs, and another "
+        "round would train on practically the same pairs."
+    )
+
+
+@dataclass(frozen=True)
+class AdaptRound:
+    """What one round did.
+
+    Attributes:
+        loss_curve: Mean loss of each epoch of the round.
+        n_matches: Matched track pairs the round trained with (0 in round 1).
+        match_precision: Share of those pairs with one label on both tracks; None
+            without labels or matches.
+        seconds: Wall time of the round's training.
+        pairs_per_second: Training throughput of the round.
+    """
+
+    loss_curve: list[float]
+    n_matches: int
+    match_precision: float | None
+    seconds: float
+    pairs_per_second: float
+
+
+@dataclass
+class AdaptResult:
+    """The adapted model and the history of the rounds.
+
+    Attributes:
+        final: The last round's :class:`~vcn.selfsup.trainer.TrainResult`
+            (student backbone and head, EMA teacher, centre, settings).
+        rounds: One entry per round run.
+        matches: The last matches found: those the last round trained with, or,
+            when the rounds stopped as stable, the practically unchanged set found
+            after it; None when only round 1 ran.
+        stopped: Why the rounds ended: ``"stable"`` (matches unchanged) or ``"max_rounds"``.
+    """
+
+    final: TrainResult
+    rounds: list[AdaptRound] = field(default_factory=list)
+    matches: TrackMatches | None = None
+    stopped: str = "max_rounds"
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The finetuned student backbone (eval mode)."""
+        return self.final.backbone
+
+    @property
+    def head(self) -> ProjectionHead:
+        """The last round's student projection head (eval mode)."""
+        return self.final.head
+
+    @property
+    def center(self) -> torch.Tensor:
+        """(K,) centre of the teacher logits after the last round."""
+        return self.final.center
+
+    @property
+    def pairs_per_second(self) -> float:
+        """Training throughput over all rounds."""
+        seconds = sum(r.seconds for r in self.rounds)
+        pairs = sum(r.pairs_per_second * r.seconds for r in self.rounds)
+        return pairs / seconds if seconds > 0 else float("inf")
+
+
+def adapt(
+    backbone: Backbone,
+    chips: np.ndarray,
+    crop_track: np.ndarray,
+    n_tracks: int,
+    *,
+    cannot_link: np.ndarray | Sequence[tuple[int, int]] | None = None,
+    config: AdaptConfig | None = None,
+    labels: Sequence | np.ndarray | None = None,
+    progress: Callable[[int, int, int, float], None] | None = None,
+) -> AdaptResult:
+    """Adapt a copy of ``backbone`` to one movie's crops in progressive rounds.
+
+    Each round after the first starts from the previous round's finetuned
+    backbone but with a fresh projection head, teacher and centre:
+    :func:`~vcn.selfsup.trainer.train_round` builds those itself and takes no
+    initial head. Its head-only epochs re-fit the new head before the backbone moves.
+
+    Args:
+        backbone: A :class:`vcn.backbone.Backbone` with a torch module; never modified.
+        chips: (N, S, S, 3) uint8 RGB chips aligned for the backbone.
+        crop_track: (N,) track index of each chip, in ``0..n_tracks-1``.
+        n_tracks: Number of tracks T.
+        cannot_link: (P, 2) track pairs that must never match (on screen together).
+        config: Settings; :class:`AdaptConfig` defaults if None.
+        labels: (T,) identity of each track, a diagnostic only: it sets
+            :attr:`AdaptRound.match_precision` and the logs, nothing else.
+        progress: Called after each epoch with (round, epoch, epochs of the round,
+            mean loss); rounds are 1-based, epochs 0-based.
+
+    Returns:
+        The adapted model and the rounds' history.
+
+    Raises:
+        ValueError: On bad inputs (see :func:`~vcn.selfsup.trainer.train_round`,
+            :func:`~vcn.selfsup.matching.match_tracks`) or labels of the wrong length.
+        FloatingPointError: If training diverges.
+    """
+    config = config or AdaptConfig()
+    crop_track = np.asarray(crop_track)
+    if labels is not None and len(labels) != n_tracks:
+        raise ValueError(f"labels must give one identity per track ({n_tracks}), got {len(labels)}")
+    # The parameters the caller's model leaves trainable; train_round returns its
+    # student frozen, so each round's starting copy gets these flags back.
+    trainable = {name for name, p in backbone.module.named_parameters() if p.requires_grad}
+
+    current = backbone
+    matches: TrackMatches | None = None
+    rounds: list[AdaptRound] = []
+    stopped = "max_rounds"
+    result: TrainResult | None = None
+    for number in range(1, config.max_rounds + 1):
+        # Train on same-track pairs, plus matched-track pairs after round 1.
+        train_config = config.train.model_copy(update={"seed": config.train.seed + number - 1})
+        precision = _precision(matches, labels)
+
+        def report(epoch: int, epochs: int, loss: float, number: int = number) -> None:
+            if progress is not None:
+                progress(number, epoch, epochs, loss)
+
+        result = train_round(
+            current, chips, crop_track, matches.as_dict() if matches is not None else None, train_config, report
+        )
+        rounds.append(
+            AdaptRound(
+                loss_curve=list(result.loss_curve),
+                n_matches=len(matches) if matches is not None else 0,
+                match_precision=precision,
+                seconds=result.seconds,
+                pairs_per_second=result.pairs_per_second,
+            )
+        )
+        log.info(
+            "round %d/%d: %d matched pairs (precision %s), final loss %.4f, %.1f s",
+            number, config.max_rounds, rounds[-1].n_matches, _format(precision),
+            result.loss_curve[-1] if result.loss_curve else float("nan"), result.seconds,
+        )
+        if number == config.max_rounds:
+            break
+
+        # Match tracks in the finetuned embedding space, for the next round's pairs.
+        current = _with_module(backbone, result.backbone, trainable)
+        found = match_tracks(
+            current.embed(chips), crop_track, n_tracks, cannot_link=cannot_link, pca_dim=config.pca_dim
+        )
+        similarity = _jaccard(matches, found)
+        log.info(
+            "after round %d: %d matched pairs (precision %s), Jaccard %.3f with the previous matches",
+            number, len(found), _format(_precision(found, labels)), similarity,
+        )
+        matches = found
+        if similarity >= config.stable_jaccard:
+            stopped = "stable"
+            break
+    assert result is not None  # max_rounds >= 1
+    return AdaptResult(final=result, rounds=rounds, matches=matches, stopped=stopped)
+
+
+def _with_module(backbone: Backbone, module: nn.Module, trainable: set[str]) -> Backbone:
+    """A shallow copy of ``backbone`` running a copy of ``module``, with the original trainable flags."""
+    module = copy.deepcopy(module)
+    for name, p in module.named_parameters():
+        p.requires_grad_(name in trainable)
+    out = copy.copy(backbone)
+    out.module = module
+    out.device = str(next(module.parameters()).device)
+    return out
+
+
+def _jaccard(previous: TrackMatches | None, found: TrackMatches) -> float:
+    """Jaccard index of two sets of track pairs; 1 for two empty sets (nothing changed)."""
+    a = set(map(tuple, previous.pairs.tolist())) if previous is not None else set()
+    b = set(map(tuple, found.pairs.tolist()))
+    union = a | b
+    return len(a & b) / len(union) if union else 1.0
+
+
+def _precision(matches: TrackMatches | None, labels: Sequence | np.ndarray | None) -> float | None:
+    if labels is None or matches is None or len(matches) == 0:
+        return None
+    return match_precision(matches.pairs, labels)
+
+
+def _format(precision: float | None) -> str:
+    return "n/a" if precision is None else f"{precision:.3f}"
