@@ -23,3 +23,14 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"needs {path} (the project's shared/ folder beside the repository), which is absent here")
     return path
+
+
+@pytest.fixture(scope="session")
+def backbone():
+    """The default face-ID backbone (dlib ResNet ported to torch) on the CPU, loaded once per session.
+
+    Tests must not change its weights in place (the trainer deep-copies it).
+    """
+    import vcn
+
+    return vcn.load_backbone("dlib-resnet", device="cpu")

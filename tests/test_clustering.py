@@ -138,13 +138,6 @@ def test_cluster_movie_uses_crop_quality() -> None:
     assert result.n_unknown == 1 and result.n_clusters == 2
 
 
-@pytest.fixture(scope="module")
-def backbone():
-    import vcn
-
-    return vcn.load_backbone("dlib-resnet", device="cpu")
-
-
 def test_serfiq_quality_prefers_a_face_to_noise(backbone) -> None:
     from pathlib import Path
 

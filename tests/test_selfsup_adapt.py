@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-import vcn
 from vcn.clustering import cluster_movie
 from vcn.selfsup.adapt import AdaptConfig, AdaptResult, _jaccard, adapt
 from vcn.selfsup.head import ProjectionHead
@@ -119,11 +118,6 @@ CONFIG = AdaptConfig(
     ),
 )
 LABELS = np.array([0, 0, 1, 1])
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return vcn.load_backbone("dlib-resnet", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-import vcn
 from vcn.selfsup import trainer as trainer_module
 from vcn.selfsup.trainer import LAST_STAGE_PREFIXES, TrainConfig, backbone_part, train_round
 
@@ -25,11 +24,6 @@ CONFIG = TrainConfig(
 
 def _in_last_stage(name: str) -> bool:
     return any(name == p or name.startswith(p + ".") for p in LAST_STAGE_PREFIXES["DlibResNet"])
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return vcn.load_backbone("dlib-resnet", device="cpu")
 
 
 @pytest.fixture(scope="module")
