@@ -39,60 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.baselines import BASELINES  # noqa: E402
+from vcn.cluster_tracks import embed_trackset  # noqa: E402
 from vcn.clustering import UNKNOWN, cluster_movie  # noqa: E402
+from vcn.embeddings import unit_track_means  # noqa: E402
 from vcn.metrics import evaluate  # noqa: E402
+from vcn.trackset import on_screen_together, read_trackset_labels  # noqa: E402
 
 DEFAULT_TRACKSET = ROOT.parent / "shared" / "data" / "tracksets" / "dev-ep"
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def embed_trackset(directory: Path) -> dict:
-    """Aligned, embedded and quality-scored crops of a track dataset, with timings."""
-    import vcn
-    from vcn.loose_crops import align_loose_crops
-    from vcn.cluster_tracks import CHUNK_SIZE
-    from vcn.quality import embed_and_score
-    from vcn.trackset import on_screen_together, read_trackset
-
-    timings = {}
-    started = time.perf_counter()
-    trackset = read_trackset(directory)
-    backbone = vcn.load_backbone("dlib-resnet", device="cpu")
-    timings["read_and_load"] = time.perf_counter() - started
-
-    started = time.perf_counter()
-    aligned = align_loose_crops(trackset, backbone.template)
-    timings["align"] = time.perf_counter() - started
-    bad = {p.track_id for p in [*trackset.problems, *aligned.problems]}
-    track_ids = trackset.tracks["track_id"].to_list()
-    index = {t: i for i, t in enumerate(track_ids)}
-    keep = np.array([t not in bad for t in aligned.table["track_id"].to_list()], dtype=bool)
-    chips = aligned.chips[keep]
-    crop_track = np.array([index[t] for t in aligned.table.filter(keep)["track_id"]], dtype=np.int64)
-
-    # Embeddings and quality from one trunk pass, in the chunks `vcn cluster-tracks` uses, so the
-    # quality screen (seeded per chunk) and hence the "Ours" row are exactly the command's.
-    started = time.perf_counter()
-    parts = [embed_and_score(backbone, chips[i : i + CHUNK_SIZE]) for i in range(0, len(chips), CHUNK_SIZE)]
-    embeddings = np.concatenate([p[0] for p in parts])
-    quality = np.concatenate([p[1] for p in parts])
-    timings["embed_and_quality"] = time.perf_counter() - started
-    return {
-        "track_ids": track_ids,
-        "crop_track": crop_track,
-        "embeddings": embeddings,
-        "quality": quality,
-        "cannot_link": on_screen_together(trackset.tracks),
-        "methods": aligned.method_counts(),
-        "model_version": backbone.version,
-        "timings": timings,
-    }
-
-
-def track_means(embeddings: np.ndarray, crop_track: np.ndarray, n_tracks: int) -> np.ndarray:
-    sums = np.zeros((n_tracks, embeddings.shape[1]))
-    np.add.at(sums, crop_track, embeddings)
-    return (sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def scale_check(n_tracks: int = 5000, people: int = 60, seed: int = 0) -> dict:
@@ -126,13 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.trackset / "labels.csv").is_file():
         parser.error(f"{args.trackset} has no labels.csv to score against")
 
-    from vcn.trackset import read_trackset_labels
-
-    data = embed_trackset(args.trackset)
-    track_ids = data["track_ids"]
+    # The same reading, alignment, embedding and quality as `vcn cluster-tracks`, once.
+    data = embed_trackset(args.trackset, device="cpu")
+    track_ids = data.track_ids
     labels = read_trackset_labels(args.trackset)
     n_ids = len(set(labels.values()))
     n_tracks = len(track_ids)
+    cannot_link = on_screen_together(data.tracks)
 
     rows = []
 
@@ -152,15 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, description, use_cannot_link, use_quality in variants:
         started = time.perf_counter()
         result = cluster_movie(
-            data["embeddings"],
-            data["crop_track"],
+            data.embeddings,
+            data.crop_track,
             n_tracks,
-            cannot_link=data["cannot_link"] if use_cannot_link else None,
-            crop_quality=data["quality"] if use_quality else None,
+            cannot_link=cannot_link if use_cannot_link else None,
+            crop_quality=data.quality if use_quality else None,
         )
         score(name, description, False, result.labels, time.perf_counter() - started)
 
-    means = track_means(data["embeddings"], data["crop_track"], n_tracks)
+    # Tracks without crops (problem tracks) sit at the origin for the baselines.
+    means = np.nan_to_num(unit_track_means(data.embeddings, data.crop_track, n_tracks))
     for baseline in BASELINES:
         started = time.perf_counter()
         assignment = baseline.run(means, n_ids)
@@ -174,11 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         "scale": scale,
         "trackset": str(args.trackset.resolve().relative_to(ROOT.parent)) if args.trackset.resolve().is_relative_to(ROOT.parent) else str(args.trackset),
         "n_tracks": n_tracks,
-        "n_crops": int(len(data["crop_track"])),
+        "n_crops": int(len(data.crop_track)),
         "n_identities": n_ids,
-        "crops_by_alignment": data["methods"],
-        "model_version": data["model_version"],
-        "timings_s": {k: round(v, 2) for k, v in data["timings"].items()},
+        "crops_by_alignment": data.crops_by_method,
+        "model_version": data.model_version,
+        "timings_s": {k: round(v, 2) for k, v in data.timings.items()},
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores",
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "rows": rows,

@@ -7,7 +7,7 @@ import pytest
 
 from vcn.clustering import UNKNOWN, cluster_movie, cluster_tracks
 from vcn.dissimilarity import CosineDissimilarity, Factors
-from vcn.quality import crop_quality, low_quality_tracks, track_quality
+from vcn.quality import embed_and_score, low_quality_tracks, track_quality
 
 
 def _movie(rng: np.random.Generator, people: int = 4, tracks_per_person: int = 6, crops: int = 8, dim: int = 32,
@@ -153,18 +153,16 @@ def test_serfiq_quality_prefers_a_face_to_noise(backbone) -> None:
     [faces] = RetinaFaceDetector(threads=2).detect([frame])
     chip = align_face(frame, faces.landmarks[0], get_template(backbone.template))
     noise = np.random.default_rng(0).integers(0, 256, size=chip.shape, dtype=np.uint8)
-    q = crop_quality(backbone, np.stack([chip, noise]), passes=40)
+    q = embed_and_score(backbone, np.stack([chip, noise]), passes=40)[1]
     assert q.shape == (2,) and ((q > 0) & (q <= 1)).all()
     assert q[0] > q[1]
     # Seeded: the same chips give the same qualities.
-    np.testing.assert_array_equal(q, crop_quality(backbone, np.stack([chip, noise]), passes=40))
+    np.testing.assert_array_equal(q, embed_and_score(backbone, np.stack([chip, noise]), passes=40)[1])
     with pytest.raises(ValueError, match="uint8"):
-        crop_quality(backbone, np.zeros((1, 10, 10, 3), np.uint8))
+        embed_and_score(backbone, np.zeros((1, 10, 10, 3), np.uint8))
 
 
 def test_embed_and_score_matches_embed(backbone) -> None:
-    from vcn.quality import embed_and_score
-
     chips = np.random.default_rng(1).integers(0, 256, size=(5, 150, 150, 3), dtype=np.uint8)
     embeddings, quality = embed_and_score(backbone, chips, passes=10, batch_size=2)
     np.testing.assert_allclose(embeddings, backbone.embed(chips), atol=1e-5)

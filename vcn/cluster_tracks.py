@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import polars as pl
 
 from vcn.trackset import TrackProblem
 
@@ -108,6 +109,38 @@ class TracksetClustering:
         return [track_id for track_id in self.track_ids if track_id in named]
 
 
+@dataclass(frozen=True, eq=False)
+class EmbeddedTrackset:
+    """A track dataset read, aligned and embedded: everything the clustering takes.
+
+    Attributes:
+        tracks: The ``tracks.csv`` table (:data:`vcn.trackset.TRACKS_SCHEMA`), file order.
+        problems: Per-track problems found while reading and aligning; these
+            tracks have no crops below and stay Unknown.
+        crop_track: (N,) row in ``tracks`` of each embedded crop.
+        embeddings: (N, D) float32 unit-length crop embeddings.
+        quality: (N,) float32 SER-FIQ crop quality, or None when not scored.
+        crops_by_method: Crops aligned by each method of :data:`vcn.loose_crops.METHODS`.
+        thumbnails: Track id -> the track's middle aligned chip (by frame).
+        model_version: Version of the backbone's weights.
+        timings: Seconds of the read, load_backbone (when loaded here), align and embed steps.
+    """
+
+    tracks: pl.DataFrame
+    problems: list[TrackProblem]
+    crop_track: np.ndarray
+    embeddings: np.ndarray
+    quality: np.ndarray | None
+    crops_by_method: dict[str, int]
+    thumbnails: dict[str, np.ndarray]
+    model_version: str
+    timings: dict[str, float]
+
+    @property
+    def track_ids(self) -> list[str]:
+        return self.tracks["track_id"].to_list()
+
+
 def cluster_trackset(
     directory: str | os.PathLike[str],
     *,
@@ -145,9 +178,70 @@ def cluster_trackset(
         ValueError: An unusable ``device``.
     """
     from vcn.clustering import UNKNOWN, cluster_movie
+    from vcn.embeddings import unit_track_means
+    from vcn.trackset import on_screen_together
+
+    embedded = embed_trackset(directory, backbone=backbone, quality=quality, progress=progress, device=device)
+    track_ids = embedded.track_ids
+    n_tracks = len(track_ids)
+    timings = dict(embedded.timings)
+
+    # Cluster the tracks.
+    started = time.perf_counter()
+    pairs = on_screen_together(embedded.tracks) if cannot_link else None
+    result = cluster_movie(
+        embedded.embeddings, embedded.crop_track, n_tracks, cannot_link=pairs, crop_quality=embedded.quality
+    )
+    timings["cluster"] = time.perf_counter() - started
+    clusters = [None if label == UNKNOWN else str(int(label)) for label in result.labels]
+    n_low_quality = int(np.asarray(result.low_quality).sum())
+    logger.info(
+        "clustered %d tracks into %d clusters in %.2f s (%d rounds, %s); %d Unknown (%d low quality, %d with problems)",
+        n_tracks,
+        result.n_clusters,
+        timings["cluster"],
+        result.clustering.rounds,
+        "cannot-link on" if cannot_link else "cannot-link off",
+        result.n_unknown,
+        n_low_quality,
+        len({problem.track_id for problem in embedded.problems}),
+    )
+
+    return TracksetClustering(
+        track_ids=track_ids,
+        clusters=clusters,
+        problems=embedded.problems,
+        crops_by_method=embedded.crops_by_method,
+        n_crops=len(embedded.crop_track),
+        track_quality=np.asarray(result.track_quality, dtype=np.float64),
+        embeddings=unit_track_means(embedded.embeddings, embedded.crop_track, n_tracks),
+        thumbnails=embedded.thumbnails,
+        n_clusters=int(result.n_clusters),
+        n_unknown=int(result.n_unknown),
+        n_low_quality=n_low_quality,
+        quality_cut=float(result.quality_cut),
+        model_version=embedded.model_version,
+        dissimilarity=result.dissimilarity,
+        timings=timings,
+    )
+
+
+def embed_trackset(
+    directory: str | os.PathLike[str],
+    *,
+    backbone: Backbone | None = None,
+    quality: bool = True,
+    progress: ProgressCallback | None = None,
+    device: str | None = None,
+) -> EmbeddedTrackset:
+    """Steps 1-3 of :func:`cluster_trackset`: read, align, embed (and score quality).
+
+    The clustering benchmark calls it once and clusters the result many ways.
+    Arguments and errors as :func:`cluster_trackset`.
+    """
     from vcn.loose_crops import METHODS, align_loose_crops
     from vcn.quality import embed_and_score, supports_quality
-    from vcn.trackset import on_screen_together, read_trackset
+    from vcn.trackset import read_trackset
 
     timings: dict[str, float] = {}
 
@@ -213,40 +307,15 @@ def cluster_trackset(
     logger.info("embedded %d crops with %s in %.1f s%s", len(chips), backbone.version, timings["embed"],
                 "" if qualities is None else " (with quality)")
 
-    # Cluster the tracks.
-    started = time.perf_counter()
-    pairs = on_screen_together(trackset.tracks) if cannot_link else None
-    result = cluster_movie(outputs, crop_track, n_tracks, cannot_link=pairs, crop_quality=qualities)
-    timings["cluster"] = time.perf_counter() - started
-    clusters = [None if label == UNKNOWN else str(int(label)) for label in result.labels]
-    n_low_quality = int(np.asarray(result.low_quality).sum())
-    logger.info(
-        "clustered %d tracks into %d clusters in %.2f s (%d rounds, %s); %d Unknown (%d low quality, %d with problems)",
-        n_tracks,
-        result.n_clusters,
-        timings["cluster"],
-        result.clustering.rounds,
-        "cannot-link on" if cannot_link else "cannot-link off",
-        result.n_unknown,
-        n_low_quality,
-        len(excluded),
-    )
-
-    return TracksetClustering(
-        track_ids=track_ids,
-        clusters=clusters,
+    return EmbeddedTrackset(
+        tracks=trackset.tracks,
         problems=problems,
+        crop_track=crop_track,
+        embeddings=outputs,
+        quality=qualities,
         crops_by_method=crops_by_method,
-        n_crops=len(chips),
-        track_quality=np.asarray(result.track_quality, dtype=np.float64),
-        embeddings=_track_means(outputs, crop_track, n_tracks),
         thumbnails=_middle_chips(chips, crop_track, table["frame"].to_numpy(), track_ids),
-        n_clusters=int(result.n_clusters),
-        n_unknown=int(result.n_unknown),
-        n_low_quality=n_low_quality,
-        quality_cut=float(result.quality_cut),
         model_version=backbone.version,
-        dissimilarity=result.dissimilarity,
         timings=timings,
     )
 
@@ -265,20 +334,6 @@ def _in_chunks(
         if progress is not None:
             progress(step, min(start + CHUNK_SIZE, len(chips)), len(chips))
     return np.concatenate(parts) if parts else empty
-
-
-def _track_means(outputs: np.ndarray, crop_track: np.ndarray, n_tracks: int) -> np.ndarray:
-    """(T, D) unit-length mean embedding per track; NaN rows for tracks without crops."""
-    dim = outputs.shape[1]
-    sums = np.zeros((n_tracks, dim), dtype=np.float64)
-    np.add.at(sums, crop_track, outputs.astype(np.float64))
-    counts = np.bincount(crop_track, minlength=n_tracks)
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    means = np.full((n_tracks, dim), np.nan, dtype=np.float64)
-    filled = counts > 0
-    # Crop embeddings are unit length, so a track's sum is zero only if they cancel exactly.
-    means[filled] = sums[filled] / np.maximum(norms[filled], 1e-12)
-    return means.astype(np.float32)
 
 
 def _middle_chips(

@@ -291,7 +291,7 @@ def cluster_movie(
         n_tracks: Number of tracks T.
         cannot_link: (P, 2) track index pairs on screen together; None switches
             the constraint off (a faithful reproduction of the paper).
-        crop_quality: (N,) per-crop quality (:func:`vcn.quality.crop_quality`);
+        crop_quality: (N,) per-crop quality (:func:`vcn.quality.embed_and_score`);
             None skips the quality screen.
         dissimilarity: Default :class:`~vcn.dissimilarity.CosineDissimilarity`.
 

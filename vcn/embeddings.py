@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from vcn.backbone import Backbone
 
 #: Rows of the crop-embeddings table; row ``i`` is row ``i`` of the .npy matrix.
-#: ``quality`` is the crop's SER-FIQ quality (:func:`vcn.quality.crop_quality`),
+#: ``quality`` is the crop's SER-FIQ quality (:func:`vcn.quality.embed_and_score`),
 #: null when the backbone cannot score it.
 CROP_EMBEDDINGS_SCHEMA = {"crop_id": pl.Int64, "track_id": pl.Int64, "model_version": pl.String, "quality": pl.Float32}
 
@@ -129,21 +129,44 @@ def track_means(crops: pl.DataFrame, matrix: np.ndarray, model_version: str) -> 
     }
     if crops.is_empty():
         return pl.DataFrame(schema=schema)
+    from vcn.quality import track_quality
+
     track_ids = crops["track_id"].to_numpy()
     unique, inverse, counts = np.unique(track_ids, return_inverse=True, return_counts=True)
-    sums = np.zeros((len(unique), dim), np.float64)
-    np.add.at(sums, inverse, matrix)
-    means = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    means = unit_track_means(matrix, inverse, len(unique))
     quality = None
     if "quality" in crops.columns and crops["quality"].null_count() == 0:
-        quality = np.bincount(inverse, weights=crops["quality"].to_numpy().astype(np.float64)) / counts
+        quality = track_quality(crops["quality"].to_numpy(), inverse, len(unique))
     return pl.DataFrame(
         {
             "track_id": unique,
             "n_crops": counts,
             "model_version": [model_version] * len(unique),
             "quality": quality if quality is not None else [None] * len(unique),
-            "embedding": means.astype(np.float32),
+            "embedding": means,
         },
         schema=schema,
     )
+
+
+def unit_track_means(embeddings: np.ndarray, crop_track: np.ndarray, n_tracks: int) -> np.ndarray:
+    """(T, D) float32 mean of each track's crop embeddings, scaled to unit length.
+
+    Args:
+        embeddings: (N, D) crop embeddings.
+        crop_track: (N,) track index of each crop, in ``0..n_tracks-1``.
+        n_tracks: Number of tracks T.
+
+    Returns:
+        One row per track; a row of NaN for a track without crops, so that it
+        cannot pass for a point of the embedding space.
+    """
+    dim = embeddings.shape[1]
+    sums = np.zeros((n_tracks, dim), dtype=np.float64)
+    np.add.at(sums, crop_track, embeddings.astype(np.float64))
+    counts = np.bincount(crop_track, minlength=n_tracks)
+    means = np.full((n_tracks, dim), np.nan, dtype=np.float64)
+    filled = counts > 0
+    # Crop embeddings are unit length, so a track's sum is zero only if they cancel exactly.
+    means[filled] = sums[filled] / np.maximum(np.linalg.norm(sums[filled], axis=1, keepdims=True), 1e-12)
+    return means.astype(np.float32)

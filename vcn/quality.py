@@ -43,11 +43,6 @@ def supports_quality(backbone: Backbone) -> bool:
 _MAX_PERTURBED_ELEMENTS = 1 << 25
 
 
-def crop_quality(backbone: Backbone, chips: np.ndarray, **kwargs) -> np.ndarray:
-    """SER-FIQ-style quality of aligned chips; see :func:`embed_and_score` for the arguments."""
-    return embed_and_score(backbone, chips, **kwargs)[1]
-
-
 def embed_and_score(
     backbone: Backbone,
     chips: np.ndarray,
