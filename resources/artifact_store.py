@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
 import dagster as dg
 from pydantic import Field
 import polars as pl
+
+from vcn.files import atomic_path
 
 
 class ArtifactStore(dg.ConfigurableResource):
@@ -51,18 +50,8 @@ class ArtifactStore(dg.ConfigurableResource):
         path = self.model_path(name)
         return json.loads(path.read_text()) if path.exists() else None
 
-    @contextlib.contextmanager
-    def _writing(self, final: Path) -> Iterator[Path]:
-        name = final.name
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=final.parent)
-        os.close(fd)
-        try:
-            yield Path(tmp)
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    def _writing(self, final: Path) -> contextlib.AbstractContextManager[Path]:
+        return atomic_path(final, suffix=".partial")
 
     def write_parquet(self, movie_id: str, name: str, frame: pl.DataFrame) -> Path:
         with self.writing(movie_id, name) as tmp:

@@ -25,7 +25,6 @@ import csv
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -34,6 +33,7 @@ import numpy as np
 import polars as pl
 
 from vcn.errors import VcnError
+from vcn.files import atomic_path
 
 TRACKS_FILE = "tracks.csv"
 CROPS_FILE = "crops.csv"
@@ -256,21 +256,11 @@ def write_predictions(
             raise ValueError(f"duplicate track id {track_id!r} in predictions")
         seen.add(track_id)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as file:
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", newline="", encoding="utf-8") as file:
             writer = csv.writer(file, lineterminator="\n")
             writer.writerow(["track_id", "cluster"])
             writer.writerows(zip(track_ids, map(_cluster_text, clusters)))
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; a prediction file is for sharing
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _cluster_text(cluster: object) -> str:

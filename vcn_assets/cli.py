@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vcn.errors import VcnError
+from vcn.files import atomic_path
 
 if TYPE_CHECKING:
     from vcn.cluster_tracks import TracksetClustering
@@ -251,9 +252,8 @@ def _export(args: argparse.Namespace) -> int:
     )
     for name, table, what in (("detections.csv", detections, "detections"), ("clusters.csv", clusters, "tracks")):
         target = out / name
-        tmp = out / f".{name}.partial"
-        table.write_csv(tmp)
-        os.replace(tmp, target)
+        with atomic_path(target, suffix=".partial") as temporary:
+            table.write_csv(temporary)
         print(f"wrote {target} ({table.height} {what})")
     return 0
 
@@ -329,25 +329,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     scores = evaluate_files(args.labels, args.pred)
     text = json.dumps(scores.to_dict(), indent=2) + "\n"
     if args.json:
-        _write_text_atomically(Path(args.json), text)
+        with atomic_path(args.json) as temporary:
+            temporary.write_text(text, encoding="utf-8")
     sys.stdout.write(text if args.format == "json" else format_table(scores) + "\n")
     return 0
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    """Writes ``text`` beside ``path`` under a temporary name, then moves it into place."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; scores are meant to be read
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""Writing a file so that readers see the old version or the complete new one, never a part."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike[str], suffix: str = ".tmp") -> Iterator[Path]:
+    """Yields a temporary path beside ``final`` to write; it replaces ``final`` only on success.
+
+    On leaving the block normally the temporary file is flushed to disk, made
+    readable like an ordinary file (0644: ``mkstemp`` creates it private) and
+    renamed onto ``final`` in one step; on an exception it is removed and
+    ``final`` is left as it was. The parent folder is created if missing.
+
+    Args:
+        final: The file to write.
+        suffix: Ending of the temporary name (``.<name>.<random><suffix>``), so
+            that leftovers of a killed process are recognisable.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, final)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
