@@ -42,7 +42,7 @@ def clusters_respect_cannot_link(context: dg.AssetCheckExecutionContext, store: 
     tracks = store.read_parquet(movie_id, "tracks.parquet", columns=["track_id", "shot_id", "start_frame", "end_frame"])
     clusters = store.read_parquet(movie_id, FACE_CLUSTERS_FILE, columns=["track_id", "cluster"])
     cluster = tracks.join(clusters, on="track_id", how="left")["cluster"].to_numpy()
-    pairs = on_screen_together(tracks.with_columns(pl.col("shot_id").cast(pl.String)))
+    pairs = on_screen_together(tracks)
     # Unknown tracks are NaN here, and NaN equals nothing: they never count.
     together = int((cluster[pairs[:, 0]] == cluster[pairs[:, 1]]).sum())
     enforced = _cannot_link_was_on(context, movie_id)

@@ -73,7 +73,7 @@ def face_clusters(
 
         track_ids = tracks["track_id"].to_numpy()
         crop_track = _track_rows(track_ids, crops["track_id"].to_numpy(), movie_id)
-        pairs = on_screen_together(tracks.with_columns(pl.col("shot_id").cast(pl.String)))
+        pairs = on_screen_together(tracks)
         quality = crops["quality"].to_numpy() if crops.height and crops["quality"].null_count() == 0 else None
         if quality is None and crops.height:
             context.log.warning("crop embeddings carry no quality; no track is left out as low-quality")
