@@ -185,6 +185,27 @@ def test_cluster_tracks_writes_one_row_per_track_and_pure_clusters(dataset: Data
     assert "2 with problems" in run.stdout
     assert "cannot-link on" in run.stdout
     assert "detected" in run.stdout and "seconds:" in run.stdout
+    # Finetuned by default (the CPU budget mode here), clustered by cosine.
+    assert "(cpu-budget)" in run.stdout and "-ft-" in run.stdout and "pairs/s" in run.stdout
+    assert "cosine dissimilarity" in run.stdout and "finetune" in run.stdout.split("seconds:")[1]
+
+
+def test_loss_similarity_and_no_finetune(dataset: Dataset, tmp_path: Path) -> None:
+    loss = run_cli("cluster-tracks", dataset.root, "--out", tmp_path / "loss.csv", "--similarity", "loss")
+    assert loss.code == 0, loss.stderr
+    assert "loss dissimilarity" in loss.stdout and "-ft-" in loss.stdout
+    predicted = read_predictions(tmp_path / "loss.csv")
+    assert list(predicted) == list(dataset.identity)
+    for a, b in (("A0", "B0"), ("C0", "C1")):
+        assert not (predicted[a] and predicted[a] == predicted[b]), (a, b, predicted)
+
+    plain = run_cli("cluster-tracks", dataset.root, "--out", tmp_path / "plain.csv", "--no-finetune")
+    assert plain.code == 0, plain.stderr
+    assert "-ft-" not in plain.stdout and "finetuned" not in plain.stdout and "cosine dissimilarity" in plain.stdout
+
+    refused = run_cli("cluster-tracks", dataset.root, "--out", tmp_path / "x.csv", "--no-finetune", "--similarity", "loss")
+    assert refused.code == 2 and "needs the finetuned model" in refused.stderr
+    assert not (tmp_path / "x.csv").exists()
 
 
 def test_problem_tracks_are_reported_and_left_unknown(clustered) -> None:

@@ -57,7 +57,8 @@ def test_every_asset_wrote_its_parquet_and_table(env):
         assert wh.query(f"SELECT count(*) FROM {table} WHERE movie_id = 'hamilton'").item() > 0, table
     lineage = wh.query("SELECT DISTINCT asset FROM lineage WHERE movie_id = 'hamilton'")["asset"].to_list()
     assert sorted(lineage) == [
-        "face_clusters", "face_detections", "face_tracks", "frames", "shots", "track_crops", "track_embeddings"
+        "face_clusters", "face_detections", "face_tracks", "finetuned_model", "frames", "shots", "track_crops",
+        "track_embeddings",
     ]
     metrics = wh.query("SELECT asset, seconds, realtime_factor FROM stage_metrics WHERE movie_id = 'hamilton'")
     assert (metrics["seconds"] > 0).all()
@@ -267,7 +268,7 @@ def test_ui_serves_this_code_location(env, tmp_path):
                 time.sleep(1)
         assert nodes is not None, "the webserver did not answer within 120 s"
         assert {n["assetKey"]["path"][0] for n in nodes} == {
-            "shots", "frames", "face_detections", "face_tracks", "track_crops", "base_model", "track_embeddings", "face_clusters"
+            "shots", "frames", "face_detections", "face_tracks", "track_crops", "base_model", "finetuned_model", "track_embeddings", "face_clusters"
         }
     finally:
         os.killpg(proc.pid, 15)
@@ -281,9 +282,11 @@ def test_track_embeddings_carry_the_model_version(env):
     assert matrix.shape == (kept, 128) and crops.height == kept and matrix.dtype == np.float32
     assert np.allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-4)
     wh = _warehouse(env)
-    (version,) = wh.query("SELECT version FROM models WHERE name = 'dlib-resnet'")["version"].to_list()
-    assert version.startswith("dlib-resnet-v1-")
-    assert crops["model_version"].unique().to_list() == [version]
+    (base,) = wh.query("SELECT version FROM models WHERE name = 'dlib-resnet'")["version"].to_list()
+    assert base.startswith("dlib-resnet-v1-")
+    # Embedded by the movie's finetuned model, whose version names its base.
+    (version,) = crops["model_version"].unique().to_list()
+    assert version.startswith(base + "-ft-")
     tracks = wh.query("SELECT track_id, model_version, quality, embedding FROM track_embeddings WHERE movie_id = 'hamilton'")
     assert tracks["model_version"].unique().to_list() == [version]
     assert tracks.height == crops["track_id"].n_unique()
@@ -389,6 +392,50 @@ def test_cluster_report_is_written_and_in_the_metadata(env):
     assert metadata["cannot_link"].value is True and metadata["on_screen_together_pairs"].value > 0
     for key in ("n_low_quality", "quality_cut", "rounds", "dissimilarity", "seconds"):
         assert key in metadata, key
+
+
+def test_finetuned_model_is_stored_with_its_settings_and_curve(env):
+    import json
+
+    import dagster as dg
+
+    from vcn.selfsup.finetune import load_finetuned
+
+    record = json.loads(_movie(env, "finetuned_model.json").read_text())
+    assert record["enabled"] and record["version"] == _model_version(env)
+    assert record["mode"] == "cpu-budget" and record["collapse_problems"] == []
+    checkpoint = Path(record["checkpoint"])
+    assert checkpoint.is_file() and checkpoint.parent == env / "artifacts" / "models" / "finetuned" / "hamilton"
+    assert checkpoint.name == f"{record['version']}.safetensors"
+    metadata = _latest_materialization("finetuned_model").asset_materialization.metadata
+    assert metadata["base_model_version"].value == record["base_version"]
+    assert metadata["finetuned_version"].value == record["version"]
+    assert metadata["compute_mode"].value == "cpu-budget"
+    assert metadata["settings"].value["train"]["view_bank"] == 4
+    curve = metadata["loss_curve"].value
+    assert len(curve) >= 3 and all(0 < v < metadata["collapse"].value["ln_k"] for v in curve)
+    assert metadata["pairs_per_second"].value > 0
+    assert isinstance(metadata["checkpoint"], dg.PathMetadataValue)
+    from vcn.backbone import load_backbone
+
+    model = load_finetuned(checkpoint, load_backbone("dlib-resnet", device="cpu"))
+    assert model.version == record["version"]
+
+
+def test_finetune_check_passed(env):
+    import dagster as dg
+
+    record = _latest_materialization("finetuned_model")
+    with dg.DagsterInstance.get() as instance:
+        events = instance.all_logs(record.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
+    verdicts = {
+        e.dagster_event.asset_check_evaluation_data.asset_check_key.name: e.dagster_event.asset_check_evaluation_data
+        for e in events
+        if e.dagster_event.asset_check_evaluation_data.asset_key == dg.AssetKey("finetuned_model")
+    }
+    assert verdicts["finetune_not_collapsed"].passed
+    metadata = verdicts["finetune_not_collapsed"].metadata
+    assert metadata["problems"].value == "none" and metadata["loss_ratio"].value < 0.98
 
 
 def test_cluster_checks_passed_in_the_run_that_clustered(env):

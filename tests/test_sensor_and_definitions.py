@@ -66,7 +66,7 @@ def test_definitions_load_with_every_asset_and_check():
 
     keys = {k.to_user_string() for k in defs.resolve_all_asset_keys()}
     assert keys == {
-        "shots", "frames", "face_detections", "face_tracks", "track_crops", "base_model", "track_embeddings", "face_clusters"
+        "shots", "frames", "face_detections", "face_tracks", "track_crops", "base_model", "finetuned_model", "track_embeddings", "face_clusters"
     }
     job = defs.resolve_job_def("process_movie")
     assert job.partitions_def is not None and job.partitions_def.name == "movies"

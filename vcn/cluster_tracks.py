@@ -34,11 +34,16 @@ from vcn.trackset import TrackProblem
 
 if TYPE_CHECKING:
     from vcn.backbone import Backbone
+    from vcn.selfsup.finetune import FinetunedModel
 
 logger = logging.getLogger(__name__)
 
-#: The steps timed by :func:`cluster_trackset`, in order.
-STEPS = ("read", "align", "embed", "cluster")
+#: The steps timed by :func:`cluster_trackset`, in order ("finetune" only when finetuning).
+STEPS = ("read", "align", "finetune", "embed", "cluster")
+
+#: The dissimilarities :func:`cluster_trackset` offers: the finetuned model's own
+#: loss (the paper's) or cosine between embeddings.
+SIMILARITIES = ("loss", "cosine")
 
 #: Called as ``progress(step, done, total)`` while a step runs; ``step`` is one of :data:`STEPS`.
 ProgressCallback = Callable[[str, int, int], None]
@@ -78,7 +83,9 @@ class TracksetClustering:
         dissimilarity: Name of the dissimilarity the clustering used.
         timings: Seconds per step in the order run: :data:`STEPS` (the embed
             step includes quality scoring), with ``"load_backbone"`` after ``"read"`` when the
-            default backbone was loaded here.
+            default backbone was loaded here, and ``"finetune"`` before ``"embed"`` when finetuned.
+        finetune: What the finetuning did (compute mode, base and finetuned
+            versions, rounds, pairs/s, seconds, collapse problems); None without it.
     """
 
     track_ids: list[str]
@@ -96,6 +103,7 @@ class TracksetClustering:
     model_version: str
     dissimilarity: str
     timings: dict[str, float] = field(default_factory=dict)
+    finetune: dict | None = None
 
     @property
     def has_crops(self) -> np.ndarray:
@@ -122,8 +130,13 @@ class EmbeddedTrackset:
         quality: (N,) float32 SER-FIQ crop quality, or None when not scored.
         crops_by_method: Crops aligned by each method of :data:`vcn.loose_crops.METHODS`.
         thumbnails: Track id -> the track's middle aligned chip (by frame).
-        model_version: Version of the backbone's weights.
-        timings: Seconds of the read, load_backbone (when loaded here), align and embed steps.
+        model_version: Version of the weights that embedded the crops (the
+            finetuned model's when finetuned).
+        timings: Seconds of the read, load_backbone (when loaded here), align,
+            finetune (when finetuned) and embed steps.
+        logits: (N, K) head logits of the finetuned student, for the loss
+            metric; None unless asked for.
+        finetuned: The model adapted to this dataset, or None without finetuning.
     """
 
     tracks: pl.DataFrame
@@ -135,6 +148,8 @@ class EmbeddedTrackset:
     thumbnails: dict[str, np.ndarray]
     model_version: str
     timings: dict[str, float]
+    logits: np.ndarray | None = None
+    finetuned: FinetunedModel | None = None
 
     @property
     def track_ids(self) -> list[str]:
@@ -149,6 +164,9 @@ def cluster_trackset(
     quality: bool = True,
     progress: ProgressCallback | None = None,
     device: str | None = None,
+    finetune: bool = True,
+    similarity: str = "cosine",
+    seed: int = 0,
 ) -> TracksetClustering:
     """Clusters the face tracks of a track dataset by identity.
 
@@ -168,6 +186,14 @@ def cluster_trackset(
             and embed steps.
         device: Where the default backbone runs (``"cpu"``, ``"cuda"``); by
             default CUDA when available. Ignored when ``backbone`` is given.
+        finetune: Adapt the backbone to this dataset's crops first
+            (:func:`vcn.selfsup.finetune.finetune_movie`; its compute mode is
+            chosen from the device and logged). Off clusters with the pretrained model.
+        similarity: ``"cosine"``: cosine between embeddings (the default);
+            ``"loss"``: the finetuned model's symmetrised loss between crops, the
+            paper's metric (needs ``finetune``; it over-splits after our CPU-budget
+            finetuning, see ``benchmarks/results/cluster_quality.md``).
+        seed: Seed of the finetuning; the same seed gives the same result on a CPU.
 
     Returns:
         Clusters per track with what led to them.
@@ -181,7 +207,10 @@ def cluster_trackset(
     from vcn.embeddings import unit_track_means
     from vcn.trackset import on_screen_together
 
-    embedded = embed_trackset(directory, backbone=backbone, quality=quality, progress=progress, device=device)
+    embedded = embed_trackset(
+        directory, backbone=backbone, quality=quality, progress=progress, device=device, finetune=finetune,
+        similarity=similarity, cannot_link=cannot_link, seed=seed,
+    )
     track_ids = embedded.track_ids
     n_tracks = len(track_ids)
     timings = dict(embedded.timings)
@@ -189,8 +218,13 @@ def cluster_trackset(
     # Cluster the tracks.
     started = time.perf_counter()
     pairs = on_screen_together(embedded.tracks) if cannot_link else None
+    if similarity == "loss" and len(embedded.crop_track):
+        outputs, dissimilarity = embedded.logits, embedded.finetuned.loss_dissimilarity()
+    else:
+        outputs, dissimilarity = embedded.embeddings, None
     result = cluster_movie(
-        embedded.embeddings, embedded.crop_track, n_tracks, cannot_link=pairs, crop_quality=embedded.quality
+        outputs, embedded.crop_track, n_tracks, cannot_link=pairs, crop_quality=embedded.quality,
+        dissimilarity=dissimilarity,
     )
     timings["cluster"] = time.perf_counter() - started
     clusters = [None if label == UNKNOWN else str(int(label)) for label in result.labels]
@@ -223,7 +257,25 @@ def cluster_trackset(
         model_version=embedded.model_version,
         dissimilarity=result.dissimilarity,
         timings=timings,
+        finetune=None if embedded.finetuned is None else _finetune_summary(embedded.finetuned),
     )
+
+
+def _finetune_summary(model: FinetunedModel) -> dict:
+    """The facts of a finetuning run worth printing and storing."""
+    history = model.history
+    return {
+        "mode": model.mode,
+        "base_version": model.base_version,
+        "version": model.version,
+        "rounds": len(history.get("rounds", [])),
+        "stopped": history.get("stopped"),
+        "pairs_per_second": history.get("pairs_per_second"),
+        "bank_seconds": history.get("bank_seconds"),
+        "seconds": history.get("seconds"),
+        "final_loss": model.collapse.final_loss if model.collapse else None,
+        "collapse_problems": model.collapse.problems() if model.collapse else [],
+    }
 
 
 def embed_trackset(
@@ -233,12 +285,24 @@ def embed_trackset(
     quality: bool = True,
     progress: ProgressCallback | None = None,
     device: str | None = None,
+    finetune: bool = False,
+    similarity: str = "cosine",
+    cannot_link: bool = True,
+    seed: int = 0,
 ) -> EmbeddedTrackset:
-    """Steps 1-3 of :func:`cluster_trackset`: read, align, embed (and score quality).
+    """Steps 1-3 of :func:`cluster_trackset`: read, align, finetune (when asked), embed (and score quality).
 
-    The clustering benchmark calls it once and clusters the result many ways.
-    Arguments and errors as :func:`cluster_trackset`.
+    The clustering benchmark calls it and clusters the result many ways.
+    Arguments and errors as :func:`cluster_trackset`; ``cannot_link`` here only
+    keeps tracks on screen together from being matched as training pairs.
+
+    Raises:
+        ValueError: ``similarity`` is unknown, or ``"loss"`` without ``finetune``.
     """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
+    if similarity == "loss" and not finetune:
+        raise ValueError("the loss similarity is the finetuned model's own loss: finetune, or use similarity 'cosine'")
     from vcn.loose_crops import METHODS, align_loose_crops
     from vcn.quality import embed_and_score, supports_quality
     from vcn.trackset import read_trackset
@@ -288,6 +352,20 @@ def embed_trackset(
     for method in table["method"]:
         crops_by_method[method] += 1
 
+    # Adapt the backbone to these crops (progressive self-distillation rounds).
+    finetuned = None
+    if finetune and len(chips):
+        from vcn.selfsup.finetune import finetune_movie
+        from vcn.trackset import on_screen_together
+
+        started = time.perf_counter()
+        pairs = on_screen_together(trackset.tracks) if cannot_link else None
+        finetuned = finetune_movie(backbone, chips, crop_track, n_tracks, cannot_link=pairs, seed=seed)
+        timings["finetune"] = time.perf_counter() - started
+        logger.info("finetuned %s in %.1f s (%s): %s", backbone.version, timings["finetune"], finetuned.mode,
+                    finetuned.version)
+        backbone = finetuned.backbone
+
     # Embed the chips, and score their SER-FIQ quality in the same trunk pass when asked and possible.
     started = time.perf_counter()
     qualities = None
@@ -303,6 +381,7 @@ def embed_trackset(
         if quality:
             logger.warning("backbone %s cannot score crop quality; no track is left out for quality", backbone.name)
         outputs = _in_chunks(backbone.embed, chips, "embed", progress, np.zeros((0, backbone.dim), np.float32))
+    logits = finetuned.logits(chips) if similarity == "loss" and finetuned is not None else None
     timings["embed"] = time.perf_counter() - started
     logger.info("embedded %d crops with %s in %.1f s%s", len(chips), backbone.version, timings["embed"],
                 "" if qualities is None else " (with quality)")
@@ -317,6 +396,8 @@ def embed_trackset(
         thumbnails=_middle_chips(chips, crop_track, table["frame"].to_numpy(), track_ids),
         model_version=backbone.version,
         timings=timings,
+        logits=logits,
+        finetuned=finetuned,
     )
 
 

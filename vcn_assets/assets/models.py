@@ -1,16 +1,23 @@
-"""The face-ID model: the pretrained backbone and the per-movie embeddings it produces."""
+"""The face-ID model: the pretrained backbone, its per-movie finetuned copy, and the embeddings they produce."""
+
+import json
+import time
 
 import dagster as dg
 import numpy as np
+from pydantic import Field
 
 from resources import ArtifactStore, BackboneResource, WarehouseResource
-from vcn.embeddings import embed_crops, track_means
+from vcn.embeddings import embed_crops, read_kept_chips, track_means
 from vcn.quality import supports_quality
-from vcn_assets.assets.preprocess import track_crops
+from vcn.trackset import on_screen_together
+from vcn_assets.assets.preprocess import face_tracks, track_crops
 from vcn_assets.assets.recording import CODE_VERSION, preview, stage
 from vcn_assets.partitions import movies
 
 BASE_MODEL_FILE = "base_model.json"
+#: Per-movie record of the finetuned model: its version, checkpoint path and how it was made.
+FINETUNED_MODEL_FILE = "finetuned_model.json"
 
 
 @dg.asset(group_name="models", code_version=CODE_VERSION, kinds={"torch", "duckdb"})
@@ -36,11 +43,127 @@ def base_model(
     )
 
 
+class FinetuneConfig(dg.Config):
+    enabled: bool = Field(
+        default=True,
+        description="Adapt the backbone to the movie by self-distillation (the method). Off: the movie's embeddings "
+        "and clusters come from the pretrained model.",
+    )
+    seed: int = Field(default=0, description="Seed of the finetuning; the same seed gives the same model on a CPU.")
+
+
 @dg.asset(
     partitions_def=movies,
     group_name="models",
     code_version=CODE_VERSION,
-    deps=[track_crops, base_model],
+    deps=[track_crops, face_tracks, base_model],
+    kinds={"torch", "safetensors"},
+)
+def finetuned_model(
+    context: dg.AssetExecutionContext,
+    config: FinetuneConfig,
+    backbone: BackboneResource,
+    store: ArtifactStore,
+    warehouse: WarehouseResource,
+) -> dg.MaterializeResult:
+    """The backbone adapted to this movie (self-distillation in progressive rounds), as a checkpoint in the model store.
+
+    The compute mode is chosen from the device (CUDA: the whole backbone in bf16;
+    CPU: a budget that trains the last stage on banked views) and recorded with
+    the settings, the loss curve and the collapse diagnostics.
+    """
+    from vcn.selfsup.finetune import finetune_movie
+
+    wh = warehouse.get()
+    with stage(context, wh, "finetuned_model") as run:
+        movie_id = run.movie_id
+        base = backbone.load()
+        record = {"movie_id": movie_id, "base_version": base.version, "enabled": False, "version": base.version}
+        reason = None
+        if not config.enabled:
+            reason = "finetuning is turned off in the asset's config"
+        elif base.module is None:
+            reason = f"backbone {base.name} has no torch module to finetune (ONNX models only run)"
+        crops, chips = read_kept_chips(store.path(movie_id, "track_crops.parquet"), base.template)
+        if reason is None and crops.height == 0:
+            reason = "the movie has no kept crops"
+        metadata: dict = {"base_model_version": base.version, "crops": crops.height}
+        if reason is None:
+            tracks = store.read_parquet(
+                movie_id, "tracks.parquet", columns=["track_id", "shot_id", "start_frame", "end_frame"]
+            ).sort("track_id")
+            track_ids = tracks["track_id"].to_numpy()
+            crop_track = np.searchsorted(track_ids, crops["track_id"].to_numpy())
+            started = time.perf_counter()
+            model = finetune_movie(
+                base, chips, crop_track, len(track_ids), cannot_link=on_screen_together(tracks), seed=config.seed,
+                progress=lambda r, e, n, loss: context.log.info(f"round {r}, epoch {e + 1}/{n}: loss {loss:.4f}"),
+            )
+            seconds = time.perf_counter() - started
+            path = model.save(store.model_path(f"finetuned/{movie_id}/{model.version}.safetensors"))
+            curve = [loss for r in model.history["rounds"] for loss in r["loss_curve"]]
+            problems = model.collapse.problems() if model.collapse else []
+            record.update(
+                enabled=True, version=model.version, checkpoint=str(path), mode=model.mode,
+                collapse=model.collapse.to_dict() if model.collapse else None, collapse_problems=problems,
+                seed=config.seed,
+            )
+            for problem in problems:
+                context.log.warning(f"finetuning may have collapsed: {problem}")
+            context.log.info(f"finetuned {base.version} -> {model.version} ({model.mode}) in {seconds:.1f} s")
+            metadata.update(
+                {
+                    "finetuned_version": model.version,
+                    "compute_mode": model.mode,
+                    "settings": dg.MetadataValue.json(model.settings),
+                    "loss_curve": dg.MetadataValue.json([round(v, 4) for v in curve]),
+                    "final_loss": round(curve[-1], 4) if curve else None,
+                    "rounds": len(model.history["rounds"]),
+                    "rounds_stopped": model.history["stopped"],
+                    "matched_track_pairs": model.history["n_matches"],
+                    "pairs_per_second": round(model.history["pairs_per_second"], 1),
+                    "bank_seconds": round(model.history["bank_seconds"], 1),
+                    "finetune_seconds": round(seconds, 1),
+                    "collapse": dg.MetadataValue.json(record["collapse"]),
+                    "checkpoint": dg.MetadataValue.path(str(path)),
+                }
+            )
+        else:
+            record["reason"] = reason
+            context.log.warning(f"no finetuning for movie {movie_id}: {reason}; the pretrained model is used")
+            metadata["skipped"] = reason
+        with store.writing(movie_id, FINETUNED_MODEL_FILE) as tmp:
+            tmp.write_text(json.dumps(record, indent=2))
+        run.items, run.row_count = crops.height, None
+        run.artifact = record.get("checkpoint")
+        run.details = {k: record[k] for k in ("base_version", "version", "enabled") if k in record}
+        run.details["mode"] = record.get("mode")
+    metadata["seconds"] = run.details["seconds"]
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(record["version"]))
+
+
+def movie_model(backbone: BackboneResource, store: ArtifactStore, movie_id: str):
+    """The model that embeds a movie's crops: its finetuned backbone when there is one, else the pretrained one.
+
+    Returns:
+        (backbone, finetuned model or None).
+    """
+    from vcn.selfsup.finetune import load_finetuned
+
+    base = backbone.load()
+    path = store.path(movie_id, FINETUNED_MODEL_FILE)
+    record = json.loads(path.read_text()) if path.exists() else None
+    if not record or not record.get("enabled"):
+        return base, None
+    finetuned = load_finetuned(record["checkpoint"], base)
+    return finetuned.backbone, finetuned
+
+
+@dg.asset(
+    partitions_def=movies,
+    group_name="models",
+    code_version=CODE_VERSION,
+    deps=[track_crops, finetuned_model],
     kinds={"torch", "parquet", "duckdb"},
 )
 def track_embeddings(
@@ -49,11 +172,12 @@ def track_embeddings(
     """Embeddings and SER-FIQ quality of every kept crop (Parquet + .npy), and per-track means, with the model version on every row."""
     wh = warehouse.get()
     with stage(context, wh, "track_embeddings") as run:
-        model = backbone.load()
+        model, finetuned = movie_model(backbone, store, run.movie_id)
         registered = store.read_model_json(BASE_MODEL_FILE)
-        if registered and registered["version"] != model.version:
+        base_version = finetuned.base_version if finetuned else model.version
+        if registered and registered["version"] != base_version:
             context.log.warning(
-                f"backbone version {model.version} differs from the registered base model {registered['version']}; "
+                f"backbone version {base_version} differs from the registered base model {registered['version']}; "
                 "re-materialise base_model to record it"
             )
         with_quality = supports_quality(model)
@@ -70,13 +194,17 @@ def track_embeddings(
         path = store.write_parquet(run.movie_id, "track_embeddings.parquet", tracks)
         wh.replace_movie_rows("track_embeddings", run.movie_id, tracks)
         run.items, run.row_count, run.artifact = crops.height, tracks.height, str(path)
-        run.details = {"model_version": model.version, "device": model.device, "dtype": model.dtype, "quality": with_quality}
+        run.details = {
+            "model_version": model.version, "base_version": base_version, "finetuned": finetuned is not None,
+            "device": model.device, "dtype": model.dtype, "quality": with_quality,
+        }
     return dg.MaterializeResult(
         metadata={
             "crops_embedded": crops.height,
             "tracks": tracks.height,
             "model": model.name,
             "model_version": model.version,
+            "finetuned": finetuned is not None,
             "device": model.device,
             "dtype": model.dtype,
             "crop_quality": "SER-FIQ" if with_quality else "unsupported by the backbone",
@@ -89,4 +217,4 @@ def track_embeddings(
     )
 
 
-model_assets = [base_model, track_embeddings]
+model_assets = [base_model, finetuned_model, track_embeddings]
