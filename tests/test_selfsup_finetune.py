@@ -267,3 +267,15 @@ def test_onnx_backbone_cannot_be_finetuned(data):
 
     with pytest.raises(ValueError, match="no torch module"):
         finetune_movie(Runner(), data[0], data[1], 4, mode=TINY)
+
+
+def test_collapse_check_verdicts():
+    from vcn_assets.checks import collapse_verdict
+
+    stats = collapse_stats(9.69, 16384, np.eye(4), np.eye(4)).to_dict()
+    passed, metadata = collapse_verdict({"enabled": True, "collapse": stats, "collapse_problems": ["loss stuck"]})
+    assert not passed and metadata["problems"] == "loss stuck" and metadata["loss_ratio"] > 0.99
+    assert collapse_verdict({"enabled": True, "collapse": stats, "collapse_problems": []})[0]
+    assert not collapse_verdict({"enabled": True})[0]  # finetuned without diagnostics: not trusted
+    passed, metadata = collapse_verdict({"enabled": False, "reason": "turned off"})
+    assert passed and metadata == {"finetuned": False, "reason": "turned off"}

@@ -89,20 +89,21 @@ def clusters_cover_tracks(
     "rank stayed above half the pretrained model's on the same crops. A collapsed model never embeds the movie.",
 )
 def finetune_not_collapsed(context: dg.AssetCheckExecutionContext, store: ArtifactStore) -> dg.AssetCheckResult:
-    movie_id = context.partition_key
-    record = json.loads(store.path(movie_id, FINETUNED_MODEL_FILE).read_text())
+    record = json.loads(store.path(context.partition_key, FINETUNED_MODEL_FILE).read_text())
+    passed, metadata = collapse_verdict(record)
+    return dg.AssetCheckResult(passed=passed, metadata=metadata)
+
+
+def collapse_verdict(record: dict) -> tuple[bool, dict]:
+    """Whether a movie's finetuned-model record (finetuned_model.json) shows no collapse, and what to show."""
     if not record.get("enabled"):
-        return dg.AssetCheckResult(passed=True, metadata={"finetuned": False, "reason": record.get("reason", "")})
-    stats = record.get("collapse") or {}
+        return True, {"finetuned": False, "reason": record.get("reason", "")}
+    stats = record.get("collapse")
+    if not stats:
+        return False, {"finetuned": True, "problems": "no collapse diagnostics were recorded"}
     problems = record.get("collapse_problems") or []
-    return dg.AssetCheckResult(
-        passed=not problems,
-        metadata={
-            "finetuned": True,
-            **{k: round(float(v), 4) for k, v in stats.items()},
-            "problems": "; ".join(problems) or "none",
-        },
-    )
+    metadata = {"finetuned": True, **{k: round(float(v), 4) for k, v in stats.items()}}
+    return not problems, {**metadata, "problems": "; ".join(problems) or "none"}
 
 
 def _cannot_link_was_on(context: dg.AssetCheckExecutionContext, movie_id: str) -> bool:
