@@ -345,7 +345,9 @@ def _recluster(**config):
 def test_every_track_has_one_cluster_row_with_model_version_and_run(env):
     tracks = pl.read_parquet(_movie(env, "tracks.parquet")).sort("track_id")
     clusters = pl.read_parquet(_movie(env, "face_clusters.parquet"))
-    assert clusters.columns == ["movie_id", "track_id", "cluster", "quality", "low_quality", "model_version", "run_id", "clustered_at"]
+    assert clusters.columns == [
+        "movie_id", "track_id", "cluster", "quality", "low_quality", "model_version", "run_id", "clustered_at", "thumbnail"
+    ]
     assert clusters.schema["cluster"] == pl.Int64 and clusters.schema["quality"] == pl.Float32
     assert clusters["track_id"].sort().to_list() == tracks["track_id"].to_list()
     assert clusters["model_version"].unique().to_list() == [_model_version(env)]
@@ -475,3 +477,38 @@ def test_reclustering_keeps_the_rows_of_other_model_versions(env):
     )
     assert sets.rows() == [("dlib-resnet-v0-old", 2, "old-run"), (version, n, result.run_id)]
     assert pl.read_parquet(_movie(env, "face_clusters.parquet"))["run_id"].unique().to_list() == [result.run_id]
+
+
+def test_cluster_ids_stay_stable_across_reclustering(env):
+    before = pl.read_parquet(_movie(env, "face_clusters.parquet")).select("track_id", "cluster").sort("track_id")
+    assert _warehouse(env).latest_clusters("hamilton") == {
+        t: c for t, c in before.iter_rows() if c is not None
+    }
+    result = _recluster()
+    assert result.success
+    after = pl.read_parquet(_movie(env, "face_clusters.parquet")).select("track_id", "cluster").sort("track_id")
+    assert after.equals(before)
+    metadata = _latest_materialization("face_clusters").asset_materialization.metadata
+    assert metadata["ids_kept_from_previous_run"].value == metadata["n_clusters"].value
+
+
+def test_analyst_views_over_the_processed_movie(env):
+    wh = _warehouse(env)
+    tracks = wh.query("SELECT * FROM track_clusters WHERE movie_id = 'hamilton' ORDER BY track_id")
+    assert tracks.height == _n_tracks(env)
+    clustered = tracks.filter(pl.col("cluster").is_not_null())
+    assert clustered.height > 0
+    for path in tracks["thumbnail"].drop_nulls():
+        assert Path(path).is_file() and Path(path).parent == _movie(env, "thumbnails")
+    assert clustered["thumbnail"].null_count() == 0
+    people = wh.query("SELECT * FROM people WHERE movie_id = 'hamilton' ORDER BY cluster")
+    expected = clustered.group_by("cluster").agg(
+        pl.len().alias("tracks"), pl.col("duration_s").sum().alias("screen_time_s"), pl.col("start_s").min().alias("first")
+    ).sort("cluster")
+    assert people["cluster"].to_list() == expected["cluster"].to_list()
+    assert people["tracks"].to_list() == expected["tracks"].to_list()
+    assert np.allclose(people["screen_time_s"], expected["screen_time_s"]) and np.allclose(people["first_seen_s"], expected["first"])
+    assert (people["last_seen_s"] > people["first_seen_s"]).all()
+    lineage = wh.query("SELECT * FROM clustering_lineage WHERE movie_id = 'hamilton' AND model_version = $1", [_model_version(env)])
+    assert lineage["finetuned"].to_list() == [True] and lineage["base_model_version"].item() == _model_version(env).split("-ft-")[0]
+    assert wh.query("SELECT count(*) FROM stage_runs WHERE movie_id = 'hamilton' AND asset = 'finetuned_model'").item() >= 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,6 +22,7 @@ from typing import Any, Iterator
 
 import polars as pl
 
+log = logging.getLogger(__name__)
 
 #: Per-movie result tables the pipeline maintains (rows keyed by ``movie_id``).
 RESULT_TABLES = ("movies", "shots", "frames", "detections", "tracks", "track_crops", "track_embeddings", "face_clusters")
@@ -62,6 +64,62 @@ CREATE TABLE IF NOT EXISTS stage_metrics (
     recorded_at TIMESTAMPTZ
 );
 """
+
+
+#: The analysts' views: name -> (tables they read, SELECT). Created (again) by every
+#: write once their tables exist, so they always follow the current schema. The
+#: README documents each, with example queries.
+VIEWS: dict[str, tuple[tuple[str, ...], str]] = {
+    # The movie's most recent clustering (whatever model version made it).
+    "latest_clusters": (
+        ("face_clusters",),
+        """
+        SELECT * FROM face_clusters fc
+        WHERE fc.run_id = (SELECT arg_max(f.run_id, f.clustered_at) FROM face_clusters f WHERE f.movie_id = fc.movie_id)
+        """,
+    ),
+    # Every track with its cluster (null: Unknown or not clustered yet), times and thumbnail.
+    "track_clusters": (
+        ("tracks", "face_clusters"),
+        """
+        SELECT t.movie_id, t.track_id, c.cluster, t.shot_id, t.start_frame, t.end_frame, t.start_s, t.end_s,
+               t.end_s - t.start_s AS duration_s, t.n_detections, c.quality, c.low_quality, c.thumbnail,
+               c.model_version, c.run_id, c.clustered_at
+        FROM tracks t LEFT JOIN latest_clusters c ON c.movie_id = t.movie_id AND c.track_id = t.track_id
+        """,
+    ),
+    # One row per person (cluster) and movie: tracks, screen time, first and last appearance.
+    "people": (
+        ("tracks", "face_clusters"),
+        """
+        SELECT movie_id, cluster, count(*) AS tracks, sum(duration_s) AS screen_time_s,
+               min(start_s) AS first_seen_s, max(end_s) AS last_seen_s,
+               arg_max(thumbnail, quality) AS thumbnail, any_value(model_version) AS model_version
+        FROM track_clusters WHERE cluster IS NOT NULL GROUP BY movie_id, cluster
+        """,
+    ),
+    # Per movie, asset and run: the stage's figures (the latest run first).
+    "stage_runs": (
+        ("stage_metrics",),
+        """
+        SELECT movie_id, asset, run_id, seconds, frames, frames_per_s, items, realtime_factor,
+               details, recorded_at
+        FROM stage_metrics ORDER BY recorded_at DESC
+        """,
+    ),
+    # From model version to run to clusters: every clustering ever made, with its base model.
+    "clustering_lineage": (
+        ("face_clusters", "models"),
+        """
+        SELECT fc.movie_id, fc.model_version,
+               coalesce(m.version, regexp_extract(fc.model_version, '^(.*)-ft-[0-9a-f]{12}$', 1)) AS base_model_version,
+               fc.model_version LIKE '%-ft-%' AS finetuned, fc.run_id, min(fc.clustered_at) AS clustered_at,
+               count(*) AS tracks, count(DISTINCT fc.cluster) AS clusters, count(*) - count(fc.cluster) AS unknown
+        FROM face_clusters fc LEFT JOIN models m ON m.version = fc.model_version
+        GROUP BY ALL ORDER BY clustered_at DESC
+        """,
+    ),
+}
 
 
 class WarehouseBusyError(RuntimeError):
@@ -107,6 +165,7 @@ class Warehouse:
                         con.execute("ROLLBACK")
                         raise
                     con.execute("COMMIT")
+                    _create_views(con)
                 finally:
                     con.close()
             finally:
@@ -215,10 +274,52 @@ class Warehouse:
                 [version, name, checkpoint, dim, input_size, template, utcnow()],
             )
 
+    def latest_clusters(self, movie_id: str) -> dict[int, int]:
+        """Track id -> cluster of the movie's most recent clustering (any model version); Unknown tracks absent.
+
+        Empty when the movie was never clustered (or there is no warehouse yet).
+        """
+        if not Path(self.path).exists():
+            return {}
+        with self.reader() as con:
+            exists = con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'face_clusters'"
+            ).fetchone()[0]
+            if not exists:
+                return {}
+            rows = con.execute(
+                """
+                SELECT track_id, cluster FROM face_clusters
+                WHERE movie_id = $1 AND cluster IS NOT NULL AND run_id = (
+                    SELECT arg_max(run_id, clustered_at) FROM face_clusters WHERE movie_id = $1
+                )
+                """,
+                [movie_id],
+            ).fetchall()
+        return {int(track): int(cluster) for track, cluster in rows}
+
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
         """Runs a read-only query and returns the result as a polars frame."""
         with self.reader() as con:
             return con.sql(sql, params=params or None).pl()
+
+
+def _create_views(con: Any) -> None:
+    """(Re)creates each of :data:`VIEWS` whose tables exist, each in its own statement after the data commit.
+
+    A view that does not bind (a warehouse written by an older release, whose
+    tables lack a column until the asset that adds it runs again) is left as it
+    was, with a warning: views never cost a write.
+    """
+    import duckdb
+
+    tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'").fetchall()}
+    for name, (needs, select) in VIEWS.items():
+        if set(needs) <= tables:
+            try:
+                con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
+            except duckdb.Error as exc:
+                log.warning("warehouse view %s not (re)created: %s", name, exc)
 
 
 def _add_missing_columns(con: Any, table: str, source: str) -> None:

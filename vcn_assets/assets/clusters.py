@@ -11,8 +11,10 @@ from pydantic import Field
 
 from resources import ArtifactStore, BackboneResource, WarehouseResource
 from vcn.clustering import UNKNOWN, cluster_movie
-from vcn.crops import read_crop_images
+from vcn.crops import encode_jpeg, read_crop_images
 from vcn.embeddings import read_kept_chips
+from vcn.files import atomic_path
+from vcn.identities import stable_cluster_ids
 from vcn.report import ClusterReport, write_cluster_report
 from vcn.trackset import on_screen_together
 from vcn.warehouse import utcnow
@@ -34,7 +36,9 @@ FACE_CLUSTERS_SCHEMA = {
     "model_version": pl.String,
     "run_id": pl.String,
     "clustered_at": pl.Datetime("us", "UTC"),
+    "thumbnail": pl.String,
 }
+THUMBNAIL_DIR = "thumbnails"
 
 #: Contact sheets up to this size are shown inline in the asset's metadata.
 _INLINE_PREVIEW_BYTES = 300_000
@@ -103,24 +107,31 @@ def face_clusters(
         )
         cluster_seconds = time.perf_counter() - started
 
+        # Keep the cluster ids of the movie's previous clustering where the clusters match.
+        previous = wh.latest_clusters(movie_id)
+        labels = stable_cluster_ids(track_ids, result.labels, previous)
         n = len(track_ids)
         table = pl.DataFrame(
             {
                 "movie_id": [movie_id] * n,
                 "track_id": track_ids,
-                "cluster": result.labels,
+                "cluster": labels,
                 "quality": result.track_quality.astype(np.float32),
                 "low_quality": result.low_quality,
                 "model_version": [model_version] * n,
                 "run_id": [context.run.run_id] * n,
                 "clustered_at": [utcnow()] * n,
+                "thumbnail": [None] * n,
             },
             schema=FACE_CLUSTERS_SCHEMA,
         ).with_columns(
             pl.when(pl.col("cluster") != UNKNOWN).then(pl.col("cluster")).alias("cluster"),
             pl.col("quality").fill_nan(None),
         )
-        report = _write_report(store, movie_id, table)
+        report, thumbnails = _write_report(store, movie_id, table)
+        table = table.with_columns(
+            pl.col("track_id").replace_strict(thumbnails, default=None, return_dtype=pl.String).alias("thumbnail")
+        )
         path = store.write_parquet(movie_id, FACE_CLUSTERS_FILE, table)
         wh.replace_movie_rows("face_clusters", movie_id, table, model_version=model_version)
 
@@ -130,6 +141,7 @@ def face_clusters(
             "model_version": model_version,
             "cannot_link": config.cannot_link,
             "dissimilarity": result.dissimilarity,
+            "ids_kept_from_previous_run": len(set(labels[labels != UNKNOWN].tolist()) & set(previous.values())),
             "n_clusters": result.n_clusters,
             "n_unknown": result.n_unknown,
             "rounds": result.clustering.rounds,
@@ -147,6 +159,7 @@ def face_clusters(
             "cannot_link": config.cannot_link,
             "on_screen_together_pairs": len(pairs),
             "cluster_sizes": dg.MetadataValue.json(sizes[:20]),
+            "ids_kept_from_previous_run": run.details["ids_kept_from_previous_run"],
             "dissimilarity": result.dissimilarity,
             "model_version": model_version,
             "cluster_seconds": round(cluster_seconds, 3),
@@ -202,10 +215,14 @@ def _model_version(store: ArtifactStore, crops: pl.DataFrame) -> str:
     return registered["version"]
 
 
-def _write_report(store: ArtifactStore, movie_id: str, table: pl.DataFrame) -> ClusterReport:
+def _write_report(store: ArtifactStore, movie_id: str, table: pl.DataFrame) -> tuple[ClusterReport, dict[int, str]]:
     """The cluster report of the tracks that have kept crops (the others have no face to show).
 
-    Each track is shown by its middle kept crop and placed by its mean embedding.
+    Each track is shown by its middle kept crop and placed by its mean embedding;
+    that crop is also written as ``thumbnails/<track_id>.jpg`` for the warehouse.
+
+    Returns:
+        The report, and the thumbnail path of each track that has one.
     """
     means = store.read_parquet(movie_id, "track_embeddings.parquet", columns=["track_id", "embedding"])
     shown = means.join(table.select("track_id", "cluster"), on="track_id", how="inner").sort("track_id")
@@ -220,6 +237,13 @@ def _write_report(store: ArtifactStore, movie_id: str, table: pl.DataFrame) -> C
     crop_ids, images = read_crop_images(crops_path, middle["crop_id"].to_list())
     image_of = dict(zip(crop_ids.tolist(), images))
     thumbnails = {t: image_of[c] for t, c in middle.iter_rows() if c in image_of}
+    paths = {}
+    for track, image in thumbnails.items():
+        path = store.path(movie_id, f"{THUMBNAIL_DIR}/{track}.jpg")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path, suffix=".partial") as tmp:
+            tmp.write_bytes(encode_jpeg(image, 90))
+        paths[int(track)] = str(path)
     dim = means["embedding"].dtype.shape[0] if means.height else 1
     embeddings = shown["embedding"].to_numpy().reshape(-1, dim) if shown.height else np.zeros((0, dim), np.float32)
     return write_cluster_report(
@@ -229,7 +253,7 @@ def _write_report(store: ArtifactStore, movie_id: str, table: pl.DataFrame) -> C
         clusters=[None if c is None else str(c) for c in shown["cluster"].to_list()],
         thumbnails=thumbnails,
         embeddings=embeddings,
-    )
+    ), paths
 
 
 def _report_preview(report: ClusterReport) -> dg.MetadataValue:
