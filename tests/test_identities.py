@@ -51,3 +51,45 @@ def test_no_overlap_means_fresh_ids():
 def test_lengths_must_agree():
     with pytest.raises(ValueError, match="one label per track"):
         stable_cluster_ids(np.arange(3), np.array([0, 1]))
+
+
+# --- analysts' edits ---------------------------------------------------------------
+
+from vcn.identities import Edit, apply_edits  # noqa: E402
+
+TRACKS = np.array([10, 11, 12, 13, 14, 15])
+LABELS = np.array([0, 0, 1, 1, 2, UNKNOWN])
+
+
+def test_name_goes_to_the_cluster_holding_most_of_the_tracks():
+    labels, names, skipped = apply_edits(TRACKS, LABELS, [Edit("name", (10, 11, 12), "Ann")])
+    assert labels.tolist() == LABELS.tolist() and names == {0: "Ann"} and skipped == []
+
+
+def test_merge_joins_clusters_and_keeps_the_smaller_id_and_the_name():
+    edits = [Edit("name", (12, 13), "Bo"), Edit("merge", (12, 13, 14))]
+    labels, names, _ = apply_edits(TRACKS, LABELS, edits)
+    assert labels.tolist() == [0, 0, 1, 1, 1, UNKNOWN] and names == {1: "Bo"}
+
+
+def test_merge_of_tracks_on_screen_together_is_skipped_with_the_reason():
+    labels, _, skipped = apply_edits(TRACKS, LABELS, [Edit("merge", (10, 12))], cannot_link=np.array([[1, 3]]))
+    assert labels.tolist() == LABELS.tolist()
+    assert len(skipped) == 1 and "11 and 13 are on screen together" in skipped[0]
+
+
+def test_split_moves_tracks_to_a_new_cluster_and_unknown_stays_unknown():
+    labels, _, skipped = apply_edits(TRACKS, LABELS, [Edit("split", (11, 15))])
+    assert labels.tolist() == [0, 3, 1, 1, 2, UNKNOWN] and skipped == []
+    # Splitting a whole cluster changes nothing; an edit about Unknown tracks only is skipped.
+    again, _, _ = apply_edits(TRACKS, LABELS, [Edit("split", (14,))])
+    assert again.tolist() == LABELS.tolist()
+    _, _, skipped = apply_edits(TRACKS, LABELS, [Edit("name", (15,), "X")])
+    assert skipped and "none of them is clustered" in skipped[0]
+
+
+def test_edits_apply_in_order_and_names_of_vanished_clusters_drop():
+    edits = [Edit("name", (14,), "Cy"), Edit("merge", (12, 14)), Edit("split", (14,))]
+    labels, names, _ = apply_edits(TRACKS, LABELS, edits)
+    assert labels.tolist() == [0, 0, 1, 1, 2, UNKNOWN]  # merged into 1, then split out again as 2 (max + 1)
+    assert names == {1: "Cy"}  # the name followed the merge

@@ -346,8 +346,11 @@ def test_every_track_has_one_cluster_row_with_model_version_and_run(env):
     tracks = pl.read_parquet(_movie(env, "tracks.parquet")).sort("track_id")
     clusters = pl.read_parquet(_movie(env, "face_clusters.parquet"))
     assert clusters.columns == [
-        "movie_id", "track_id", "cluster", "quality", "low_quality", "model_version", "run_id", "clustered_at", "thumbnail"
+        "movie_id", "track_id", "cluster", "name", "auto_cluster", "quality", "low_quality", "model_version", "run_id",
+        "clustered_at", "thumbnail",
     ]
+    # Without analysts' edits the clusters are the automatic ones.
+    assert clusters["cluster"].equals(clusters["auto_cluster"]) and clusters["name"].null_count() == clusters.height
     assert clusters.schema["cluster"] == pl.Int64 and clusters.schema["quality"] == pl.Float32
     assert clusters["track_id"].sort().to_list() == tracks["track_id"].to_list()
     assert clusters["model_version"].unique().to_list() == [_model_version(env)]
@@ -512,3 +515,37 @@ def test_analyst_views_over_the_processed_movie(env):
     lineage = wh.query("SELECT * FROM clustering_lineage WHERE movie_id = 'hamilton' AND model_version = $1", [_model_version(env)])
     assert lineage["finetuned"].to_list() == [True] and lineage["base_model_version"].item() == _model_version(env).split("-ft-")[0]
     assert wh.query("SELECT count(*) FROM stage_runs WHERE movie_id = 'hamilton' AND asset = 'finetuned_model'").item() >= 1
+
+
+def test_analysts_label_clusters_and_later_runs_respect_it(env, capsys):
+    """Runs last in this module: it leaves edits behind."""
+    wh = _warehouse(env)
+    people = wh.query("SELECT cluster, tracks FROM people WHERE movie_id = 'hamilton' ORDER BY tracks DESC, cluster")
+    biggest = people["cluster"][0]
+    members = wh.query(
+        "SELECT track_id FROM latest_clusters WHERE movie_id = 'hamilton' AND cluster = $1 ORDER BY track_id", [int(biggest)]
+    )["track_id"].to_list()
+    assert len(members) >= 2
+
+    assert main(["label", "name", "hamilton", str(biggest), "The lead", "--note", "test"]) == 0
+    assert main(["label", "split", "hamilton", str(members[-1])]) == 0
+    assert main(["label", "merge", "hamilton", str(biggest), "999"]) == 2
+    assert "has no clusters [999]" in capsys.readouterr().err
+    assert main(["label", "name", "hamilton", "999", "Nobody"]) == 2
+
+    def state():
+        rows = wh.query("SELECT track_id, cluster, name FROM latest_clusters WHERE movie_id = 'hamilton' ORDER BY track_id")
+        return {t: (c, n) for t, c, n in rows.iter_rows()}
+
+    now = state()
+    assert all(now[t][1] == "The lead" for t in members[:-1])
+    assert now[members[-1]][0] not in (None, biggest) and now[members[-1]][1] is None
+    edits = wh.query("SELECT action, tracks, name, note FROM cluster_edits WHERE movie_id = 'hamilton' ORDER BY created_at")
+    assert edits["action"].to_list() == ["name", "split"] and edits["note"].to_list() == ["test", None]
+
+    # A later clustering applies the edits again and leaves their table alone.
+    assert _recluster().success
+    assert state() == now
+    assert wh.query("SELECT count(*) FROM cluster_edits").item() == 2
+    people = wh.query("SELECT name FROM people WHERE movie_id = 'hamilton' AND name IS NOT NULL")["name"].to_list()
+    assert people == ["The lead"]

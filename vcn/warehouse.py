@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import polars as pl
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,15 @@ CREATE TABLE IF NOT EXISTS models (
     input_size INTEGER,
     template VARCHAR,
     registered_at TIMESTAMPTZ
+);
+CREATE TABLE IF NOT EXISTS cluster_edits (
+    edit_id VARCHAR PRIMARY KEY,
+    movie_id VARCHAR NOT NULL,
+    action VARCHAR NOT NULL,
+    tracks BIGINT[] NOT NULL,
+    name VARCHAR,
+    note VARCHAR,
+    created_at TIMESTAMPTZ NOT NULL
 );
 CREATE TABLE IF NOT EXISTS stage_metrics (
     movie_id VARCHAR,
@@ -82,7 +92,7 @@ VIEWS: dict[str, tuple[tuple[str, ...], str]] = {
     "track_clusters": (
         ("tracks", "face_clusters"),
         """
-        SELECT t.movie_id, t.track_id, c.cluster, t.shot_id, t.start_frame, t.end_frame, t.start_s, t.end_s,
+        SELECT t.movie_id, t.track_id, c.cluster, c.name, t.shot_id, t.start_frame, t.end_frame, t.start_s, t.end_s,
                t.end_s - t.start_s AS duration_s, t.n_detections, c.quality, c.low_quality, c.thumbnail,
                c.model_version, c.run_id, c.clustered_at
         FROM tracks t LEFT JOIN latest_clusters c ON c.movie_id = t.movie_id AND c.track_id = t.track_id
@@ -92,7 +102,7 @@ VIEWS: dict[str, tuple[tuple[str, ...], str]] = {
     "people": (
         ("tracks", "face_clusters"),
         """
-        SELECT movie_id, cluster, count(*) AS tracks, sum(duration_s) AS screen_time_s,
+        SELECT movie_id, cluster, any_value(name) AS name, count(*) AS tracks, sum(duration_s) AS screen_time_s,
                min(start_s) AS first_seen_s, max(end_s) AS last_seen_s,
                arg_max(thumbnail, quality) AS thumbnail, any_value(model_version) AS model_version
         FROM track_clusters WHERE cluster IS NOT NULL GROUP BY movie_id, cluster
@@ -275,7 +285,7 @@ class Warehouse:
             )
 
     def latest_clusters(self, movie_id: str) -> dict[int, int]:
-        """Track id -> cluster of the movie's most recent clustering (any model version); Unknown tracks absent.
+        """Track id -> automatic cluster id of the movie's most recent clustering (any model version); Unknown absent.
 
         Empty when the movie was never clustered (or there is no warehouse yet).
         """
@@ -287,16 +297,120 @@ class Warehouse:
             ).fetchone()[0]
             if not exists:
                 return {}
+            # The automatic ids (before analysts' edits, which every run applies again on top).
+            column = "auto_cluster" if _has_columns(con, "face_clusters", {"auto_cluster"}) else "cluster"
             rows = con.execute(
-                """
-                SELECT track_id, cluster FROM face_clusters
-                WHERE movie_id = $1 AND cluster IS NOT NULL AND run_id = (
+                f"""
+                SELECT track_id, {column} FROM face_clusters
+                WHERE movie_id = $1 AND {column} IS NOT NULL AND run_id = (
                     SELECT arg_max(run_id, clustered_at) FROM face_clusters WHERE movie_id = $1
                 )
                 """,
                 [movie_id],
             ).fetchall()
         return {int(track): int(cluster) for track, cluster in rows}
+
+    def cluster_edits(self, movie_id: str) -> list:
+        """The analysts' edits of a movie (:class:`vcn.identities.Edit`), oldest first; none without a warehouse."""
+        from vcn.identities import Edit
+
+        if not Path(self.path).exists():
+            return []
+        with self.reader() as con:
+            exists = con.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'cluster_edits'"
+            ).fetchone()[0]
+            if not exists:
+                return []
+            rows = con.execute(
+                "SELECT action, tracks, name FROM cluster_edits WHERE movie_id = $1 ORDER BY created_at, edit_id",
+                [movie_id],
+            ).fetchall()
+        return [Edit(action, tuple(int(t) for t in tracks), name) for action, tracks, name in rows]
+
+    def add_cluster_edit(self, movie_id: str, action: str, tracks: list[int], name: str | None = None,
+                         note: str | None = None) -> list[str]:
+        """Records an analyst's edit and applies all the movie's edits to its latest clustering, in one transaction.
+
+        Pipeline runs never touch ``cluster_edits``; every later clustering applies
+        them again (``face_clusters``), so the edit lasts.
+
+        Returns:
+            Edits that could not be applied now, one line each.
+
+        Raises:
+            ValueError: The movie has no clustering, a named track is not one of
+                its tracks, or the new edit itself cannot be applied (a merge of
+                tracks on screen together, tracks all Unknown).
+        """
+        import uuid
+
+        from vcn.identities import ACTIONS, UNKNOWN, Edit, apply_edits
+        from vcn.trackset import on_screen_together
+
+        if action not in ACTIONS:
+            raise ValueError(f"unknown edit action {action!r}; known: {', '.join(ACTIONS)}")
+        if action == "name" and not (name or "").strip():
+            raise ValueError("a name edit needs a non-empty name")
+        with self.writer() as con:
+            latest = con.sql(
+                """
+                SELECT track_id, auto_cluster, run_id FROM face_clusters
+                WHERE movie_id = $1 AND run_id = (SELECT arg_max(run_id, clustered_at) FROM face_clusters WHERE movie_id = $1)
+                ORDER BY track_id
+                """,
+                params=[movie_id],
+            ).pl() if _has_columns(con, "face_clusters", {"auto_cluster"}) else None
+            if latest is None or latest.is_empty():
+                raise ValueError(f"movie {movie_id!r} has no clustering to edit; process it first")
+            track_ids = latest["track_id"].to_numpy()
+            unknown = sorted(set(tracks) - set(track_ids.tolist()))
+            if unknown:
+                raise ValueError(f"movie {movie_id!r} has no tracks {unknown[:10]}")
+            tracks_table = con.sql(
+                "SELECT track_id, shot_id, start_frame, end_frame FROM tracks WHERE movie_id = $1 ORDER BY track_id",
+                params=[movie_id],
+            ).pl()
+            position = {t: i for i, t in enumerate(track_ids.tolist())}
+            pairs = on_screen_together(tracks_table)
+            pairs = np.array(
+                [[position[a], position[b]] for a, b in tracks_table["track_id"].to_numpy()[pairs].tolist()
+                 if a in position and b in position],
+                dtype=np.int64,
+            ).reshape(-1, 2)
+            rows = con.execute(
+                "SELECT action, tracks, name FROM cluster_edits WHERE movie_id = $1 ORDER BY created_at, edit_id",
+                [movie_id],
+            ).fetchall()
+            edits = [Edit(a, tuple(int(t) for t in ts), n) for a, ts, n in rows]
+            auto = latest["auto_cluster"].fill_null(UNKNOWN).to_numpy()
+            new = Edit(action, tuple(int(t) for t in tracks), name)
+            _, _, before = apply_edits(track_ids, auto, edits, pairs)
+            labels, names, skipped = apply_edits(track_ids, auto, [*edits, new], pairs)
+            if len(skipped) > len(before):
+                raise ValueError(f"edit not applied: {skipped[-1]}")
+            con.execute(
+                "INSERT INTO cluster_edits VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [uuid.uuid4().hex, movie_id, action, list(new.tracks), name, note, utcnow()],
+            )
+            update = pl.DataFrame(
+                {
+                    "track_id": track_ids,
+                    "cluster": [None if c == UNKNOWN else int(c) for c in labels.tolist()],
+                    "name": [names.get(int(c)) for c in labels.tolist()],
+                },
+                schema={"track_id": pl.Int64, "cluster": pl.Int64, "name": pl.String},
+            )
+            con.register("edited", update.to_arrow())
+            con.execute(
+                """
+                UPDATE face_clusters SET cluster = edited.cluster, name = edited.name FROM edited
+                WHERE face_clusters.movie_id = $1 AND face_clusters.run_id = $2 AND face_clusters.track_id = edited.track_id
+                """,
+                [movie_id, latest["run_id"][0]],
+            )
+            con.unregister("edited")
+        return skipped
 
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
         """Runs a read-only query and returns the result as a polars frame."""
@@ -320,6 +434,14 @@ def _create_views(con: Any) -> None:
                 con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
             except duckdb.Error as exc:
                 log.warning("warehouse view %s not (re)created: %s", name, exc)
+
+
+def _has_columns(con: Any, table: str, columns: set[str]) -> bool:
+    found = {
+        row[0]
+        for row in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()
+    }
+    return bool(found) and columns <= found
 
 
 def _add_missing_columns(con: Any, table: str, source: str) -> None:

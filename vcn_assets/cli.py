@@ -87,6 +87,26 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--json", metavar="OUT_JSON", help="also write the scores as JSON to this file")
     v.add_argument("--format", choices=["table", "json"], default="table", help="what to print on stdout")
 
+    lab = sub.add_parser(
+        "label",
+        help="name, merge or split a movie's clusters; kept in their own table, applied by every later clustering",
+    )
+    what = lab.add_subparsers(dest="action", required=True)
+    n = what.add_parser("name", help="give a cluster (person) a name")
+    n.add_argument("movie_id")
+    n.add_argument("cluster", type=int)
+    n.add_argument("name")
+    m = what.add_parser("merge", help="these clusters are one person")
+    m.add_argument("movie_id")
+    m.add_argument("clusters", type=int, nargs="+", metavar="CLUSTER")
+    sp = what.add_parser("split", help="these tracks are one person, apart from the rest of their clusters")
+    sp.add_argument("movie_id")
+    sp.add_argument("tracks", type=int, nargs="+", metavar="TRACK")
+    ls = what.add_parser("list", help="the movie's edits, oldest first")
+    ls.add_argument("movie_id")
+    for parser_ in (n, m, sp):
+        parser_.add_argument("--note", help="why (stored with the edit)")
+
     args = parser.parse_args(argv)
     try:
         return {
@@ -96,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             "export": _export,
             "cluster-tracks": _cluster_tracks,
             "evaluate": _evaluate,
+            "label": _label,
         }[args.command](args)
     except (VcnError, OSError, ValueError) as exc:
         print(f"vcn {args.command}: error: {exc}", file=sys.stderr)
@@ -355,6 +376,44 @@ def _write_trackset_report(directory: Path, out_dir: Path, result: TracksetClust
     left_out = len(result.track_ids) - len(shown)
     note = f" ({left_out} problem tracks without crops not shown)" if left_out else ""
     print(f"wrote report {report.html}{note}")
+
+
+def _label(args: argparse.Namespace) -> int:
+    from vcn.warehouse import Warehouse
+    from vcn_assets.settings import Settings
+
+    wh = Warehouse(str(Settings.from_env().warehouse))
+    if args.action == "list":
+        edits = wh.query(
+            "SELECT created_at, action, tracks, name, note FROM cluster_edits WHERE movie_id = $1 ORDER BY created_at",
+            [args.movie_id],
+        )
+        print(edits if edits.height else f"movie {args.movie_id!r} has no edits")
+        return 0
+    if args.action == "split":
+        tracks = args.tracks
+    else:
+        clusters = [args.cluster] if args.action == "name" else args.clusters
+        if args.action == "merge" and len(set(clusters)) < 2:
+            raise ValueError("merge needs at least two different clusters")
+        found = wh.query(
+            "SELECT cluster, list(track_id ORDER BY track_id) AS tracks FROM latest_clusters "
+            "WHERE movie_id = $1 AND cluster IN (SELECT unnest($2::BIGINT[])) GROUP BY cluster",
+            [args.movie_id, clusters],
+        )
+        missing = sorted(set(clusters) - set(found["cluster"].to_list()))
+        if missing:
+            raise ValueError(f"movie {args.movie_id!r} has no clusters {missing} in its latest clustering")
+        tracks = sorted(t for ts in found["tracks"].to_list() for t in ts)
+    skipped = wh.add_cluster_edit(args.movie_id, args.action, tracks, getattr(args, "name", None), args.note)
+    for line in skipped:
+        print(f"vcn label: warning: an earlier edit no longer applies: {line}", file=sys.stderr)
+    people = wh.query(
+        "SELECT cluster, name, tracks FROM people WHERE movie_id = $1 ORDER BY tracks DESC, cluster", [args.movie_id]
+    )
+    print(f"{args.action} recorded for movie {args.movie_id!r} ({len(tracks)} tracks); its people now:")
+    print(people)
+    return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:

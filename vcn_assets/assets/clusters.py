@@ -14,7 +14,7 @@ from vcn.clustering import UNKNOWN, cluster_movie
 from vcn.crops import encode_jpeg, read_crop_images
 from vcn.embeddings import read_kept_chips
 from vcn.files import atomic_path
-from vcn.identities import stable_cluster_ids
+from vcn.identities import apply_edits, stable_cluster_ids
 from vcn.report import ClusterReport, write_cluster_report
 from vcn.trackset import on_screen_together
 from vcn.warehouse import utcnow
@@ -31,6 +31,8 @@ FACE_CLUSTERS_SCHEMA = {
     "movie_id": pl.String,
     "track_id": pl.Int64,
     "cluster": pl.Int64,
+    "name": pl.String,
+    "auto_cluster": pl.Int64,
     "quality": pl.Float32,
     "low_quality": pl.Boolean,
     "model_version": pl.String,
@@ -109,13 +111,19 @@ def face_clusters(
 
         # Keep the cluster ids of the movie's previous clustering where the clusters match.
         previous = wh.latest_clusters(movie_id)
-        labels = stable_cluster_ids(track_ids, result.labels, previous)
+        automatic = stable_cluster_ids(track_ids, result.labels, previous)
+        # Then the analysts' edits (vcn label), which no clustering overwrites.
+        labels, names, skipped = apply_edits(track_ids, automatic, wh.cluster_edits(movie_id), pairs)
+        for line in skipped:
+            context.log.warning(f"analyst edit not applied: {line}")
         n = len(track_ids)
         table = pl.DataFrame(
             {
                 "movie_id": [movie_id] * n,
                 "track_id": track_ids,
                 "cluster": labels,
+                "name": [names.get(int(c)) for c in labels.tolist()],
+                "auto_cluster": automatic,
                 "quality": result.track_quality.astype(np.float32),
                 "low_quality": result.low_quality,
                 "model_version": [model_version] * n,
@@ -126,6 +134,7 @@ def face_clusters(
             schema=FACE_CLUSTERS_SCHEMA,
         ).with_columns(
             pl.when(pl.col("cluster") != UNKNOWN).then(pl.col("cluster")).alias("cluster"),
+            pl.when(pl.col("auto_cluster") != UNKNOWN).then(pl.col("auto_cluster")).alias("auto_cluster"),
             pl.col("quality").fill_nan(None),
         )
         report, thumbnails = _write_report(store, movie_id, table)
@@ -141,8 +150,9 @@ def face_clusters(
             "model_version": model_version,
             "cannot_link": config.cannot_link,
             "dissimilarity": result.dissimilarity,
-            "ids_kept_from_previous_run": len(set(labels[labels != UNKNOWN].tolist()) & set(previous.values())),
-            "n_clusters": result.n_clusters,
+            "ids_kept_from_previous_run": len(set(automatic[automatic != UNKNOWN].tolist()) & set(previous.values())),
+            "analyst_edits_skipped": len(skipped),
+            "n_clusters": len(sizes),
             "n_unknown": result.n_unknown,
             "rounds": result.clustering.rounds,
         }
@@ -150,7 +160,7 @@ def face_clusters(
     return dg.MaterializeResult(
         metadata={
             "n_tracks": table.height,
-            "n_clusters": result.n_clusters,
+            "n_clusters": len(sizes),
             "n_unknown": result.n_unknown,
             "n_low_quality": int(result.low_quality.sum()),
             "quality_cut": cut,
