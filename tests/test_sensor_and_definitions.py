@@ -70,7 +70,9 @@ def test_definitions_load_with_every_asset_and_check():
     }
     job = defs.resolve_job_def("process_movie")
     assert job.partitions_def is not None and job.partitions_def.name == "movies"
-    assert {s.name for s in defs.sensors} == {"inbox_sensor"}
+    assert {s.name for s in defs.sensors} == {"inbox_sensor", "model_update_sensor"}
+    assert {s.name for s in defs.schedules} == {"weekly_recluster"}
+    assert defs.resolve_job_def("recluster_movie").partitions_def.name == "movies"
 
 
 @pytest.mark.slow

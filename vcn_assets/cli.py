@@ -87,6 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--json", metavar="OUT_JSON", help="also write the scores as JSON to this file")
     v.add_argument("--format", choices=["table", "json"], default="table", help="what to print on stdout")
 
+    mo = sub.add_parser("model", help="the base face-ID model: register a new one, list them, re-cluster after a change")
+    mact = mo.add_subparsers(dest="action", required=True)
+    reg = mact.add_parser("register", help="make a model the base model of every movie (their clusters go stale)")
+    reg.add_argument("--name", default="dlib-resnet", help="backbone: dlib-resnet (default), iresnet18/34/50/100, onnx")
+    reg.add_argument("--checkpoint", help="weights: a path or s3:// URI (dlib-resnet: its .dat or a state dict)")
+    mact.add_parser("list", help="registered models, the current one last")
+    mact.add_parser("recluster", help="re-cluster now, in this process, every movie clustered with an older base model")
+
     lab = sub.add_parser(
         "label",
         help="name, merge or split a movie's clusters; kept in their own table, applied by every later clustering",
@@ -117,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             "cluster-tracks": _cluster_tracks,
             "evaluate": _evaluate,
             "label": _label,
+            "model": _model,
         }[args.command](args)
     except (VcnError, OSError, ValueError) as exc:
         print(f"vcn {args.command}: error: {exc}", file=sys.stderr)
@@ -376,6 +385,68 @@ def _write_trackset_report(directory: Path, out_dir: Path, result: TracksetClust
     left_out = len(result.track_ids) - len(shown)
     note = f" ({left_out} problem tracks without crops not shown)" if left_out else ""
     print(f"wrote report {report.html}{note}")
+
+
+def _model(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from resources import BackboneResource
+    from vcn.warehouse import Warehouse
+    from vcn_assets.assets.models import BASE_MODEL_FILE, base_model
+    from vcn_assets.definitions import build_resources
+    from vcn_assets.partitions import movies
+    from vcn_assets.sensors import stale_movies
+    from vcn_assets.settings import Settings
+
+    settings = Settings.from_env().prepare()
+    resources = build_resources(settings)
+    store = resources["store"]
+    if args.action == "list":
+        print(Warehouse(str(settings.warehouse)).query("SELECT * FROM models ORDER BY registered_at"))
+        current = store.read_model_json(BASE_MODEL_FILE)
+        print(f"current base model: {current['version'] if current else 'none registered'}")
+        return 0
+    log_config = {"loggers": {"console": {"config": {"log_level": os.environ.get("VCN_LOG_LEVEL", "WARNING")}}}}
+    with dg.DagsterInstance.get() as instance:
+        movie_ids = instance.get_dynamic_partitions(movies.name)
+        if args.action == "register":
+            before = store.read_model_json(BASE_MODEL_FILE)
+            backbone = BackboneResource(name=args.name, checkpoint=args.checkpoint, registry=resources["backbone"].registry)
+            backbone.load()  # refuse a bad checkpoint before anything is recorded
+            result = dg.materialize(
+                [base_model], instance=instance, resources={**resources, "backbone": backbone}, raise_on_error=False,
+                run_config=log_config,
+            )
+            if not result.success:
+                return _report_failure(result)
+            after = store.read_model_json(BASE_MODEL_FILE)
+            _, stale = stale_movies(store, resources["warehouse"], movie_ids)
+            was = before["version"] if before else "none"
+            print(f"registered {after['name']} {after['version']} as the base model (was {was})")
+            print(f"{len(stale)} movie(s) clustered with an older model: {', '.join(stale) or '-'}; the model_update "
+                  "sensor re-clusters them (vcn ui), or run `vcn model recluster` now")
+            return 0
+        # recluster
+        version, stale = stale_movies(store, resources["warehouse"], movie_ids)
+        if not stale:
+            print(f"every clustered movie is on base model {version}")
+            return 0
+        from vcn_assets.assets.clusters import face_clusters
+        from vcn_assets.assets.models import finetuned_model, track_embeddings
+        from vcn_assets.checks import checks
+
+        model_checks = [c for c in checks if next(iter(c.check_keys)).asset_key in {finetuned_model.key, face_clusters.key}]
+        for movie_id in stale:
+            started = time.monotonic()
+            result = dg.materialize(
+                [finetuned_model, track_embeddings, face_clusters, *model_checks],
+                partition_key=movie_id, instance=instance, resources=resources, raise_on_error=False,
+                run_config=log_config, tags={"vcn/base_model": version, "vcn/pool": "models"},
+            )
+            if not result.success:
+                return _report_failure(result)
+            print(f"re-clustered {movie_id} on {version} in {time.monotonic() - started:.1f} s (run {result.run_id})")
+    return 0
 
 
 def _label(args: argparse.Namespace) -> int:

@@ -6,20 +6,21 @@ import dagster as dg
 
 from resources import ArtifactStore, BackboneResource, DetectorResource, WarehouseResource
 from vcn_assets.assets.clusters import cluster_assets
-from vcn_assets.assets.models import model_assets
+from vcn_assets.assets.models import BASE_MODEL_FILE, model_assets
 from vcn_assets.assets.preprocess import preprocess_assets
 from vcn_assets.checks import checks
-from vcn_assets.jobs import process_movie_job
-from vcn_assets.sensors import inbox_sensor
+from vcn_assets.jobs import process_movie_job, recluster_movie_job
+from vcn_assets.sensors import inbox_sensor, model_update_sensor, weekly_recluster
 from vcn_assets.settings import Settings
 
 
 def build_resources(settings: Settings) -> dict:
+    store = ArtifactStore(base_dir=str(settings.artifacts))
     return {
-        "store": ArtifactStore(base_dir=str(settings.artifacts)),
+        "store": store,
         "warehouse": WarehouseResource(path=str(settings.warehouse)),
         "detector": DetectorResource(),
-        "backbone": BackboneResource(),
+        "backbone": BackboneResource(registry=str(store.model_path(BASE_MODEL_FILE))),
     }
 
 
@@ -28,8 +29,9 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=[*preprocess_assets, *model_assets, *cluster_assets],
         asset_checks=checks,
-        jobs=[process_movie_job],
-        sensors=[inbox_sensor],
+        jobs=[process_movie_job, recluster_movie_job],
+        sensors=[inbox_sensor, model_update_sensor],
+        schedules=[weekly_recluster],
         resources=build_resources(settings),
     )
 

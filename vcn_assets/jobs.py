@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import dagster as dg
 
+#: Run tag that the instance's run queue limits (dagster.yaml: one such run at a time), so
+#: that re-clustering every movie after a model update never floods the machine.
+MODEL_POOL_TAG = {"vcn/pool": "models"}
+
 process_movie_job = dg.define_asset_job(
     name="process_movie",
     selection=dg.AssetSelection.groups("preprocess") | dg.AssetSelection.assets("finetuned_model", "track_embeddings", "face_clusters"),
     description="Everything per movie: shots, frames, face detections, tracks, aligned crops, the finetuned model, "
     "embeddings, clusters.",
+)
+
+recluster_movie_job = dg.define_asset_job(
+    name="recluster_movie",
+    selection=dg.AssetSelection.assets("finetuned_model", "track_embeddings", "face_clusters"),
+    tags=MODEL_POOL_TAG,
+    description="A movie's model-dependent assets again (finetuned model, embeddings, clusters) on the current base "
+    "model; its preprocessing is kept. Launched after a model registration and by the weekly schedule.",
 )

@@ -1,12 +1,13 @@
-"""The inbox sensor: every new video dropped in the inbox becomes a movie partition and a run."""
+"""Sensors and schedules: the inbox (every new video becomes a movie partition and a run), re-clustering
+after a base model update, and the weekly full re-cluster."""
 
 import json
 from pathlib import Path
 
 import dagster as dg
 
-from resources import ArtifactStore
-from vcn_assets.jobs import process_movie_job
+from resources import ArtifactStore, WarehouseResource
+from vcn_assets.jobs import MODEL_POOL_TAG, process_movie_job, recluster_movie_job
 from vcn_assets.partitions import movie_slug, movies
 from vcn_assets.settings import Settings
 
@@ -55,3 +56,60 @@ def inbox_sensor(context: dg.SensorEvaluationContext, store: ArtifactStore) -> d
         dynamic_partitions_requests=[movies.build_add_request(keys)],
         cursor=json.dumps(sorted(keys)),
     )
+
+
+def stale_movies(store: ArtifactStore, warehouse: WarehouseResource, movie_ids: list[str]) -> tuple[str | None, list[str]]:
+    """The registered base model version, and the clustered movies whose latest clustering used another one.
+
+    Movies never clustered are left to their processing run.
+    """
+    from vcn_assets.assets.models import BASE_MODEL_FILE
+
+    registered = store.read_model_json(BASE_MODEL_FILE)
+    if registered is None or not movie_ids:
+        return None if registered is None else registered["version"], []
+    version = registered["version"]
+    wh = warehouse.get()
+    try:
+        latest = wh.query(
+            "SELECT movie_id, arg_max(base_model_version, clustered_at) AS base FROM clustering_lineage GROUP BY movie_id"
+        )
+    except Exception:  # no warehouse or no clustering yet: nothing is stale
+        return version, []
+    base_of = dict(latest.iter_rows())
+    return version, [m for m in movie_ids if m in base_of and base_of[m] != version]
+
+
+@dg.sensor(job=recluster_movie_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
+def model_update_sensor(
+    context: dg.SensorEvaluationContext, store: ArtifactStore, warehouse: WarehouseResource
+) -> dg.SensorResult | dg.SkipReason:
+    """After a new base model is registered, re-clusters every movie clustered with an older one.
+
+    The finetuned model, embeddings and clusters of each such movie are rebuilt
+    (job ``recluster_movie``, one run per movie, at most one at a time through
+    the run queue's ``vcn/pool`` limit); the older clusters stay in the warehouse
+    under their own model version.
+    """
+    version, stale = stale_movies(store, warehouse, context.instance.get_dynamic_partitions(movies.name))
+    if version is None:
+        return dg.SkipReason("no base model is registered yet")
+    if not stale:
+        return dg.SkipReason(f"every clustered movie is on base model {version}")
+    context.log.info(f"base model {version}: re-clustering {len(stale)} movie(s): {', '.join(stale)}")
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(partition_key=m, run_key=f"model:{version}:{m}", tags={**MODEL_POOL_TAG, "vcn/base_model": version})
+            for m in stale
+        ]
+    )
+
+
+@dg.schedule(job=recluster_movie_job, cron_schedule="0 3 * * 0", default_status=dg.DefaultScheduleStatus.STOPPED)
+def weekly_recluster(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest] | dg.SkipReason:
+    """Every Sunday at 03:00, re-clusters every movie (off by default: turn it on in the UI)."""
+    keys = context.instance.get_dynamic_partitions(movies.name)
+    if not keys:
+        return dg.SkipReason("no movies yet")
+    stamp = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
+    return [dg.RunRequest(partition_key=m, run_key=f"weekly:{stamp}:{m}", tags=MODEL_POOL_TAG) for m in keys]

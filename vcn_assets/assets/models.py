@@ -29,7 +29,7 @@ def base_model(
     record = {
         "name": model.name,
         "version": model.version,
-        "checkpoint": backbone.checkpoint,
+        "checkpoint": backbone.choice()[1],
         "dim": model.dim,
         "input_size": model.input_size,
         "template": model.template,
