@@ -148,13 +148,15 @@ def _clusters(clusters: list[int | None], run_id: str, at_minutes: int) -> pl.Da
         {
             "track_id": list(range(n)),
             "cluster": clusters,
+            "name": [None] * n,
+            "auto_cluster": clusters,
             "quality": [0.5 + 0.01 * i for i in range(n)],
             "low_quality": [False] * n,
             "run_id": [run_id] * n,
             "clustered_at": [utcnow() + timedelta(minutes=at_minutes)] * n,
             "thumbnail": [f"/thumbs/{i}.jpg" for i in range(n)],
         },
-        schema_overrides={"cluster": pl.Int64},
+        schema_overrides={"cluster": pl.Int64, "auto_cluster": pl.Int64, "name": pl.String},
     )
 
 
