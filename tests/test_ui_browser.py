@@ -30,6 +30,8 @@ pytestmark = pytest.mark.slow
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 MOVIE = "hamilton-ui"
+#: Movies of the backfill test (the same clip under three ids).
+BACKFILL = ("bf-one", "bf-two", "bf-three")
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,8 @@ def ui(tmp_path_factory):
     env = dict(os.environ, VCN_HOME=str(home), DAGSTER_HOME=str(home / "dagster"))
     # Register the movie as `vcn process` would, without processing it.
     subprocess.run(
-        [sys.executable, "-c", _REGISTER, str(HAMILTON), MOVIE], env=env, check=True, capture_output=True, timeout=120
+        [sys.executable, "-c", _REGISTER, str(HAMILTON), MOVIE, *BACKFILL], env=env, check=True, capture_output=True,
+        timeout=120,
     )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,9 +83,10 @@ from vcn_assets.definitions import build_resources
 from vcn_assets.settings import Settings
 settings = Settings.from_env().prepare()
 store = build_resources(settings)["store"]
-store.register_movie(sys.argv[2], sys.argv[1])
+for movie in sys.argv[2:]:
+    store.register_movie(movie, sys.argv[1])
 with dg.DagsterInstance.get() as instance:
-    instance.add_dynamic_partitions("movies", [sys.argv[2]])
+    instance.add_dynamic_partitions("movies", sys.argv[2:])
 """
 
 
@@ -184,3 +188,53 @@ def test_a_run_launched_through_the_webserver_completes(ui, browser):
     wh = Warehouse(str(home / "warehouse.duckdb"))
     assert wh.query("SELECT count(*) FROM face_clusters WHERE movie_id = $1", [MOVIE]).item() > 0
     shutil.rmtree(home / "chromium-profile", ignore_errors=True)
+
+
+def test_backfill_of_three_movies_runs_without_warehouse_lock_errors(ui):
+    """A backfill over three partitions, launched through the webserver: the daemon runs them two at a
+    time (the run queue's limit), all sharing one DuckDB warehouse."""
+    url, home = ui
+    launched = _graphql(
+        url,
+        """
+        mutation Backfill($params: LaunchBackfillParams!) {
+          launchPartitionBackfill(backfillParams: $params) {
+            __typename
+            ... on LaunchBackfillSuccess { backfillId }
+            ... on PythonError { message }
+          }
+        }
+        """,
+        {
+            "params": {
+                "selector": {
+                    "partitionSetName": "process_movie_partition_set",
+                    "repositorySelector": {"repositoryLocationName": "vcn", "repositoryName": "__repository__"},
+                },
+                "partitionNames": list(BACKFILL),
+            }
+        },
+    )["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    backfill = launched["backfillId"]
+    runs_query = """
+        query($tags: [ExecutionTag!]) {
+          runsOrError(filter: {tags: $tags}) { ... on Runs { results { runId status tags { key value } } } }
+        }
+    """
+    deadline, runs = time.monotonic() + 900, []
+    while time.monotonic() < deadline:
+        runs = _graphql(url, runs_query, {"tags": [{"key": "dagster/backfill", "value": backfill}]})["runsOrError"]["results"]
+        if len(runs) == len(BACKFILL) and all(r["status"] in ("SUCCESS", "FAILURE", "CANCELED") for r in runs):
+            break
+        time.sleep(3)
+    statuses = {next(t["value"] for t in r["tags"] if t["key"] == "dagster/partition"): r["status"] for r in runs}
+    assert statuses == dict.fromkeys(BACKFILL, "SUCCESS"), f"{statuses}: {(home / 'ui.log').read_text()[-3000:]}"
+
+    from vcn.warehouse import Warehouse
+
+    wh = Warehouse(str(home / "warehouse.duckdb"))
+    movies = wh.query("SELECT DISTINCT movie_id FROM face_clusters ORDER BY 1")["movie_id"].to_list()
+    assert set(BACKFILL) <= set(movies)
+    log = (home / "ui.log").read_text().lower()
+    assert "warehousebusyerror" not in log and "could not set lock" not in log
