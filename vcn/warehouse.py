@@ -292,10 +292,7 @@ class Warehouse:
         if not Path(self.path).exists():
             return {}
         with self.reader() as con:
-            exists = con.execute(
-                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'face_clusters'"
-            ).fetchone()[0]
-            if not exists:
+            if not _has_columns(con, "face_clusters", set()):
                 return {}
             # The automatic ids (before analysts' edits, which every run applies again on top).
             column = "auto_cluster" if _has_columns(con, "face_clusters", {"auto_cluster"}) else "cluster"
@@ -312,21 +309,10 @@ class Warehouse:
 
     def cluster_edits(self, movie_id: str) -> list:
         """The analysts' edits of a movie (:class:`vcn.identities.Edit`), oldest first; none without a warehouse."""
-        from vcn.identities import Edit
-
         if not Path(self.path).exists():
             return []
         with self.reader() as con:
-            exists = con.execute(
-                "SELECT count(*) FROM information_schema.tables WHERE table_name = 'cluster_edits'"
-            ).fetchone()[0]
-            if not exists:
-                return []
-            rows = con.execute(
-                "SELECT action, tracks, name FROM cluster_edits WHERE movie_id = $1 ORDER BY created_at, edit_id",
-                [movie_id],
-            ).fetchall()
-        return [Edit(action, tuple(int(t) for t in tracks), name) for action, tracks, name in rows]
+            return _edits(con, movie_id) if _has_columns(con, "cluster_edits", set()) else []
 
     def add_cluster_edit(self, movie_id: str, action: str, tracks: list[int], name: str | None = None,
                          note: str | None = None) -> list[str]:
@@ -378,11 +364,7 @@ class Warehouse:
                  if a in position and b in position],
                 dtype=np.int64,
             ).reshape(-1, 2)
-            rows = con.execute(
-                "SELECT action, tracks, name FROM cluster_edits WHERE movie_id = $1 ORDER BY created_at, edit_id",
-                [movie_id],
-            ).fetchall()
-            edits = [Edit(a, tuple(int(t) for t in ts), n) for a, ts, n in rows]
+            edits = _edits(con, movie_id)
             auto = latest["auto_cluster"].fill_null(UNKNOWN).to_numpy()
             new = Edit(action, tuple(int(t) for t in tracks), name)
             _, _, before = apply_edits(track_ids, auto, edits, pairs)
@@ -436,7 +418,18 @@ def _create_views(con: Any) -> None:
                 log.warning("warehouse view %s not (re)created: %s", name, exc)
 
 
+def _edits(con: Any, movie_id: str) -> list:
+    """The movie's rows of ``cluster_edits`` as :class:`vcn.identities.Edit`, oldest first."""
+    from vcn.identities import Edit
+
+    rows = con.execute(
+        "SELECT action, tracks, name FROM cluster_edits WHERE movie_id = $1 ORDER BY created_at, edit_id", [movie_id]
+    ).fetchall()
+    return [Edit(action, tuple(int(t) for t in tracks), name) for action, tracks, name in rows]
+
+
 def _has_columns(con: Any, table: str, columns: set[str]) -> bool:
+    """Whether ``table`` exists with (at least) ``columns``; an empty set asks only whether it exists."""
     found = {
         row[0]
         for row in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 
 from resources import ArtifactStore, WarehouseResource
 from vcn_assets.jobs import MODEL_POOL_TAG, process_movie_job, recluster_movie_job
@@ -74,7 +75,7 @@ def stale_movies(store: ArtifactStore, warehouse: WarehouseResource, movie_ids: 
         latest = wh.query(
             "SELECT movie_id, arg_max(base_model_version, clustered_at) AS base FROM clustering_lineage GROUP BY movie_id"
         )
-    except Exception:  # no warehouse or no clustering yet: nothing is stale
+    except (FileNotFoundError, duckdb.CatalogException):  # no warehouse, or no clustering yet: nothing is stale
         return version, []
     base_of = dict(latest.iter_rows())
     return version, [m for m in movie_ids if m in base_of and base_of[m] != version]

@@ -168,9 +168,6 @@ def adapt(
     crop_track = np.asarray(crop_track)
     if labels is not None and len(labels) != n_tracks:
         raise ValueError(f"labels must give one identity per track ({n_tracks}), got {len(labels)}")
-    # The parameters the caller's model leaves trainable; train_round returns its
-    # student frozen, so each round's starting copy gets these flags back.
-    trainable = {name for name, p in backbone.module.named_parameters() if p.requires_grad}
 
     # With a view bank the trunk never trains: bank its views once for all rounds.
     bank = prepare_bank(backbone, chips, crop_track, config.train) if config.train.view_bank else None
@@ -211,7 +208,8 @@ def adapt(
             break
 
         # Match tracks in the finetuned embedding space, for the next round's pairs.
-        current = _with_module(backbone, result.backbone, trainable)
+        # train_round returns its student frozen: the next round starts from a copy with the caller's flags.
+        current = with_module(backbone, result.backbone)
         if bank is not None:
             embeddings, embedded_track = _bank_embeddings(current.module, bank), crop_track[bank.crops]
         else:
@@ -235,25 +233,24 @@ def adapt(
 
 def _bank_embeddings(module: nn.Module, bank: ViewBank) -> np.ndarray:
     """Unit-length embeddings of the banked crops as they are (view 0), through ``module``'s tail."""
-    import torch
+    from vcn.selfsup.bank import tail_outputs
 
-    device = next(module.parameters()).device
-    with torch.inference_mode():
-        out = torch.cat([
-            module.forward_tail(bank.features[i : i + 512, 0].to(device, torch.float32)).float().cpu()
-            for i in range(0, len(bank.crops), 512)
-        ]).numpy()
+    out = tail_outputs(module, bank).cpu().numpy()
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
 
-def _with_module(backbone: Backbone, module: nn.Module, trainable: set[str]) -> Backbone:
-    """A shallow copy of ``backbone`` running a copy of ``module``, with the original trainable flags."""
+def with_module(backbone: Backbone, module: nn.Module, version: str | None = None) -> Backbone:
+    """A shallow copy of ``backbone`` running a copy of ``module`` (with ``backbone.module``'s trainable
+    flags, name by name), under ``version`` if given."""
+    trainable = {name for name, p in backbone.module.named_parameters() if p.requires_grad}
     module = copy.deepcopy(module)
     for name, p in module.named_parameters():
         p.requires_grad_(name in trainable)
     out = copy.copy(backbone)
     out.module = module
     out.device = str(next(module.parameters()).device)
+    if version is not None:
+        out.version = version
     return out
 
 

@@ -86,6 +86,20 @@ class ViewBank:
         return self.features[rows, views].to(device=device, dtype=torch.float32)
 
 
+def tail_outputs(module: torch.nn.Module, bank: ViewBank, view: int = 0, batch_size: int = 512) -> torch.Tensor:
+    """``module.forward_tail`` of one view of every banked crop: (N, D) float32 on the module's device, no gradients.
+
+    View 0 (the chips as they are) gives the model's own outputs for the crops.
+    """
+    device = next(module.parameters()).device
+    with torch.inference_mode():
+        parts = [
+            module.forward_tail(bank.features[i : i + batch_size, view].to(device, torch.float32)).float()
+            for i in range(0, len(bank.crops), batch_size)
+        ]
+    return torch.cat(parts) if parts else torch.zeros((0, 0), device=device)
+
+
 def bank_crops(crop_track: np.ndarray, n_views: int, bytes_per_view: int, max_bytes: int) -> np.ndarray:
     """The crops to bank: all of them if they fit ``max_bytes``, else the most per track that fit.
 

@@ -12,7 +12,6 @@ of the base backbone it was trained from.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vcn.errors import VcnError
-from vcn.selfsup.adapt import AdaptConfig, AdaptResult, adapt
+from vcn.selfsup.adapt import AdaptConfig, AdaptResult, adapt, with_module
 from vcn.selfsup.trainer import TrainConfig
 
 if TYPE_CHECKING:
@@ -296,9 +295,9 @@ def load_finetuned(path: str | os.PathLike[str], base: Backbone) -> FinetunedMod
     dims = json.loads(metadata["head"])
     head = ProjectionHead(dims["in_dim"], hidden_dim=dims["hidden_dim"], bottleneck_dim=dims["bottleneck_dim"],
                           out_dim=dims["out_dim"])
-    module = copy.deepcopy(base.module)
+    tuned = with_module(base, base.module, metadata["version"])
     try:
-        module.load_state_dict({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")})
+        tuned.module.load_state_dict({k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")})
         head.load_state_dict({k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")})
     except RuntimeError as error:
         raise FinetuneError(f"{path}: weights do not fit {base.name}: {error}") from error
@@ -307,7 +306,7 @@ def load_finetuned(path: str | os.PathLike[str], base: Backbone) -> FinetunedMod
     if collapse:
         collapse.pop("loss_ratio", None)
     return FinetunedModel(
-        backbone=_backbone_with(base, module.to(base.device).eval(), metadata["version"]),
+        backbone=tuned,
         head=head.eval(),
         center=tensors["center"].numpy().astype(np.float64),
         student_temperature=float(student_t),
@@ -364,13 +363,9 @@ def finetune_movie(
         backbone, chips, crop_track, n_tracks, cannot_link=cannot_link, config=mode.config, labels=labels,
         progress=progress,
     )
-    trainable = {name for name, p in backbone.module.named_parameters() if p.requires_grad}
-    module = copy.deepcopy(result.backbone)
-    for name, p in module.named_parameters():
-        p.requires_grad_(name in trainable)
     head = result.head.cpu().eval()
-    version = f"{backbone.version}-ft-{_digest(_state(module, head))}"
-    tuned = _backbone_with(backbone, module.eval(), version)
+    version = f"{backbone.version}-ft-{_digest(_state(result.backbone, head))}"
+    tuned = with_module(backbone, result.backbone.eval(), version)
 
     # Collapse diagnostics on (a sample of) the movie's crops.
     sample = np.unique(np.linspace(0, len(chips) - 1, min(len(chips), 2048)).astype(np.int64))
@@ -418,12 +413,3 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
         sha.update(key.encode())
         sha.update(tensors[key].float().numpy().tobytes())
     return sha.hexdigest()[:12]
-
-
-def _backbone_with(base: Backbone, module: torch.nn.Module, version: str) -> Backbone:
-    """A shallow copy of ``base`` running ``module`` under ``version``."""
-    out = copy.copy(base)
-    out.module = module
-    out.version = version
-    out.device = str(next(module.parameters()).device)
-    return out

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from vcn.selfsup.augment import FaceAugment
-from vcn.selfsup.bank import ViewBank, bank_crops, build_view_bank, trunk_bytes_per_view
+from vcn.selfsup.bank import ViewBank, bank_crops, build_view_bank, tail_outputs, trunk_bytes_per_view
 from vcn.selfsup.ema import make_teacher, momentum_schedule, update_teacher
 from vcn.selfsup.head import ProjectionHead
 from vcn.selfsup.loss import SelfDistillationLoss
@@ -305,11 +305,7 @@ def train_round(
             raise ValueError(f"the view bank ({bank.n_views} views) does not fit these chips and settings")
         crop_track = crop_track[bank.crops]
         student = Student(Tail(module), head).to(device)
-        with torch.inference_mode():
-            outputs = torch.cat([
-                module.forward_tail(bank.features[i : i + 512, 0].to(device, torch.float32))
-                for i in range(0, len(bank.crops), 512)
-            ])
+        outputs = tail_outputs(module, bank)
     else:
         bank = None
         student = Student(module, head).to(device)
