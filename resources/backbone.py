@@ -8,6 +8,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from resources.artifact_store import s3_client
+from vcn.objectstore import S3Objects, is_s3_uri, split_s3_uri
+
 
 class BackboneResource(dg.ConfigurableResource):
     """Which pretrained face-ID model embeds the crops, and where it runs.
@@ -25,8 +28,10 @@ class BackboneResource(dg.ConfigurableResource):
     )
     checkpoint: str | None = Field(default=None, description="Checkpoint path or s3:// URI (required except for dlib-resnet).")
     registry: str | None = Field(
-        default=None, description="The model registry's record of the current base model (base_model.json)."
+        default=None, description="The model registry's record of the current base model (base_model.json; a path or s3:// URI)."
     )
+    s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint of an s3:// registry; None: AWS_ENDPOINT_URL or AWS.")
+    s3_region: str | None = Field(default=None, description="S3 region; None: AWS_REGION / AWS_DEFAULT_REGION.")
     device: str | None = Field(default=None, description="'cpu', 'cuda' or None to use CUDA when present.")
     batch_size: int = Field(default=256, description="Crops per forward pass.")
 
@@ -34,10 +39,21 @@ class BackboneResource(dg.ConfigurableResource):
         """(name, checkpoint) of the model this resource loads."""
         if self.name is not None:
             return self.name, self.checkpoint
-        if self.registry and Path(self.registry).is_file():
-            record = json.loads(Path(self.registry).read_text())
+        record = self.registered()
+        if record is not None:
             return record["name"], record.get("checkpoint")
         return "dlib-resnet", self.checkpoint
+
+    def registered(self) -> dict | None:
+        """The registry's record of the current base model, if one was registered."""
+        if not self.registry:
+            return None
+        if is_s3_uri(self.registry):
+            bucket, key = split_s3_uri(self.registry)
+            data = S3Objects(s3_client(self.s3_endpoint_url, self.s3_region), bucket).get_bytes(key)
+            return None if data is None else json.loads(data)
+        path = Path(self.registry)
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def load(self):
         from vcn.backbone import load_backbone

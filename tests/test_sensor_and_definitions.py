@@ -38,7 +38,7 @@ def test_new_inbox_videos_skips_known_hidden_and_non_videos(tmp_path):
     for name in ("My Movie.mp4", "my_movie.mkv", "notes.txt", ".partial.mp4", "Old.mov"):
         (inbox / name).write_bytes(b"x")
     found = new_inbox_videos(inbox, {"old": str(inbox / "Old.mov")})
-    assert [(k, p.name) for k, p in found] == [("my-movie", "My Movie.mp4"), ("my-movie-2", "my_movie.mkv")]
+    assert [(k, Path(p).name) for k, p in found] == [("my-movie", "My Movie.mp4"), ("my-movie-2", "my_movie.mkv")]
 
 
 def test_inbox_sensor_adds_partitions_and_run_requests(tmp_path, monkeypatch):

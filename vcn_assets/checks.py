@@ -1,7 +1,5 @@
 """Asset checks: invariants of the per-movie outputs, verified after each materialisation."""
 
-import json
-
 import dagster as dg
 import polars as pl
 
@@ -89,7 +87,7 @@ def clusters_cover_tracks(
     "rank stayed above half the pretrained model's on the same crops. A collapsed model never embeds the movie.",
 )
 def finetune_not_collapsed(context: dg.AssetCheckExecutionContext, store: ArtifactStore) -> dg.AssetCheckResult:
-    record = json.loads(store.path(context.partition_key, FINETUNED_MODEL_FILE).read_text())
+    record = store.read_json(context.partition_key, FINETUNED_MODEL_FILE)
     passed, metadata = collapse_verdict(record)
     return dg.AssetCheckResult(passed=passed, metadata=metadata)
 

@@ -15,10 +15,10 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from vcn.errors import VcnError
+from vcn.errors import VcnError, VideoError
 from vcn.files import atomic_path
 
 if TYPE_CHECKING:
@@ -137,9 +137,13 @@ def _process(args: argparse.Namespace) -> int:
     from vcn_assets.partitions import movie_slug, validate_movie_id
     from vcn_assets.settings import Settings
 
-    video = Path(args.video)
-    info = probe_video(video)  # refuse bad input before anything is registered
+    from vcn.objectstore import is_s3_uri
+
+    remote = is_s3_uri(args.video)
+    video = PurePosixPath(args.video[len("s3://"):]) if remote else Path(args.video)
     movie_id = validate_movie_id(args.movie_id) if args.movie_id else movie_slug(video.stem)
+    if not remote:
+        info = probe_video(video)  # refuse bad input before anything is registered
     settings = Settings.from_env().prepare()
 
     import dagster as dg
@@ -153,10 +157,17 @@ def _process(args: argparse.Namespace) -> int:
 
     resources = build_resources(settings)
     store = resources["store"]
+    store.check()  # a missing bucket or rejected credentials stop here, before anything is written
+    source = args.video if remote else str(video.resolve())
+    if remote:
+        try:
+            info = probe_video(store.fetch_source(movie_id, source))
+        except VideoError as error:  # name the object, not its copy in the cache
+            raise type(error)(source, error.reason) from None
     registered = store.registered_sources().get(movie_id)
-    if registered and Path(registered).resolve() != video.resolve():
+    if registered and registered != source:
         raise ValueError(f"movie id {movie_id!r} is already registered for {registered}; pass another --movie-id")
-    store.register_movie(movie_id, str(video.resolve()))
+    store.register_movie(movie_id, source)
 
     started = time.monotonic()
     log_config = {"loggers": {"console": {"config": {"log_level": os.environ.get("VCN_LOG_LEVEL", "WARNING")}}}}
@@ -287,10 +298,10 @@ def _sql(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import polars as pl
 
+    from vcn_assets.definitions import build_resources
     from vcn_assets.settings import Settings
-    from resources import ArtifactStore
 
-    store = ArtifactStore(base_dir=str(Settings.from_env().artifacts))
+    store = build_resources(Settings.from_env())["store"]
     tracked = store.read_parquet(args.movie_id, "face_tracks.parquet")
     # The latest clustering of the movie (its current model version); an empty cluster is Unknown.
     clusters = store.read_parquet(args.movie_id, "face_clusters.parquet", columns=["track_id", "cluster"]).sort("track_id")

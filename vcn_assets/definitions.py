@@ -15,12 +15,12 @@ from vcn_assets.settings import Settings
 
 
 def build_resources(settings: Settings) -> dict:
-    store = ArtifactStore(base_dir=str(settings.artifacts))
+    store = ArtifactStore(base_dir=str(settings.artifacts), storage_uri=settings.storage)
     return {
         "store": store,
         "warehouse": WarehouseResource(path=str(settings.warehouse)),
         "detector": DetectorResource(),
-        "backbone": BackboneResource(registry=str(store.model_path(BASE_MODEL_FILE))),
+        "backbone": BackboneResource(registry=store.model_uri(BASE_MODEL_FILE)),
     }
 
 

@@ -1,13 +1,15 @@
-"""Sensors and schedules: the inbox (every new video becomes a movie partition and a run), re-clustering
-after a base model update, and the weekly full re-cluster."""
+"""Sensors and schedules: the inbox (every new video, in a folder or under an S3 prefix, becomes a movie
+partition and a run), re-clustering after a base model update, and the weekly full re-cluster."""
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import dagster as dg
 import duckdb
 
 from resources import ArtifactStore, WarehouseResource
+from resources.artifact_store import s3_client
+from vcn.objectstore import S3Objects, is_s3_uri, split_s3_uri
 from vcn_assets.jobs import MODEL_POOL_TAG, process_movie_job, recluster_movie_job
 from vcn_assets.partitions import movie_slug, movies
 from vcn_assets.settings import Settings
@@ -16,41 +18,57 @@ from vcn_assets.settings import Settings
 VIDEO_EXTENSIONS = {".mp4", ".mkv", ".mov", ".avi", ".m4v", ".webm", ".mpg", ".mpeg", ".ts", ".mxf", ".wmv", ".flv"}
 
 
-def new_inbox_videos(inbox: Path, registered: dict[str, str]) -> list[tuple[str, Path]]:
-    """(movie id, path) for each video in ``inbox`` not registered yet.
+def new_inbox_videos(inbox: Path, registered: dict[str, str]) -> list[tuple[str, str]]:
+    """(movie id, path) for each video file in the folder ``inbox`` not registered yet."""
+    files = sorted(p.resolve() for p in inbox.iterdir() if p.is_file()) if inbox.is_dir() else []
+    known = {s if is_s3_uri(s) else str(Path(s).resolve()) for s in registered.values()}
+    return _new_movies([(p.name, str(p)) for p in files], known, set(registered))
+
+
+def new_s3_videos(inbox: S3Objects, registered: dict[str, str]) -> list[tuple[str, str]]:
+    """(movie id, s3:// URI) for each video object directly under the S3 prefix ``inbox`` not registered yet."""
+    names = sorted(n for n in inbox.names() if "/" not in n)
+    return _new_movies([(n, inbox.uri(n)) for n in names], set(registered.values()), set(registered))
+
+
+def _new_movies(candidates: list[tuple[str, str]], known: set[str], taken: set[str]) -> list[tuple[str, str]]:
+    """(movie id, source) of the candidate (file name, source) pairs that are videos not registered yet.
 
     Ids are slugs of the file names; a slug already taken by another file gets
     a numeric suffix, so two files never share a partition.
     """
-    known_sources = {str(Path(s).resolve()) for s in registered.values()}
-    taken = set(registered)
     found = []
-    for path in sorted(p for p in inbox.iterdir() if p.is_file()) if inbox.is_dir() else []:
-        if path.suffix.lower() not in VIDEO_EXTENSIONS or path.name.startswith("."):
-            continue
-        if str(path.resolve()) in known_sources:
+    for name, source in candidates:
+        path = PurePosixPath(name)
+        if path.suffix.lower() not in VIDEO_EXTENSIONS or name.startswith(".") or source in known:
             continue
         base = movie_slug(path.stem)
         key, n = base, 2
         while key in taken:
             key, n = f"{base}-{n}", n + 1
         taken.add(key)
-        found.append((key, path.resolve()))
+        found.append((key, source))
     return found
 
 
 @dg.sensor(job=process_movie_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def inbox_sensor(context: dg.SensorEvaluationContext, store: ArtifactStore) -> dg.SensorResult | dg.SkipReason:
-    """Registers each new video file in the inbox folder and requests its processing run."""
-    inbox = Settings.from_env().inbox
-    if not inbox.is_dir():
-        return dg.SkipReason(f"inbox {inbox} does not exist")
-    found = new_inbox_videos(inbox, store.registered_sources())
+    """Registers each new video in the inbox (a folder, or an S3 prefix) and requests its processing run."""
+    settings = Settings.from_env()
+    if settings.inbox_uri:
+        bucket, prefix = split_s3_uri(settings.inbox_uri)
+        inbox: str | Path = settings.inbox_uri
+        found = new_s3_videos(S3Objects(s3_client(store.s3_endpoint_url, store.s3_region), bucket, prefix), store.registered_sources())
+    else:
+        inbox = settings.inbox
+        if not inbox.is_dir():
+            return dg.SkipReason(f"inbox {inbox} does not exist")
+        found = new_inbox_videos(inbox, store.registered_sources())
     if not found:
         return dg.SkipReason(f"no new videos in {inbox}")
-    for key, path in found:
-        store.register_movie(key, str(path))
-        context.log.info(f"inbox: {path.name} -> movie {key}")
+    for key, source in found:
+        store.register_movie(key, source)
+        context.log.info(f"inbox: {source} -> movie {key}")
     keys = [key for key, _ in found]
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=key, run_key=f"inbox:{key}") for key in keys],

@@ -3,6 +3,12 @@
 Everything lives under one project data folder, ``$VCN_HOME`` (default:
 ``./vcn_data`` in the working directory): the Dagster instance (SQLite), the
 artifacts, the DuckDB warehouse and the inbox the sensor watches.
+
+Two settings move data to S3: ``VCN_STORAGE=s3://bucket/prefix`` keeps every
+artifact (per-movie tables, thumbnails, reports, the model store) there, with
+``$VCN_HOME/artifacts`` as this machine's cache; ``VCN_INBOX=s3://bucket/inbox/``
+makes the sensor watch that prefix. The S3 connection comes from the standard
+AWS environment (``AWS_ENDPOINT_URL``, ``AWS_REGION``, credentials).
 """
 
 from __future__ import annotations
@@ -36,8 +42,26 @@ class Settings:
         return self.home / "warehouse.duckdb"
 
     @property
+    def storage(self) -> str | None:
+        """s3://bucket/prefix of the artifacts, or None to keep them in the local artifacts folder."""
+        value = os.environ.get("VCN_STORAGE", "").strip()
+        if not value or value == "local":
+            return None
+        if not value.startswith("s3://"):
+            raise ValueError(f"VCN_STORAGE={value!r}: set it to s3://bucket/prefix, or leave it unset for local files")
+        return value
+
+    @property
+    def inbox_uri(self) -> str | None:
+        """The S3 prefix the inbox sensor watches, when ``VCN_INBOX`` is an s3:// URI."""
+        value = os.environ.get("VCN_INBOX", "")
+        return value if value.startswith("s3://") else None
+
+    @property
     def inbox(self) -> Path:
-        return Path(os.environ.get("VCN_INBOX", self.home / "inbox")).resolve()
+        """The local inbox folder (unused when the inbox is in S3)."""
+        value = os.environ.get("VCN_INBOX", "")
+        return Path(value if value and not self.inbox_uri else self.home / "inbox").resolve()
 
     def prepare(self) -> "Settings":
         """Creates the folders and the Dagster instance config; exports the paths to the environment.

@@ -13,7 +13,6 @@ from resources import ArtifactStore, BackboneResource, WarehouseResource
 from vcn.clustering import UNKNOWN, cluster_movie
 from vcn.crops import encode_jpeg, read_crop_images
 from vcn.embeddings import read_kept_chips
-from vcn.files import atomic_path
 from vcn.identities import apply_edits, stable_cluster_ids
 from vcn.report import ClusterReport, write_cluster_report
 from vcn.trackset import on_screen_together
@@ -88,7 +87,7 @@ def face_clusters(
         movie_id = run.movie_id
         tracks = store.read_parquet(movie_id, "tracks.parquet", columns=["track_id", "shot_id", "start_frame", "end_frame"]).sort("track_id")
         crops = store.read_parquet(movie_id, "crop_embeddings.parquet")
-        matrix = np.load(store.path(movie_id, "crop_embeddings.npy"))
+        matrix = np.load(store.local(movie_id, "crop_embeddings.npy"))
         model_version = _model_version(store, crops)
 
         track_ids = tracks["track_id"].to_numpy()
@@ -175,9 +174,9 @@ def face_clusters(
             "cluster_seconds": round(cluster_seconds, 3),
             "seconds": run.details["seconds"],
             "path": dg.MetadataValue.path(str(path)),
-            "report": dg.MetadataValue.path(str(report.html)),
-            "contact_sheet": dg.MetadataValue.path(str(report.contact_sheet)),
-            "embedding_plot": dg.MetadataValue.path(str(report.embedding_plot)),
+            "report": dg.MetadataValue.path(store.uri(movie_id, f"{REPORT_DIR}/{report.html.name}")),
+            "contact_sheet": dg.MetadataValue.path(store.uri(movie_id, f"{REPORT_DIR}/{report.contact_sheet.name}")),
+            "embedding_plot": dg.MetadataValue.path(store.uri(movie_id, f"{REPORT_DIR}/{report.embedding_plot.name}")),
             "report_preview": _report_preview(report),
             "preview": preview(table.select("track_id", "cluster", "quality", "low_quality")),
         }
@@ -190,13 +189,13 @@ def _loss_metric(context, backbone: BackboneResource, store: ArtifactStore, movi
     model, finetuned = movie_model(backbone, store, movie_id)
     if finetuned is None:
         context.log.warning(f"movie {movie_id} has no finetuned model: clustering with cosine, not the loss metric")
-        return np.load(store.path(movie_id, "crop_embeddings.npy")), None
+        return np.load(store.local(movie_id, "crop_embeddings.npy")), None
     if finetuned.version != model_version:
         raise ValueError(
             f"the crop embeddings of movie {movie_id} come from {model_version}, the finetuned model is "
             f"{finetuned.version}; re-materialise track_embeddings"
         )
-    table, chips = read_kept_chips(store.path(movie_id, "track_crops.parquet"), model.template)
+    table, chips = read_kept_chips(store.local(movie_id, "track_crops.parquet"), model.template)
     if table["crop_id"].to_list() != crops["crop_id"].to_list():
         raise ValueError(f"the crops of movie {movie_id} changed since they were embedded; re-materialise track_embeddings")
     return finetuned.logits(chips), finetuned.loss_dissimilarity()
@@ -236,7 +235,7 @@ def _write_report(store: ArtifactStore, movie_id: str, table: pl.DataFrame) -> t
     """
     means = store.read_parquet(movie_id, "track_embeddings.parquet", columns=["track_id", "embedding"])
     shown = means.join(table.select("track_id", "cluster"), on="track_id", how="inner").sort("track_id")
-    crops_path = store.path(movie_id, "track_crops.parquet")
+    crops_path = store.local(movie_id, "track_crops.parquet")
     middle = (
         pl.read_parquet(crops_path, columns=["crop_id", "track_id", "frame", "rejected"])
         .filter(~pl.col("rejected"))
@@ -249,21 +248,22 @@ def _write_report(store: ArtifactStore, movie_id: str, table: pl.DataFrame) -> t
     thumbnails = {t: image_of[c] for t, c in middle.iter_rows() if c in image_of}
     paths = {}
     for track, image in thumbnails.items():
-        path = store.path(movie_id, f"{THUMBNAIL_DIR}/{track}.jpg")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path, suffix=".partial") as tmp:
+        name = f"{THUMBNAIL_DIR}/{track}.jpg"
+        with store.writing(movie_id, name) as tmp:
             tmp.write_bytes(encode_jpeg(image, 90))
-        paths[int(track)] = str(path)
+        paths[int(track)] = store.uri(movie_id, name)
     dim = means["embedding"].dtype.shape[0] if means.height else 1
     embeddings = shown["embedding"].to_numpy().reshape(-1, dim) if shown.height else np.zeros((0, dim), np.float32)
-    return write_cluster_report(
+    report = write_cluster_report(
         store.path(movie_id, REPORT_DIR),
         title=movie_id,
         track_ids=shown["track_id"].to_list(),
         clusters=[None if c is None else str(c) for c in shown["cluster"].to_list()],
         thumbnails=thumbnails,
         embeddings=embeddings,
-    ), paths
+    )
+    store.publish_dir(movie_id, REPORT_DIR)
+    return report, paths
 
 
 def _report_preview(report: ClusterReport) -> dg.MetadataValue:

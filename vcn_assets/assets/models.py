@@ -84,7 +84,7 @@ def finetuned_model(
             reason = "finetuning is turned off in the asset's config"
         elif base.module is None:
             reason = f"backbone {base.name} has no torch module to finetune (ONNX models only run)"
-        crops, chips = read_kept_chips(store.path(movie_id, "track_crops.parquet"), base.template)
+        crops, chips = read_kept_chips(store.local(movie_id, "track_crops.parquet"), base.template)
         if reason is None and crops.height == 0:
             reason = "the movie has no kept crops"
         metadata: dict = {"base_model_version": base.version, "crops": crops.height}
@@ -100,11 +100,14 @@ def finetuned_model(
                 progress=lambda r, e, n, loss: context.log.info(f"round {r}, epoch {e + 1}/{n}: loss {loss:.4f}"),
             )
             seconds = time.perf_counter() - started
-            path = model.save(store.model_path(f"finetuned/{movie_id}/{model.version}.safetensors"))
+            checkpoint = f"finetuned/{movie_id}/{model.version}.safetensors"
+            with store.writing_model(checkpoint) as tmp:
+                model.save(tmp)
+            path = store.model_uri(checkpoint)
             curve = [loss for r in model.history["rounds"] for loss in r["loss_curve"]]
             problems = model.collapse.problems() if model.collapse else []
             record.update(
-                enabled=True, version=model.version, checkpoint=str(path), mode=model.mode,
+                enabled=True, version=model.version, checkpoint=path, model_store_name=checkpoint, mode=model.mode,
                 collapse=model.collapse.to_dict() if model.collapse else None, collapse_problems=problems,
                 seed=config.seed,
             )
@@ -151,11 +154,11 @@ def movie_model(backbone: BackboneResource, store: ArtifactStore, movie_id: str)
     from vcn.selfsup.finetune import load_finetuned
 
     base = backbone.load()
-    path = store.path(movie_id, FINETUNED_MODEL_FILE)
-    record = json.loads(path.read_text()) if path.exists() else None
+    record = store.read_json(movie_id, FINETUNED_MODEL_FILE)
     if not record or not record.get("enabled"):
         return base, None
-    finetuned = load_finetuned(record["checkpoint"], base)
+    name = record.get("model_store_name")
+    finetuned = load_finetuned(store.local_model(name) if name else record["checkpoint"], base)
     return finetuned.backbone, finetuned
 
 
@@ -184,7 +187,7 @@ def track_embeddings(
         if not with_quality:
             context.log.warning(f"backbone {model.name} cannot score crop quality; no track will be left out for quality")
         crops, matrix = embed_crops(
-            store.path(run.movie_id, "track_crops.parquet"), model, backbone.batch_size, quality=with_quality
+            store.local(run.movie_id, "track_crops.parquet"), model, backbone.batch_size, quality=with_quality
         )
         tracks = track_means(crops, matrix, model.version)
         with store.writing(run.movie_id, "crop_embeddings.npy") as tmp:

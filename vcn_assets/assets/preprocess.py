@@ -15,7 +15,8 @@ from vcn.filters import FilterConfig
 from vcn.frames import DEFAULT_DETECT_FPS, build_frame_index, sample_stride
 from vcn.shots import ShotConfig, detect_shots
 from vcn.tracking import TrackerConfig, summarise_tracks, track_detections
-from vcn.video import VideoReader, probe_video
+from vcn.errors import VideoError
+from vcn.video import VideoReader
 from vcn_assets.assets.recording import CODE_VERSION, preview, stage
 from vcn_assets.partitions import movies
 
@@ -46,8 +47,16 @@ class CropsConfig(dg.Config):
     min_sharpness: float = Field(default=15.0, description="Smallest sharpness (variance of the Laplacian at 64 px) of an aligned crop.")
 
 
-def _video(store: ArtifactStore, movie_id: str) -> VideoReader:
-    return VideoReader(store.movie_source(movie_id))
+def _video(store: ArtifactStore, movie_id: str, **options) -> VideoReader:
+    """A reader of the movie's video (an S3 source is read from its local copy; errors name the S3 object)."""
+    source = store.local_source(movie_id)
+    try:
+        return VideoReader(source, **options)
+    except VideoError as error:
+        registered = store.movie_source(movie_id)
+        if registered == source:
+            raise
+        raise type(error)(registered, error.reason) from None
 
 
 @dg.asset(partitions_def=movies, group_name=GROUP, code_version=CODE_VERSION, kinds={"pyav", "parquet", "duckdb"})
@@ -121,8 +130,7 @@ def face_detections(
     wh = warehouse.get()
     with stage(context, wh, "face_detections") as run:
         frame_table = store.read_parquet(run.movie_id, "frames.parquet")
-        source = store.movie_source(run.movie_id)
-        reader = VideoReader(source, max_side=detector.max_side, info=probe_video(source))
+        reader = _video(store, run.movie_id, max_side=detector.max_side)
         model = detector.create()
         table = detect_video_faces(reader, frame_table, model, batch_size=detector.batch_size)
         path = store.write_parquet(run.movie_id, "face_detections.parquet", table)
@@ -196,7 +204,7 @@ def track_crops(
         )
         with store.writing(run.movie_id, "track_crops.parquet") as tmp:
             crops = write_track_crops(_video(store, run.movie_id), tracked, tmp, crop_config)
-        path = store.path(run.movie_id, "track_crops.parquet")
+        path = store.uri(run.movie_id, "track_crops.parquet")
         wh.replace_movie_rows("track_crops", run.movie_id, crops)
         kept = int((~crops["rejected"]).sum()) if crops.height else 0
         run.items, run.row_count, run.artifact = crops.height, crops.height, str(path)
