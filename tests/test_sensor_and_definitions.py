@@ -85,3 +85,27 @@ def test_dagster_definitions_validate(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Validation successful" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("config", ["dagster.yaml", "deploy/dagster.production.yaml"])
+def test_instance_configurations_match_dagsters_schema(config):
+    """The local default and the documented production instance are valid dagster.yaml files."""
+    import yaml
+    from dagster._config import validate_config
+    from dagster._core.instance.config import dagster_instance_config_schema
+
+    data = yaml.safe_load((REPO / config).read_text())
+    result = validate_config(dagster_instance_config_schema(), data)
+    assert result.success, [e.message for e in result.errors or []]
+    if "production" in config:
+        assert data["storage"]["postgres"] and data["run_launcher"]["class"] == "K8sRunLauncher"
+        assert "VCN_STORAGE" in data["run_launcher"]["config"]["env_vars"]
+        assert data["concurrency"]["pools"]["granularity"] == "op"
+
+
+def test_accelerator_steps_share_the_gpu_pool():
+    from vcn_assets.definitions import defs
+    from vcn_assets.jobs import GPU_POOL
+
+    pools = {key: defs.resolve_assets_def(key).node_def.pool for key in ("face_detections", "finetuned_model", "track_embeddings", "shots")}
+    assert pools == {"face_detections": GPU_POOL, "finetuned_model": GPU_POOL, "track_embeddings": GPU_POOL, "shots": None}

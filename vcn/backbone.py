@@ -501,21 +501,10 @@ def _fetch_s3(uri: str) -> Path:
 
 
 def _s3_error(uri: str, bucket: str, key: str, error: Exception) -> CheckpointError:
-    code = error.response.get("Error", {}).get("Code", "")
-    if code == "NoSuchBucket":
-        return CheckpointNotFoundError(uri, f"bucket {bucket!r} does not exist")
-    if code in ("NoSuchKey", "404", "NotFound"):
-        return CheckpointNotFoundError(uri, f"no object {key!r} in bucket {bucket!r}")
-    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"):
-        return CheckpointError(
-            uri, f"S3 rejected the credentials ({code}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
-        )
-    if code in ("AccessDenied", "403", "Forbidden"):
-        return CheckpointError(
-            uri, "access denied: the credentials lack s3:GetObject here (S3 also says this for a missing object "
-            "when they lack s3:ListBucket)"
-        )
-    return CheckpointError(uri, f"S3 error {code or 'unknown'}: {error}")
+    from vcn.objectstore import s3_error_reason
+
+    reason, missing = s3_error_reason(error, bucket, key)
+    return (CheckpointNotFoundError if missing else CheckpointError)(uri, reason)
 
 
 # --- small helpers --------------------------------------------------------------------------

@@ -8,6 +8,10 @@ import dagster as dg
 #: that re-clustering every movie after a model update never floods the machine.
 MODEL_POOL_TAG = {"vcn/pool": "models"}
 
+#: Concurrency pool of the steps that use the accelerator (detection, finetuning, embedding): its limit
+#: (`dagster instance concurrency set gpu N`, N = GPUs) caps them across all runs.
+GPU_POOL = "gpu"
+
 process_movie_job = dg.define_asset_job(
     name="process_movie",
     selection=dg.AssetSelection.groups("preprocess") | dg.AssetSelection.assets("finetuned_model", "track_embeddings", "face_clusters"),

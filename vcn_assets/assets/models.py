@@ -13,6 +13,7 @@ from vcn.quality import supports_quality
 from vcn.trackset import on_screen_together
 from vcn_assets.assets.preprocess import face_tracks, track_crops
 from vcn_assets.assets.recording import CODE_VERSION, preview, stage
+from vcn_assets.jobs import GPU_POOL
 from vcn_assets.partitions import movies
 
 BASE_MODEL_FILE = "base_model.json"
@@ -58,6 +59,7 @@ class FinetuneConfig(dg.Config):
     code_version=CODE_VERSION,
     deps=[track_crops, face_tracks, base_model],
     kinds={"torch", "safetensors"},
+    pool=GPU_POOL,
 )
 def finetuned_model(
     context: dg.AssetExecutionContext,
@@ -168,6 +170,7 @@ def movie_model(backbone: BackboneResource, store: ArtifactStore, movie_id: str)
     code_version=CODE_VERSION,
     deps=[track_crops, finetuned_model],
     kinds={"torch", "parquet", "duckdb"},
+    pool=GPU_POOL,
 )
 def track_embeddings(
     context: dg.AssetExecutionContext, backbone: BackboneResource, store: ArtifactStore, warehouse: WarehouseResource

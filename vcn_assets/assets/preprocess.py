@@ -18,6 +18,7 @@ from vcn.tracking import TrackerConfig, summarise_tracks, track_detections
 from vcn.errors import VideoError
 from vcn.video import VideoReader
 from vcn_assets.assets.recording import CODE_VERSION, preview, stage
+from vcn_assets.jobs import GPU_POOL
 from vcn_assets.partitions import movies
 
 GROUP = "preprocess"
@@ -122,7 +123,9 @@ def frames(
     )
 
 
-@dg.asset(partitions_def=movies, group_name=GROUP, code_version=CODE_VERSION, deps=[frames], kinds={"onnx", "parquet"})
+@dg.asset(
+    partitions_def=movies, group_name=GROUP, code_version=CODE_VERSION, deps=[frames], kinds={"onnx", "parquet"}, pool=GPU_POOL
+)
 def face_detections(
     context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource, detector: DetectorResource
 ) -> dg.MaterializeResult:
