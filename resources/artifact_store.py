@@ -156,10 +156,12 @@ class ArtifactStore(dg.ConfigurableResource):
 
     # --- movies and their sources -------------------------------------------------------
 
-    def register_movie(self, movie_id: str, source: str) -> None:
-        """Records which video (a local path or an s3:// URI) a movie partition stands for."""
+    def register_movie(self, movie_id: str, source: str, stamp: dict | None = None) -> None:
+        """Records which video (a local path or an s3:// URI) a movie partition stands for, and what identified
+        its content then (``stamp``: size and mtime, or ETag), so a changed video is noticed."""
+        record = {"movie_id": movie_id, "source": str(source)} | ({"stamp": stamp} if stamp is not None else {})
         with self.writing(movie_id, "movie.json") as tmp:
-            tmp.write_text(json.dumps({"movie_id": movie_id, "source": str(source)}, indent=2))
+            tmp.write_text(json.dumps(record, indent=2))
 
     def movie_source(self, movie_id: str) -> str:
         """The video registered for ``movie_id``: a local path or an s3:// URI."""

@@ -159,7 +159,7 @@ def test_reprocessing_is_idempotent(env, capsys):
     wh = _warehouse(env)
     tables = ("shots", "detections", "tracks", "track_crops", "track_embeddings", "face_clusters")
     before = {t: wh.query(f"SELECT count(*) FROM {t}").item() for t in tables}
-    assert main(["process", str(HAMILTON), "--movie-id", "hamilton"]) == 0
+    assert main(["process", str(HAMILTON), "--movie-id", "hamilton", "--force"]) == 0
     out = capsys.readouterr().out
     assert "4 shots" in out and "tracks" in out and "crops" in out
     after = {t: wh.query(f"SELECT count(*) FROM {t}").item() for t in before}
@@ -215,7 +215,7 @@ def test_a_failed_run_keeps_the_previous_good_outputs(env, monkeypatch, capsys):
         raise RuntimeError("detector crashed half-way")
 
     monkeypatch.setattr("vcn.detection.retinaface.RetinaFaceDetector.detect", explode)
-    assert main(["process", str(HAMILTON), "--movie-id", "hamilton"]) == 1
+    assert main(["process", str(HAMILTON), "--movie-id", "hamilton", "--force"]) == 1
     assert "detector crashed half-way" in capsys.readouterr().err
     assert path.read_bytes() == before
     assert not list(path.parent.glob("*.partial"))

@@ -284,6 +284,16 @@ class Warehouse:
                 [version, name, checkpoint, dim, input_size, template, utcnow()],
             )
 
+    def latest_clustering_run(self, movie_id: str) -> str | None:
+        """Run id of the movie's most recent clustering, or None."""
+        if not Path(self.path).exists():
+            return None
+        with self.reader() as con:
+            if not _has_columns(con, "face_clusters", set()):
+                return None
+            row = con.execute("SELECT arg_max(run_id, clustered_at) FROM face_clusters WHERE movie_id = $1", [movie_id]).fetchone()
+        return row[0] if row else None
+
     def latest_clusters(self, movie_id: str) -> dict[int, int]:
         """Track id -> automatic cluster id of the movie's most recent clustering (any model version); Unknown absent.
 

@@ -34,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("process", help="register a video as a movie partition and materialise its assets")
     p.add_argument("video", help="path of the video file")
     p.add_argument("--movie-id", help="partition key (default: a slug of the file name)")
+    p.add_argument(
+        "--force", action="store_true",
+        help="recompute every asset (default: keep the assets that are current and resume from the first that is not)",
+    )
 
     u = sub.add_parser("ui", help="start the Dagster UI (webserver and daemon) on this code location")
     u.add_argument("--host", default="127.0.0.1")
@@ -153,7 +157,10 @@ def _process(args: argparse.Namespace) -> int:
     from vcn_assets.assets.preprocess import preprocess_assets
     from vcn_assets.checks import checks
     from vcn_assets.definitions import build_resources
+    from vcn_assets.assets.recording import CODE_VERSION
     from vcn_assets.partitions import movies
+    from vcn_assets.resume import fail_orphaned_runs, plan, process_tags, video_stamp
+    from vcn.warehouse import Warehouse
 
     resources = build_resources(settings)
     store = resources["store"]
@@ -167,11 +174,15 @@ def _process(args: argparse.Namespace) -> int:
     registered = store.registered_sources().get(movie_id)
     if registered and registered != source:
         raise ValueError(f"movie id {movie_id!r} is already registered for {registered}; pass another --movie-id")
-    store.register_movie(movie_id, source)
+    previous = store.read_json(movie_id, "movie.json") if registered else None
+    stamp = video_stamp(source, store)
+    store.register_movie(movie_id, source, stamp=stamp)
 
     started = time.monotonic()
     log_config = {"loggers": {"console": {"config": {"log_level": os.environ.get("VCN_LOG_LEVEL", "WARNING")}}}}
     with dg.DagsterInstance.get() as instance:
+        for run_id in fail_orphaned_runs(instance, movie_id):
+            print(f"run {run_id} of movie {movie_id!r} was interrupted (its process is gone): marked as failed")
         if store.read_model_json(BASE_MODEL_FILE) is None:
             print("registering the base face-ID model")
             first = dg.materialize([base_model], instance=instance, resources=resources, raise_on_error=False, run_config=log_config)
@@ -180,17 +191,30 @@ def _process(args: argparse.Namespace) -> int:
         if not instance.has_dynamic_partition(movies.name, movie_id):
             instance.add_dynamic_partitions(movies.name, [movie_id])
         print(f"processing {video} as movie {movie_id!r} ({info.width}x{info.height}, {info.fps:.3f} fps, {info.duration_s:.1f} s)")
-        result = dg.materialize(
-            [*preprocess_assets, finetuned_model, track_embeddings, face_clusters, *checks],
-            partition_key=movie_id,
-            instance=instance,
-            resources=resources,
-            raise_on_error=False,
-            run_config=log_config,
-        )
-    if not result.success:
-        return _report_failure(result)
-    _print_summary(settings, movie_id, result.run_id, time.monotonic() - started)
+        changed = previous is not None and previous.get("stamp") != stamp
+        todo = plan(instance, store, movie_id, code_version=CODE_VERSION, video_changed=changed, force=args.force)
+        if todo.kept:
+            print(f"kept (current): {', '.join(todo.kept)}" + (f"; resuming at {todo.run[0]}: {todo.reason}" if todo.run else ""))
+        if not todo.run:
+            print("every asset of the movie is current; --force recomputes them")
+            run_id = Warehouse(str(settings.warehouse)).latest_clustering_run(movie_id)
+        else:
+            pipeline = [*preprocess_assets, finetuned_model, track_embeddings, face_clusters]
+            selected = [a for a in pipeline if a.key.to_user_string() in todo.run]
+            own_checks = [c for c in checks if all(k.asset_key.to_user_string() in todo.run for k in c.check_keys)]
+            result = dg.materialize(
+                [*selected, *own_checks],
+                partition_key=movie_id,
+                instance=instance,
+                resources=resources,
+                raise_on_error=False,
+                run_config=log_config,
+                tags=process_tags(),
+            )
+            if not result.success:
+                return _report_failure(result)
+            run_id = result.run_id
+    _print_summary(settings, movie_id, run_id, time.monotonic() - started)
     return 0
 
 

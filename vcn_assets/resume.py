@@ -1,0 +1,128 @@
+"""Resuming a movie's processing where it stopped.
+
+A run that was killed (power cut, out of memory, Ctrl-C twice) leaves every
+asset it finished materialised and nothing visible of the one it was writing
+(artifacts are renamed or uploaded into place only when complete). Processing
+the movie again starts at the first asset that is not current:
+
+- never materialised for this movie, or its artifact is gone from the store;
+- materialised by other code (the asset's code version changed);
+- older than the asset before it, or (``finetuned_model``) than the registered
+  base model;
+- or the video itself changed since it was registered (size and modification
+  time of a file, ETag of an S3 object): then everything is redone.
+
+Runs this process starts carry their host and process id, so a later call can
+mark a run whose process is gone as failed instead of leaving it "started"
+forever in the instance.
+"""
+
+import os
+import socket
+from dataclasses import dataclass
+
+import dagster as dg
+
+from resources import ArtifactStore
+
+#: The per-movie assets in pipeline order, with the artifact that shows each is complete.
+PIPELINE: tuple[tuple[str, str], ...] = (
+    ("shots", "shots.parquet"),
+    ("frames", "frames.parquet"),
+    ("face_detections", "face_detections.parquet"),
+    ("face_tracks", "tracks.parquet"),
+    ("track_crops", "track_crops.parquet"),
+    ("finetuned_model", "finetuned_model.json"),
+    ("track_embeddings", "track_embeddings.parquet"),
+    ("face_clusters", "face_clusters.parquet"),
+)
+
+HOST_TAG, PID_TAG = "vcn/host", "vcn/pid"
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """Which assets of a movie are current (kept) and which run now, and why the first of those runs."""
+
+    kept: list[str]
+    run: list[str]
+    reason: str
+
+
+def plan(instance: dg.DagsterInstance, store: ArtifactStore, movie_id: str, *, code_version: str,
+         video_changed: bool = False, force: bool = False) -> ResumePlan:
+    """The assets of ``movie_id`` to materialise now so that all are current, keeping the finished ones."""
+    names = [name for name, _ in PIPELINE]
+    if force:
+        return ResumePlan([], names, "--force")
+    if video_changed:
+        return ResumePlan([], names, "the video changed since it was registered")
+    base = instance.get_latest_materialization_event(dg.AssetKey("base_model"))
+    previous_time = 0.0
+    for i, (name, artifact) in enumerate(PIPELINE):
+        record = _latest(instance, name, movie_id)
+        if record is None:
+            reason = f"{name} was never materialised" if i else "first run"
+        elif (record.asset_materialization.tags or {}).get("dagster/code_version") != code_version:
+            reason = f"{name} was made by another code version"
+        elif record.timestamp < previous_time:
+            reason = f"{name} is older than {names[i - 1]}"
+        elif name == "finetuned_model" and base is not None and record.timestamp < base.timestamp:
+            reason = "a new base model was registered"
+        elif not store.exists(movie_id, artifact):
+            reason = f"{store.uri(movie_id, artifact)} is missing"
+        else:
+            previous_time = record.timestamp
+            continue
+        return ResumePlan(names[:i], names[i:], reason)
+    return ResumePlan(names, [], "every asset is current")
+
+
+def _latest(instance: dg.DagsterInstance, asset: str, movie_id: str):
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[movie_id]), limit=1
+    ).records
+    return records[0].event_log_entry if records else None
+
+
+def video_stamp(source: str, store: ArtifactStore) -> dict:
+    """What identifies the content of a movie's video without reading it: size and mtime, or the S3 ETag."""
+    from vcn.objectstore import S3Objects, is_s3_uri, split_s3_uri
+
+    if is_s3_uri(source):
+        from resources.artifact_store import s3_client
+
+        bucket, key = split_s3_uri(source)
+        return {"etag": S3Objects(s3_client(store.s3_endpoint_url, store.s3_region), bucket).etag(key)}
+    stat = os.stat(source)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def process_tags() -> dict[str, str]:
+    """Tags that tie a run to this process, for :func:`fail_orphaned_runs`."""
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+
+
+def fail_orphaned_runs(instance: dg.DagsterInstance, movie_id: str) -> list[str]:
+    """Marks as failed this movie's runs that are still "started" although their process on this host is gone."""
+    host = socket.gethostname()
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED], tags={HOST_TAG: host, "dagster/partition": movie_id})
+    )
+    failed = []
+    for run in runs:
+        pid = int(run.tags.get(PID_TAG, "0"))
+        if pid and not _alive(pid):
+            instance.report_run_failed(run, f"process {pid} on {host} ended without finishing the run (killed?)")
+            failed.append(run.run_id)
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
