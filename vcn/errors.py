@@ -33,6 +33,10 @@ class NoVideoStreamError(VideoError):
     """The container opens but holds no video stream (for example audio only)."""
 
 
+class UnsupportedCodecError(VideoError):
+    """The video stream's codec is unknown, or FFmpeg has no decoder for it."""
+
+
 class EmptyVideoError(VideoError):
     """The container has a video stream but no decodable frame."""
 

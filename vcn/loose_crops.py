@@ -20,8 +20,10 @@ from a stand-in rather than dropped:
 
 from __future__ import annotations
 
+import io
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -60,6 +62,9 @@ DETECTION_SIZE = 160
 #: then 320 px finds 6,628 faces (97.7%), more than 320 px alone, in ~11 s of
 #: detector time (~20 s for the whole alignment of dev-ep on 2 cores).
 RETRY_SIZE = 320
+#: Largest crop image accepted, in pixels (the video limit, 8192 x 8192): a crop is a face with
+#: some margin, and a header claiming more is damaged or hostile, so it is refused before decoding.
+MAX_CROP_PIXELS = 8192 * 8192
 
 #: Where the face is expected in a crop, in crop-relative units: centred, box
 #: side half the crop (the format: "crop side about twice the face box").
@@ -312,14 +317,36 @@ def _decode(data: bytes) -> np.ndarray | None:
     """Encoded image bytes as (H, W, 3) uint8 RGB, or ``None`` if they do not decode.
 
     ``IMREAD_COLOR`` turns grey and palette images to three channels, drops
-    alpha, brings 16-bit images to 8 bits and applies EXIF orientation.
+    alpha, brings 16-bit images to 8 bits and applies EXIF orientation. An
+    image whose header claims more than :data:`MAX_CROP_PIXELS` is refused
+    before decoding: a few hundred hostile bytes could otherwise claim a
+    30000 x 30000 picture and cost gigabytes.
     """
-    if not data:
+    if not data or _claimed_pixels(data) > MAX_CROP_PIXELS:
         return None
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:  # OpenCV's own limits (for example 2**30 pixels) raise instead of returning None
+        return None
     if image is None or image.size == 0:
         return None
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _claimed_pixels(data: bytes) -> int:
+    """Width x height that the image's header claims (read without decoding); 0 when Pillow cannot tell."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+    except Image.DecompressionBombError:  # Pillow's own refusal: far above any limit of ours
+        return MAX_CROP_PIXELS + 1
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return 0
+    return width * height
 
 
 def _letterbox(image: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

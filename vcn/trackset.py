@@ -49,6 +49,10 @@ CROPS_SCHEMA = {"track_id": pl.String, "frame": pl.Int64, "path": pl.String}
 #: An integer as the format means it: optional sign and decimal digits. Python's
 #: ``int`` would also take "1_000" and surrounding spaces; a frame "12.0" is refused.
 _INTEGER = re.compile(r"[+-]?[0-9]+")
+#: Frames are stored as Int64; a longer or larger number is refused, not wrapped.
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INT64_DIGITS = len(str(_INT64_MAX))
+_NOT_FOUND = "does not exist"
 #: A Windows drive ("C:") or UNC/backslash root: absolute on some platform.
 _WINDOWS_ABSOLUTE = re.compile(r"^(?:[A-Za-z]:|[\\/])")
 
@@ -147,7 +151,7 @@ def read_trackset(directory: str | os.PathLike[str]) -> TrackSet:
         tracks=tracks,
         crops=crops,
         problems=problems,
-        has_labels=(root / LABELS_FILE).is_file(),
+        has_labels=_file_problem(root / LABELS_FILE) is None,
     )
 
 
@@ -272,9 +276,13 @@ def _cluster_text(cluster: object) -> str:
 
 def _existing_directory(directory: str | os.PathLike[str]) -> Path:
     root = Path(directory)
-    if not root.exists():
+    try:
+        exists, is_dir = root.exists(), root.is_dir()
+    except OSError as error:
+        raise TracksetError(root, f"cannot access the track dataset folder ({error.strerror or error})") from None
+    if not exists:
         raise TracksetError(root, "track dataset folder does not exist")
-    if not root.is_dir():
+    if not is_dir:
         raise TracksetError(root, "not a folder (a track dataset is a folder holding tracks.csv and crops.csv)")
     return root
 
@@ -284,9 +292,14 @@ def _rows(path: Path, columns: Sequence[str]) -> Iterator[tuple[int, dict[str, s
 
     Extra columns are allowed and ignored; blank lines are skipped.
     """
-    if not path.is_file():
-        raise TracksetError(path, "file not found")
-    with open(path, newline="", encoding="utf-8-sig") as file:
+    problem = _file_problem(path)
+    if problem:
+        raise TracksetError(path, "file not found" if problem == _NOT_FOUND else f"file {problem}")
+    try:
+        file = open(path, newline="", encoding="utf-8-sig")
+    except OSError as error:
+        raise TracksetError(path, f"cannot be read ({error.strerror or error})") from None
+    with file:
         reader = csv.reader(file)
         try:
             header = next(reader, None)
@@ -322,7 +335,13 @@ def _integer(path: Path, line: int, row: dict[str, str], column: str) -> int:
     value = row[column]
     if not _INTEGER.fullmatch(value):
         raise TracksetError(path, f"{column} must be an integer, got {value!r}", line)
-    return int(value)
+    # Leading zeros dropped and the length checked first: int() refuses more than 4300 digits.
+    sign, digits = ("-" if value[0] == "-" else ""), value.lstrip("+-").lstrip("0") or "0"
+    number = int(sign + digits) if len(digits) <= _INT64_DIGITS else None
+    if number is None or not _INT64_MIN <= number <= _INT64_MAX:
+        shown = value if len(value) <= 40 else f"{value[:20]}...{value[-10:]} ({len(value)} characters)"
+        raise TracksetError(path, f"{column} {shown} is out of range (64-bit integers only)", line)
+    return number
 
 
 def _read_tracks(path: Path) -> pl.DataFrame:
@@ -391,6 +410,20 @@ def _unsafe_path_reason(path: str) -> str | None:
     return None
 
 
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a regular file one can open, or ``None`` if it is one.
+
+    ``Path.is_file`` raises, rather than answering no, for a name the system
+    refuses (too long) or a folder it may not look into.
+    """
+    try:
+        if path.is_file():
+            return None
+    except OSError as error:
+        return f"cannot be looked up ({error.strerror or error})"
+    return _NOT_FOUND
+
+
 def _track_problems(root: Path, tracks: pl.DataFrame, crops: pl.DataFrame, crop_lines: list[int]) -> list[TrackProblem]:
     """Per-track problems, in the order of ``tracks.csv`` then ``crops.csv``."""
     ranges = {
@@ -410,8 +443,9 @@ def _track_problems(root: Path, tracks: pl.DataFrame, crops: pl.DataFrame, crop_
             found.setdefault(track_id, []).append(
                 f"{CROPS_FILE} line {line}: crop frame {frame} is after the track's end_frame {end}"
             )
-        if not (root / path).is_file():
-            found.setdefault(track_id, []).append(f"{CROPS_FILE} line {line}: crop file {path} does not exist")
+        missing = _file_problem(root / path)
+        if missing:
+            found.setdefault(track_id, []).append(f"{CROPS_FILE} line {line}: crop file {path} {missing}")
     problems = []
     for track_id in tracks["track_id"]:
         if track_id not in with_crops:

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from vcn.errors import CorruptVideoError, EmptyVideoError
-from vcn.video.probe import VideoInfo, normalise_rotation, probe_video
+from vcn.video.probe import VideoInfo, flush_decoder, normalise_rotation, probe_video
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ class VideoReader:
 
         Raises:
             EmptyVideoError: no frame could be decoded.
-            CorruptVideoError: too many packets failed to decode.
+            CorruptVideoError: too many packets failed to decode, or a wanted frame
+                cannot be converted to RGB.
         """
         import av
 
@@ -117,19 +118,9 @@ class VideoReader:
             stream.thread_type = "AUTO"
             if self.threads:
                 stream.codec_context.thread_count = self.threads
-            time_base = stream.time_base
             first_time: float | None = None
             index = 0
-            for packet in container.demux(stream):
-                report.packets += 1
-                try:
-                    decoded = packet.decode()
-                except av.error.FFmpegError as exc:
-                    report.bad_packets += 1
-                    if report.bad_packets <= 3:
-                        log.warning("%s: undecodable packet %d skipped (%s)", self.path, report.packets, exc)
-                    self._check_corruption(report)
-                    continue
+            for decoded in self._decoded_packets(container, stream, report):
                 for frame in decoded:
                     t = frame.time
                     if t is None:
@@ -138,7 +129,7 @@ class VideoReader:
                         first_time = t
                     image = None
                     if want is None or want(index):
-                        image = self._to_rgb(frame)
+                        image = self._to_rgb(frame, index)
                     yield DecodedFrame(
                         index=index,
                         pts=frame.pts,
@@ -161,6 +152,39 @@ class VideoReader:
         for message in report.warnings:
             log.warning("%s: %s", self.path, message)
 
+    def _decoded_packets(self, container, stream, report: DecodeReport) -> Iterator[list]:
+        """The frames of each packet in turn, undecodable packets skipped.
+
+        A container that cannot be read further (a damaged packet header or
+        index, a size that cannot be allocated) ends the stream like a cut-off
+        file: the decoder gives up the frames it holds and a warning says where
+        reading stopped.
+        """
+        import av
+
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets, None)
+            except av.error.FFmpegError as exc:
+                report.warnings.append(
+                    f"the container could not be read past packet {report.packets} ({exc}); decoding stopped there"
+                )
+                yield flush_decoder(stream)
+                return
+            if packet is None:
+                return
+            report.packets += 1
+            try:
+                decoded = packet.decode()
+            except av.error.FFmpegError as exc:
+                report.bad_packets += 1
+                if report.bad_packets <= 3:
+                    log.warning("%s: undecodable packet %d skipped (%s)", self.path, report.packets, exc)
+                self._check_corruption(report)
+                continue
+            yield decoded
+
     def _check_corruption(self, report: DecodeReport, final: bool = False) -> None:
         bad, total = report.bad_packets, report.packets
         # Judge the whole stream at the end; mid-stream, give up only on one that is mostly garbage.
@@ -170,14 +194,22 @@ class VideoReader:
                 self.path, f"{bad} of {total} packets failed to decode; the stream is corrupt"
             )
 
-    def _to_rgb(self, frame) -> np.ndarray:
+    def _to_rgb(self, frame, index: int) -> np.ndarray:
+        import av
+
         rotation = normalise_rotation(getattr(frame, "rotation", 0))
         w, h = self.out_width, self.out_height
         coded_w, coded_h = (h, w) if rotation in (90, 270) else (w, h)
-        if (coded_w, coded_h) != (frame.width, frame.height):
-            image = frame.to_ndarray(format="rgb24", width=coded_w, height=coded_h)
-        else:
-            image = frame.to_ndarray(format="rgb24")
+        size = {"width": coded_w, "height": coded_h} if (coded_w, coded_h) != (frame.width, frame.height) else {}
+        try:
+            image = frame.to_ndarray(format="rgb24", **size)
+        except av.error.FFmpegError:
+            # A damaged stream header can declare a colour matrix libswscale does not know
+            # ("Operation not supported"); read the frame with the standard-definition one.
+            try:
+                image = frame.to_ndarray(format="rgb24", src_colorspace="ITU601", **size)
+            except av.error.FFmpegError as exc:
+                raise CorruptVideoError(self.path, f"frame {index} cannot be converted to RGB ({exc})") from exc
         if rotation:
             image = np.ascontiguousarray(np.rot90(image, k=rotation // 90))
         return image

@@ -11,6 +11,7 @@ from vcn.errors import (
     EmptyVideoError,
     NotAVideoError,
     NoVideoStreamError,
+    UnsupportedCodecError,
     VideoNotFoundError,
     VideoTooLargeError,
 )
@@ -72,6 +73,7 @@ def probe_video(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> VideoI
         VideoNotFoundError: no such file.
         NotAVideoError: FFmpeg cannot open it as a media container (includes empty files).
         NoVideoStreamError: no video stream (an audio-only file, for example).
+        UnsupportedCodecError: the video stream's codec is unknown or has no decoder.
         EmptyVideoError: a video stream without a single decodable frame.
         VideoTooLargeError: frames above ``max_pixels``.
     """
@@ -95,6 +97,8 @@ def probe_video(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> VideoI
             raise NoVideoStreamError(p, f"no video stream (streams: {', '.join(kinds)})")
         stream = container.streams.video[0]
         ctx = stream.codec_context
+        if ctx is None:
+            raise UnsupportedCodecError(p, "the video stream's codec is unknown or FFmpeg has no decoder for it")
         coded_w, coded_h = int(ctx.width or 0), int(ctx.height or 0)
         if coded_w * coded_h > max_pixels:
             raise VideoTooLargeError(
@@ -134,11 +138,23 @@ def probe_video(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> VideoI
 
 
 def _first_frame(container, stream):
-    """The first frame the decoder yields, or None when none can be decoded."""
+    """The first frame the decoder yields, or None when none can be decoded.
+
+    A container that cannot be read further (a damaged index or packet header)
+    ends the search as the end of the file does, after the decoder gives up
+    the frames it still holds.
+    """
     import av
 
     failures = 0
-    for packet in container.demux(stream):
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets, None)
+        except av.error.FFmpegError:
+            return next(iter(flush_decoder(stream)), None)
+        if packet is None:
+            return None
         try:
             for frame in packet.decode():
                 return frame
@@ -146,4 +162,13 @@ def _first_frame(container, stream):
             failures += 1
             if failures > 64:
                 return None
-    return None
+
+
+def flush_decoder(stream) -> list:
+    """The frames the stream's decoder still holds, drained; none if draining fails."""
+    import av
+
+    try:
+        return list(stream.decode(None))
+    except av.error.FFmpegError:
+        return []
