@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vcn.batching import map_batches
 from vcn.errors import VcnError
 
 if TYPE_CHECKING:
@@ -152,7 +153,8 @@ class Backbone:
             chips: (N, S, S, 3) uint8 RGB chips, S = :attr:`input_size`, aligned
                 to :attr:`template` (:func:`vcn.align.align_faces`).
             batch_size: Chips per forward pass. 256 suits a GPU; the result does
-                not depend on it beyond float round-off.
+                not depend on it beyond float round-off. A batch that runs out of
+                device memory is halved and retried (:mod:`vcn.batching`).
 
         Returns:
             (N, dim) float32 unit-length embeddings; (0, dim) for N = 0.
@@ -160,6 +162,7 @@ class Backbone:
         Raises:
             ValueError: If ``chips`` is not a uint8 array of that shape, or ``batch_size`` < 1.
             CheckpointError: If the model produces non-finite embeddings (broken weights).
+            torch.OutOfMemoryError: If not even one chip fits the GPU (ONNX Runtime raises its own type).
         """
         size = self.input_size
         if not isinstance(chips, np.ndarray):
@@ -193,7 +196,14 @@ class Backbone:
         module = self.module
         device = torch.device(self.device)
         cuda = device.type == "cuda"
-        outputs = []
+
+        def forward(part: np.ndarray) -> torch.Tensor:
+            # Move uint8 (a quarter of the bytes) from pinned memory without waiting, convert
+            # on the device; results stay there until the end so the GPU never waits on the host.
+            batch = torch.from_numpy(np.ascontiguousarray(part))
+            batch = (batch.pin_memory() if cuda else batch).to(device, non_blocking=cuda)
+            return module(self.preprocess(batch.permute(0, 3, 1, 2).float())).float()
+
         was_training = module.training
         module.eval()  # batch norm on running statistics, no dropout, even mid-finetuning
         try:
@@ -201,21 +211,16 @@ class Backbone:
                 torch.inference_mode(),
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16"),
             ):
-                for start in range(0, len(chips), batch_size):
-                    # Move uint8 (a quarter of the bytes) from pinned memory without waiting, convert
-                    # on the device; results stay there until the end so the GPU never waits on the host.
-                    batch = torch.from_numpy(np.ascontiguousarray(chips[start : start + batch_size]))
-                    batch = (batch.pin_memory() if cuda else batch).to(device, non_blocking=cuda)
-                    x = self.preprocess(batch.permute(0, 3, 1, 2).float())
-                    outputs.append(module(x).float())
+                outputs = map_batches(forward, chips, batch_size, f"embedding with {self.name}")
                 out = torch.cat(outputs).cpu().numpy()
         finally:
             module.train(was_training)
         return out
 
     def _embed_onnx(self, chips: np.ndarray, batch_size: int) -> np.ndarray:
+        runner = self._runner
         return np.concatenate(
-            [self._runner(np.ascontiguousarray(chips[i : i + batch_size])) for i in range(0, len(chips), batch_size)]
+            map_batches(lambda part: runner(np.ascontiguousarray(part)), chips, batch_size, "embedding with onnx")
         )
 
 

@@ -8,6 +8,12 @@ of the trunk's features (the trunk runs once), and the quality is
 ``2 * sigmoid(-mean pairwise distance)`` of the unit-length results, in (0, 1],
 higher is better. A track's quality is the mean over its crops.
 
+Each crop has its own dropout masks (a track's quality then averages over many
+more of them than the passes of one crop), drawn from the seeded generator one
+crop at a time in crop order: a crop's quality does not depend on how the crops
+are batched, nor on a batch halved after running out of GPU memory. The CPU and
+CUDA generators differ, so the two devices agree in distribution, not value by value.
+
 Tracks whose quality is a low-side outlier of the movie, below
 ``median - 3 * MAD`` (the median absolute deviation itself, as DESIGN.md has it,
 not rescaled to a normal standard deviation, which would cut 1.48x further out),
@@ -22,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from vcn.backbone import Backbone
+from vcn.batching import map_batches
 
 #: Stochastic passes per crop (SER-FIQ uses 100; the estimate is stable from ~30).
 PASSES = 100
@@ -62,9 +69,10 @@ def embed_and_score(
         chips: (N, S, S, 3) uint8 RGB chips aligned for the backbone.
         passes: Dropout-perturbed runs of the head per chip.
         dropout: Probability of dropping each feature.
-        batch_size: Chips per trunk pass.
-        seed: Seeds the dropout masks: the same chips in the same batches give
-            the same qualities.
+        batch_size: Chips per trunk pass; halved and retried on running out of
+            device memory (:mod:`vcn.batching`). The results do not depend on it.
+        seed: Seeds the dropout masks: the same chips in the same order give
+            the same qualities on one device.
 
     Returns:
         (N, dim) float32 unit-length embeddings and (N,) float32 quality in (0, 1].
@@ -90,7 +98,35 @@ def embed_and_score(
     module = backbone.module
     device = torch.device(backbone.device)
     generator = torch.Generator(device=device).manual_seed(seed)
-    embeddings, qualities = [], []
+
+    def score(part: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        # A failed attempt (out of memory) rewinds the generator, so that its retry draws the same masks.
+        state = generator.get_state()
+        try:
+            batch = torch.from_numpy(np.ascontiguousarray(part)).to(device)
+            features = module.forward_features(backbone.preprocess(batch.permute(0, 3, 1, 2).float()))
+            embeddings = torch.nn.functional.normalize(module.forward_head(features).float(), dim=1).cpu()
+            n, d = features.shape
+            step = max(1, _MAX_PERTURBED_ELEMENTS // (passes * d))
+            qualities = []
+            for first in range(0, n, step):
+                chunk = features[first : first + step]
+                # One chip's masks per draw: the same masks for a chip whatever the batch around it.
+                noise = torch.empty((len(chunk), passes, d), device=device)
+                for row in noise:
+                    row.uniform_(generator=generator)
+                keep = noise >= dropout
+                # One head run on all passes of these chips: (m * passes, d) masked copies.
+                perturbed = (chunk[:, None, :] * keep / (1.0 - dropout)).reshape(-1, d)
+                stochastic = torch.nn.functional.normalize(module.forward_head(perturbed).float(), dim=1)
+                stochastic = stochastic.reshape(len(chunk), passes, -1)
+                mean_distance = torch.cdist(stochastic, stochastic).sum(dim=(1, 2)) / (passes * (passes - 1))
+                qualities.append((2.0 * torch.sigmoid(-mean_distance)).cpu())
+        except BaseException:
+            generator.set_state(state)
+            raise
+        return embeddings, torch.cat(qualities)
+
     was_training = module.training
     module.eval()
     try:
@@ -98,23 +134,10 @@ def embed_and_score(
             torch.inference_mode(),
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=backbone.dtype == "bfloat16"),
         ):
-            for start in range(0, len(chips), batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(chips[start : start + batch_size])).to(device)
-                features = module.forward_features(backbone.preprocess(batch.permute(0, 3, 1, 2).float()))
-                embeddings.append(torch.nn.functional.normalize(module.forward_head(features).float(), dim=1).cpu())
-                n, d = features.shape
-                step = max(1, _MAX_PERTURBED_ELEMENTS // (passes * d))
-                for first in range(0, n, step):
-                    part = features[first : first + step]
-                    # One head run on all passes of these chips: (m * passes, d) masked copies.
-                    keep = torch.rand((len(part), passes, d), generator=generator, device=device) >= dropout
-                    perturbed = (part[:, None, :] * keep / (1.0 - dropout)).reshape(-1, d)
-                    stochastic = torch.nn.functional.normalize(module.forward_head(perturbed).float(), dim=1)
-                    stochastic = stochastic.reshape(len(part), passes, -1)
-                    mean_distance = torch.cdist(stochastic, stochastic).sum(dim=(1, 2)) / (passes * (passes - 1))
-                    qualities.append((2.0 * torch.sigmoid(-mean_distance)).cpu())
+            parts = map_batches(score, chips, batch_size, f"quality passes of {backbone.name}")
     finally:
         module.train(was_training)
+    embeddings, qualities = zip(*parts)
     return torch.cat(embeddings).numpy().astype(np.float32), torch.cat(qualities).numpy().astype(np.float32)
 
 

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from vcn.batching import map_batches
 from vcn.detection.base import Detections
 from vcn.detection.batch import as_image_batch
 
@@ -100,15 +101,19 @@ class MMDetFaceDetector:
 
         Raises:
             ValueError: If an image is not uint8 (H, W, 3) or sizes differ.
+            torch.OutOfMemoryError: If not even one image fits the GPU's memory.
         """
         batch = as_image_batch(images)
         if len(batch) == 0:
             return []
         height, width = batch.shape[1:3]
-        # MMDetection pipelines expect BGR, the order they read files in.
-        samples = self._inference_detector(
-            self.model, [np.ascontiguousarray(image[..., ::-1]) for image in batch]
+        # MMDetection pipelines expect BGR, the order they read files in. One call for the
+        # whole batch, in smaller parts if it runs out of GPU memory (images are independent).
+        bgr = [np.ascontiguousarray(image[..., ::-1]) for image in batch]
+        parts = map_batches(
+            lambda part: self._inference_detector(self.model, part), bgr, len(bgr), f"{self.name} detection"
         )
+        samples = [sample for part in parts for sample in part]
         results = []
         for sample in samples:
             instances = sample.pred_instances

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from vcn.batching import map_batches
 from vcn.detection.base import Detections
 from vcn.detection.batch import as_image_batch
 
@@ -107,7 +108,7 @@ class RetinaFaceDetector:
         return self._get_session().get_providers()
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
-        """Detects faces in a batch of images with one network call.
+        """Detects faces in a batch of images with one network call (more if it does not fit the GPU).
 
         Args:
             images: uint8 RGB images of shape (H, W, 3), all of one size (a list,
@@ -120,6 +121,7 @@ class RetinaFaceDetector:
 
         Raises:
             ValueError: If an image is not uint8 (H, W, 3) or sizes differ.
+            onnxruntime's error: If not even one image fits the GPU's memory.
         """
         batch = as_image_batch(images)
         if len(batch) == 0:
@@ -131,8 +133,8 @@ class RetinaFaceDetector:
         in_height, in_width = resized.shape[1:3]
         tensor = _to_network_input(resized)
 
-        # One forward pass for the whole batch.
-        loc, conf, landms = self._get_session().run(None, {"input": tensor})
+        # One forward pass for the whole batch (several if it does not fit the GPU).
+        loc, conf, landms = self._run_network(tensor)
         anchors = _anchors(tensor.shape[2], tensor.shape[3])
         if loc.shape[1] != len(anchors):
             raise RuntimeError(
@@ -168,6 +170,20 @@ class RetinaFaceDetector:
                 )
             )
         return results
+
+    def _run_network(self, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The network's box, score and landmark outputs for a (N, 3, H, W) input.
+
+        One session run for the whole batch; when the device runs out of memory,
+        in halves (:mod:`vcn.batching`): images are independent, so the outputs
+        are the same.
+        """
+        session = self._get_session()
+        parts = map_batches(
+            lambda part: session.run(None, {"input": part}), tensor, len(tensor), f"{self.name} detection"
+        )
+        loc, conf, landms = (np.concatenate(outputs) for outputs in zip(*parts))
+        return loc, conf, landms
 
     def _get_session(self) -> onnxruntime.InferenceSession:
         """The ONNX Runtime session, created on first use."""

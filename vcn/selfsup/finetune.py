@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vcn.batching import map_batches
 from vcn.errors import VcnError
 from vcn.selfsup.adapt import AdaptConfig, AdaptResult, adapt, with_module
 from vcn.selfsup.trainer import TrainConfig
@@ -229,12 +230,27 @@ class FinetunedModel:
         return LossDissimilarity(self.center, self.student_temperature, self.teacher_temperature)
 
     def logits(self, chips: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """(N, K) head logits of aligned chips through the finetuned student."""
+        """(N, K) head logits of aligned chips through the finetuned student.
+
+        ``batch_size`` chips per forward pass, halved and retried when a batch
+        runs out of device memory (:mod:`vcn.batching`); the logits do not
+        depend on it beyond round-off.
+
+        Raises:
+            ValueError: On chips that are not a 4-d uint8 RGB array, or ``batch_size`` < 1.
+            FloatingPointError: If the model gives non-finite logits.
+        """
         from vcn.selfsup.loss_metric import crop_logits
 
-        return crop_logits(
-            self.backbone.module, self.head, self.backbone.preprocess, chips, self.backbone.device, batch_size
-        )
+        def forward(part: np.ndarray) -> np.ndarray:
+            return crop_logits(
+                self.backbone.module, self.head, self.backbone.preprocess, part, self.backbone.device, batch_size
+            )
+
+        batched = isinstance(chips, np.ndarray) and chips.ndim == 4
+        parts = map_batches(forward, chips, batch_size, f"logits of {self.version}") if batched else []
+        # No chips, or no array of chips: crop_logits gives the empty result or says what is wrong.
+        return np.concatenate(parts) if parts else forward(chips)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the checkpoint (weights of backbone and head, centre, metadata) atomically."""

@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from vcn.batching import AdaptiveBatch, map_batches
 from vcn.selfsup.augment import FaceAugment
 from vcn.selfsup.bank import ViewBank, bank_crops, build_view_bank, tail_outputs, trunk_bytes_per_view
 from vcn.selfsup.ema import make_teacher, momentum_schedule, update_teacher
@@ -79,7 +80,8 @@ class TrainConfig(BaseModel):
         None, ge=1, description="Positive pairs per epoch; None: one per crop, so each crop is seen about twice."
     )
     batch_size: int = Field(
-        64, ge=1, description="Pairs per optimiser step (two views each, through student and teacher)."
+        64, ge=1, description="Pairs per optimiser step (two views each, through student and teacher). A step "
+        "that runs out of GPU memory runs in smaller forward passes whose gradients add up to the same step."
     )
     lr_head: float = Field(1e-3, gt=0, description="AdamW learning rate of the projection head (fresh weights).")
     lr_backbone: float = Field(
@@ -311,11 +313,11 @@ def train_round(
         student = Student(module, head).to(device)
         sample = np.unique(np.linspace(0, len(chips) - 1, min(len(chips), 2048)).astype(np.int64))
         with torch.inference_mode():
-            outputs = torch.cat([
-                module(backbone.preprocess(torch.from_numpy(chips[sample[i : i + 256]]).to(device)
-                                           .permute(0, 3, 1, 2).float()))
-                for i in range(0, len(sample), 256)
-            ])
+            outputs = torch.cat(map_batches(
+                lambda rows: module(backbone.preprocess(torch.from_numpy(chips[rows]).to(device)
+                                                        .permute(0, 3, 1, 2).float())),
+                sample, 256, "finetuning: embedding the movie's crops",
+            ))
     # Centre the head's input on the movie's mean backbone output (see ProjectionHead).
     head.input_center.copy_(outputs.float().mean(dim=0))
     head_params = [(n, p) for n, p in student.head.named_parameters() if p.requires_grad]
@@ -350,6 +352,57 @@ def train_round(
         x = torch.from_numpy(chips[np.concatenate([batch[:, 0], batch[:, 1]])]).to(device).permute(0, 3, 1, 2)
         return backbone.preprocess(augment(x.float(), view_generator))
 
+    # Pairs per forward pass: the whole batch, fewer if it runs out of device memory.
+    micro_batch = AdaptiveBatch(config.batch_size, f"finetuning {backbone.name}")
+
+    def accumulate(x: torch.Tensor, center: torch.Tensor, epoch: int, backbone_frozen: bool, size: int) -> float:
+        """The gradients of one step's loss over ``x`` (both views of B pairs), ``size`` pairs at a time.
+
+        The batch loss is the mean over its pairs, so it is the size-weighted mean
+        of the micro-batches' losses and its gradient the sum of theirs: the step
+        is the same, up to round-off, however the batch is split. Every
+        micro-batch is scored against the step's ``center``, which then moves
+        once on the teacher logits of the whole batch.
+
+        Returns:
+            The batch loss.
+
+        Raises:
+            FloatingPointError: If a loss is not finite.
+        """
+        optimizer.zero_grad(set_to_none=True)
+        first, second = x.chunk(2)
+        n_pairs = len(first)
+        total = 0.0
+        teacher_sides: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        for start in range(0, n_pairs, size):
+            part = torch.cat([first[start : start + size], second[start : start + size]])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                if backbone_frozen:
+                    # The teacher's backbone is the student's while the backbone is frozen
+                    # (only the heads are averaged then): embed once, for both heads.
+                    with torch.no_grad():
+                        features = student.backbone(part)
+                    student_logits = student.head(features)
+                    with torch.no_grad():
+                        teacher_logits = teacher.head(features)
+                else:
+                    student_logits = student(part)
+                    with torch.no_grad():
+                        teacher_logits = teacher(part)
+            criterion.center.copy_(center)
+            loss = criterion(student_logits.chunk(2), teacher_logits.chunk(2), epoch)
+            if not bool(torch.isfinite(loss)):
+                raise FloatingPointError(f"self-distillation loss is {loss.item()}")
+            weight = len(part) / len(x)
+            (loss * weight).backward()
+            total += loss.item() * weight
+            for side, logits in zip(teacher_sides, teacher_logits.detach().chunk(2)):
+                side.append(logits)
+        criterion.center.copy_(center)
+        criterion.update_center([torch.cat(side) for side in teacher_sides])
+        return total
+
     log.info(
         "finetuning %s on %d crops of %d tracks (%d matched) on %s: %d head-only + %d joint epochs of %d steps, "
         "trainable %r (%d backbone tensors)",
@@ -371,36 +424,20 @@ def train_round(
             batch = pairs[batch_step * config.batch_size : (batch_step + 1) * config.batch_size]
             # Two views: an augmented copy of each side of every pair.
             x = views(batch)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                if backbone_frozen:
-                    # The teacher's backbone is the student's while the backbone is frozen
-                    # (only the heads are averaged then): embed once, for both heads.
-                    with torch.no_grad():
-                        features = student.backbone(x)
-                    student_logits = student.head(features)
-                    with torch.no_grad():
-                        teacher_logits = teacher.head(features)
-                else:
-                    student_logits = student(x)
-                    with torch.no_grad():
-                        teacher_logits = teacher(x)
+            center = criterion.center.clone()
             try:
-                loss = criterion(student_logits.chunk(2), teacher_logits.chunk(2), epoch)
+                loss = micro_batch.run(lambda size: accumulate(x, center, epoch, backbone_frozen, size))
             except FloatingPointError as error:
                 raise FloatingPointError(f"epoch {epoch}, step {batch_step}: {error}") from error
-            if not bool(torch.isfinite(loss)):
-                raise FloatingPointError(f"epoch {epoch}, step {batch_step}: self-distillation loss is {loss.item()}")
 
             # Student step, then the teacher follows it.
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             optimizer.step()
             update_teacher(
                 student.head if backbone_frozen else student,
                 teacher.head if backbone_frozen else teacher,
                 float(momenta[step]),
             )
-            losses.append(loss.item())
+            losses.append(loss)
             step += 1
         loss_curve.append(float(np.mean(losses)))
         phase = "head" if backbone_frozen else "joint"

@@ -1,0 +1,250 @@
+"""End to end on long movies: per-stage time, realtime factor, peak RSS and peak GPU memory.
+
+Each movie runs through the product's own path, ``vcn process`` (every asset,
+finetuning included, on a fresh Dagster instance and warehouse), in a child
+process of its own so that its peak memory is its own. The movies are built
+from real footage by ``benchmarks/make_movie.py``: an edit of ``--base-minutes``
+(at most 20 by default) is encoded once and, for longer movies, repeated by
+stream copy up to the asked length, which takes seconds instead of an encode
+of hours of video. A repeated edit has the same faces again, so it is a fair
+test of speed and memory, not of clustering quality.
+
+Results go to ``benchmarks/results/movie_<cpu|gpu>.json`` and ``.md`` (one
+file per kind of machine, so a GPU run does not replace the CPU figures).
+
+Usage::
+
+    python benchmarks/movie.py --minutes 5 20                 # 720p24, this machine
+    python benchmarks/movie.py --minutes 120 --height 1080    # a feature film (benchmarks/gpu.sh)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from fractions import Fraction
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+WORK = HERE / "work"
+RESULTS = HERE / "results"
+STAGES = ("shots", "frames", "face_detections", "face_tracks", "track_crops", "finetuned_model", "track_embeddings", "face_clusters")
+
+
+def movie_path(minutes: float, height: int, base_minutes: float) -> Path:
+    """The test movie of that length and height, built (or looped from a shorter edit) on first use."""
+    path = WORK / _movie_name(minutes, height)
+    if path.exists():
+        return path
+    from benchmarks.make_movie import build_movie
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    base_len = min(minutes, base_minutes)
+    base = WORK / _movie_name(base_len, height)
+    if not base.exists():
+        print(f"building {base.name} ({base_len:g} min of edited real footage)", flush=True)
+        build_movie(base, base_len, height=height)
+    if base_len == minutes:
+        return base
+    print(f"looping {base.name} to {minutes:g} min by stream copy", flush=True)
+    loop_movie(base, path, minutes * 60)
+    return path
+
+
+def _movie_name(minutes: float, height: int) -> str:
+    """The file name; 720p movies share their name (and file) with benchmarks/preprocess.py's."""
+    return f"movie_{minutes:g}min.mp4" if height == 720 else f"movie_{minutes:g}min_{height}p.mp4"
+
+
+def loop_movie(source: Path, out: Path, seconds: float) -> Path:
+    """Repeats ``source`` back to back, copying its packets (no re-encode), until ``seconds`` of video."""
+    import av
+
+    partial = out.with_suffix(".partial.mp4")
+    with av.open(str(source)) as src, av.open(str(partial), "w") as dst:
+        stream = src.streams.video[0]
+        out_stream = dst.add_stream_from_template(stream)
+        tb = stream.time_base
+        packets = [p for p in src.demux(stream) if p.dts is not None]
+        step = max(p.pts + (p.duration or 0) for p in packets)  # one loop's length in stream ticks
+        loops = int(-(-seconds // float(step * tb)))
+        limit = round(Fraction(seconds) / tb)
+        for k in range(loops):
+            for p in packets:
+                pts, dts = p.pts + k * step, p.dts + k * step
+                if pts >= limit:
+                    continue
+                copy = av.Packet(bytes(p))
+                copy.pts, copy.dts, copy.duration = pts, dts, p.duration
+                copy.is_keyframe = p.is_keyframe
+                copy.stream = out_stream
+                copy.time_base = tb
+                dst.mux(copy)
+    partial.replace(out)
+    return out
+
+
+def run_one(video: Path) -> dict:
+    """``vcn process`` of ``video`` in this process, on a fresh data folder; the measurements."""
+    home = Path(tempfile.mkdtemp(prefix="vcn-movie-bench-"))
+    os.environ["VCN_HOME"] = str(home)
+    os.environ.pop("DAGSTER_HOME", None)
+    from vcn.video import probe_video
+    from vcn.warehouse import Warehouse
+    from vcn_assets.cli import main
+
+    info = probe_video(video)
+    sampler = _PeakSampler()
+    started = time.perf_counter()
+    code = main(["process", str(video), "--movie-id", "bench"])
+    wall = time.perf_counter() - started
+    sampler.stop()
+    if code != 0:
+        raise SystemExit(f"vcn process failed with exit code {code}")
+    wh = Warehouse(str(home / "warehouse.duckdb"))
+    metrics = wh.query("SELECT asset, seconds, details FROM stage_metrics WHERE movie_id = 'bench' ORDER BY recorded_at")
+    stages = {a: round(s, 1) for a, s, _ in metrics.iter_rows()}
+    finetune = next((json.loads(d) if isinstance(d, str) else d for a, _, d in metrics.iter_rows() if a == "finetuned_model"), {})
+    counts = wh.query(
+        "SELECT (SELECT count(*) FROM tracks WHERE movie_id = 'bench') AS tracks, "
+        "(SELECT count(*) FROM track_crops WHERE movie_id = 'bench' AND NOT rejected) AS kept_crops, "
+        "(SELECT count(DISTINCT cluster) FROM face_clusters WHERE movie_id = 'bench') AS clusters"
+    ).row(0, named=True)
+    gpu_peak = _torch_gpu_peak_mb()
+    shutil.rmtree(home, ignore_errors=True)
+    return {
+        "video": video.name,
+        "resolution": f"{info.width}x{info.height}",
+        "fps": round(info.fps, 3),
+        "duration_s": round(info.duration_s, 1),
+        **counts,
+        "finetune_mode": finetune.get("mode"),
+        "stages_s": stages,
+        "wall_s": round(wall, 1),
+        "realtime_factor": round(info.duration_s / wall, 3),
+        "peak_rss_mb": round(sampler.peak_rss / 2**20, 1),
+        "peak_gpu_mb": max(gpu_peak, sampler.peak_gpu_mb) if (gpu_peak or sampler.peak_gpu_mb) else None,
+    }
+
+
+def _torch_gpu_peak_mb() -> float:
+    try:
+        import torch
+    except ImportError:
+        return 0.0
+    return round(torch.cuda.max_memory_reserved() / 2**20, 1) if torch.cuda.is_available() else 0.0
+
+
+class _PeakSampler:
+    """Samples this process's RSS (and its GPU memory through nvidia-smi, when there is one) every 0.2 s."""
+
+    def __init__(self) -> None:
+        self.peak_rss = 0
+        self.peak_gpu_mb = 0.0
+        self._proc = psutil.Process()
+        self._smi = shutil.which("nvidia-smi")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last_smi = 0.0
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+            if self._smi and time.monotonic() - last_smi > 1.0:
+                last_smi = time.monotonic()
+                self.peak_gpu_mb = max(self.peak_gpu_mb, self._gpu_mb())
+            time.sleep(0.2)
+
+    def _gpu_mb(self) -> float:
+        out = subprocess.run(
+            [self._smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout
+        used = [float(m) for pid, m in (line.split(",") for line in out.strip().splitlines() if "," in line)
+                if int(pid) == os.getpid()]
+        return sum(used)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", nargs="+", type=float, default=[5, 20], help="movie lengths in minutes")
+    parser.add_argument("--height", type=int, default=720, help="frame height (16:9, 24 fps)")
+    parser.add_argument("--base-minutes", type=float, default=20, help="longest edit encoded; longer movies loop it")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(Path(args.one))))
+        return
+
+    import torch
+
+    kind = "gpu" if torch.cuda.is_available() else "cpu"
+    runs = []
+    for minutes in args.minutes:
+        video = movie_path(minutes, args.height, args.base_minutes)
+        print(f"== {video.name}", flush=True)
+        child = subprocess.run([sys.executable, __file__, "--one", str(video)], capture_output=True, text=True, cwd=REPO)
+        if child.returncode != 0:
+            sys.exit(f"benchmark of {video} failed:\n{child.stdout[-2000:]}\n{child.stderr[-4000:]}")
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        runs.append(result)
+        print(json.dumps(result, indent=2), flush=True)
+
+    machine = {
+        "kind": kind,
+        "gpu": torch.cuda.get_device_name(0) if kind == "gpu" else None,
+        "cpu_count": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+    }
+    report = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine, "runs": runs}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"movie_{kind}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"movie_{kind}.md").write_text(_markdown(report))
+    print(_markdown(report))
+
+
+def _markdown(report: dict) -> str:
+    m = report["machine"]
+    where = m["gpu"] or f"{m['cpu_count']} CPU cores"
+    lines = [
+        f"# End-to-end movie benchmark ({m['kind'].upper()})",
+        "",
+        f"Measured {report['measured_at']} on {where}, {m['cpu_count']} cores, {m['memory_gb']} GiB, Python {m['python']}: "
+        "`vcn process` with default settings (finetuning included) on a fresh instance and warehouse.",
+        "",
+        "| movie | resolution | duration s | tracks | kept crops | clusters | finetune mode | wall s | realtime factor | peak RSS MB | peak GPU MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["runs"]:
+        lines.append(
+            f"| {r['video']} | {r['resolution']}@{r['fps']} | {r['duration_s']} | {r['tracks']} | {r['kept_crops']} | "
+            f"{r['clusters']} | {r['finetune_mode']} | {r['wall_s']} | {r['realtime_factor']}x | {r['peak_rss_mb']} | "
+            f"{r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '-'} |"
+        )
+    lines += ["", "Seconds per stage:", "", "| movie | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES)]
+    for r in report["runs"]:
+        lines.append(f"| {r['video']} | " + " | ".join(str(r["stages_s"].get(s, "-")) for s in STAGES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
