@@ -224,7 +224,7 @@ def main() -> None:
 
 def _markdown(report: dict) -> str:
     m = report["machine"]
-    where = m["gpu"] or f"{m['cpu_count']} CPU cores"
+    where = m["gpu"] or "no GPU"
     lines = [
         f"# End-to-end movie benchmark ({m['kind'].upper()})",
         "",
