@@ -137,22 +137,15 @@ class ArtifactStore(dg.ConfigurableResource):
         return self.model_uri(name)
 
     def read_model_json(self, name: str) -> dict | None:
-        if self.remote:
-            data = self.remote.get_bytes(_model_key(name))
-            return None if data is None else json.loads(data)
-        path = self.model_path(name)
-        return json.loads(path.read_text()) if path.exists() else None
+        """A JSON record of the model store, or None when there is none."""
+        return self._read_json(_model_key(name), self.model_path(name))
 
     def read_parquet(self, movie_id: str, name: str, columns: list[str] | None = None) -> pl.DataFrame:
         return pl.read_parquet(self.local(movie_id, name), columns=columns)
 
     def read_json(self, movie_id: str, name: str) -> dict | None:
         """A JSON artifact of a movie, or None when there is none."""
-        if self.remote:
-            data = self.remote.get_bytes(_movie_key(movie_id, name))
-            return None if data is None else json.loads(data)
-        path = self.path(movie_id, name)
-        return json.loads(path.read_text()) if path.exists() else None
+        return self._read_json(_movie_key(movie_id, name), self.path(movie_id, name))
 
     # --- movies and their sources -------------------------------------------------------
 
@@ -193,9 +186,8 @@ class ArtifactStore(dg.ConfigurableResource):
         out = {}
         if self.remote:
             for movie_id in sorted(self.remote.folders("movies")):
-                data = self.remote.get_bytes(_movie_key(movie_id, "movie.json"))
-                if data is not None:
-                    record = json.loads(data)
+                record = self.read_json(movie_id, "movie.json")
+                if record is not None:
                     out[record["movie_id"]] = record["source"]
             return out
         for meta in sorted((Path(self.base_dir) / "movies").glob("*/movie.json")):
@@ -214,6 +206,14 @@ class ArtifactStore(dg.ConfigurableResource):
                 etag = self.remote.upload(tmp, key)
         if etag is not None:
             _remember(final, etag)
+
+    def _read_json(self, key: str, local: Path) -> dict | None:
+        """A small JSON record, read straight from S3 (always current) or from the local file."""
+        if self.remote:
+            data = self.remote.get_bytes(key)
+        else:
+            data = local.read_bytes() if local.exists() else None
+        return None if data is None else json.loads(data)
 
     def _fetch(self, key: str, local: Path) -> Path | None:
         if self.remote is None:

@@ -171,10 +171,9 @@ def _process(args: argparse.Namespace) -> int:
             info = probe_video(store.fetch_source(movie_id, source))
         except VideoError as error:  # name the object, not its copy in the cache
             raise type(error)(source, error.reason) from None
-    registered = store.registered_sources().get(movie_id)
-    if registered and registered != source:
-        raise ValueError(f"movie id {movie_id!r} is already registered for {registered}; pass another --movie-id")
-    previous = store.read_json(movie_id, "movie.json") if registered else None
+    previous = store.read_json(movie_id, "movie.json")
+    if previous and previous["source"] != source:
+        raise ValueError(f"movie id {movie_id!r} is already registered for {previous['source']}; pass another --movie-id")
     stamp = video_stamp(source, store)
     store.register_movie(movie_id, source, stamp=stamp)
 
