@@ -1,8 +1,12 @@
-"""End to end on long movies: per-stage time, realtime factor, peak RSS and peak GPU memory.
+"""End to end on long movies: per-stage time, realtime factor, peak RSS (overall and per stage) and peak GPU memory.
 
 Each movie runs through the product's own path, ``vcn process`` (every asset,
 finetuning included, on a fresh Dagster instance and warehouse), in a child
-process of its own so that its peak memory is its own. The movies are built
+process of its own so that its peak memory is its own. Its RSS is sampled every
+0.2 s and each sample is put down to the Dagster step running at that moment
+(from the run's step start and end events), which gives each stage's peak; what
+runs outside the asset steps (asset checks, start-up, the summary) is "other".
+A stage's peak includes what earlier stages left allocated. The movies are built
 from real footage by ``benchmarks/make_movie.py``: an edit of ``--base-minutes``
 (at most 20 by default) is encoded once and, for longer movies, repeated by
 stream copy up to the asked length, which takes seconds instead of an encode
@@ -114,6 +118,7 @@ def run_one(video: Path) -> dict:
     sampler.stop()
     if code != 0:
         raise SystemExit(f"vcn process failed with exit code {code}")
+    stage_peaks = _stage_peaks(sampler.samples, _step_intervals())
     wh = Warehouse(str(home / "warehouse.duckdb"))
     metrics = wh.query("SELECT asset, seconds, details FROM stage_metrics WHERE movie_id = 'bench' ORDER BY recorded_at")
     stages = {a: round(s, 1) for a, s, _ in metrics.iter_rows()}
@@ -136,8 +141,36 @@ def run_one(video: Path) -> dict:
         "wall_s": round(wall, 1),
         "realtime_factor": round(info.duration_s / wall, 3),
         "peak_rss_mb": round(sampler.peak_rss / 2**20, 1),
+        "stage_peak_rss_mb": stage_peaks,
         "peak_gpu_mb": max(gpu_peak, sampler.peak_gpu_mb) if (gpu_peak or sampler.peak_gpu_mb) else None,
     }
+
+
+def _step_intervals() -> list[tuple[str, float, float]]:
+    """(step key, start, end) in Unix seconds of every step of every run of the (fresh) Dagster instance."""
+    import dagster as dg
+
+    ends = {dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE}
+    intervals = []
+    with dg.DagsterInstance.get() as instance:
+        for run in instance.get_runs():
+            started: dict[str, float] = {}
+            for entry in instance.all_logs(run.run_id, of_type={dg.DagsterEventType.STEP_START, *ends}):
+                if entry.dagster_event.event_type == dg.DagsterEventType.STEP_START:
+                    started[entry.step_key] = entry.timestamp
+                elif entry.step_key in started:
+                    intervals.append((entry.step_key, started.pop(entry.step_key), entry.timestamp))
+    return intervals
+
+
+def _stage_peaks(samples: list[tuple[float, int]], intervals: list[tuple[str, float, float]]) -> dict[str, float]:
+    """Peak RSS in MB of each stage (``STAGES``), and of everything else as ``other``, from timed RSS samples."""
+    peaks: dict[str, float] = {}
+    for at, rss in samples:
+        step = next((key for key, start, end in intervals if start <= at <= end), None)
+        name = step if step in STAGES else "other"
+        peaks[name] = max(peaks.get(name, 0.0), round(rss / 2**20, 1))
+    return {name: peaks[name] for name in (*STAGES, "other") if name in peaks}
 
 
 def _torch_gpu_peak_mb() -> float:
@@ -149,10 +182,15 @@ def _torch_gpu_peak_mb() -> float:
 
 
 class _PeakSampler:
-    """Samples this process's RSS (and its GPU memory through nvidia-smi, when there is one) every 0.2 s."""
+    """Samples this process's RSS (and its GPU memory through nvidia-smi, when there is one) every 0.2 s.
+
+    Attributes:
+        samples: (Unix time, RSS bytes) of every sample, for the per-stage peaks.
+    """
 
     def __init__(self) -> None:
         self.peak_rss = 0
+        self.samples: list[tuple[float, int]] = []
         self.peak_gpu_mb = 0.0
         self._proc = psutil.Process()
         self._smi = shutil.which("nvidia-smi")
@@ -163,7 +201,9 @@ class _PeakSampler:
     def _run(self) -> None:
         last_smi = 0.0
         while not self._stop.is_set():
-            self.peak_rss = max(self.peak_rss, self._proc.memory_info().rss)
+            rss = self._proc.memory_info().rss
+            self.samples.append((time.time(), rss))
+            self.peak_rss = max(self.peak_rss, rss)
             if self._smi and time.monotonic() - last_smi > 1.0:
                 last_smi = time.monotonic()
                 self.peak_gpu_mb = max(self.peak_gpu_mb, self._gpu_mb())
@@ -243,6 +283,14 @@ def _markdown(report: dict) -> str:
     lines += ["", "Seconds per stage:", "", "| movie | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES)]
     for r in report["runs"]:
         lines.append(f"| {r['video']} | " + " | ".join(str(r["stages_s"].get(s, "-")) for s in STAGES) + " |")
+    columns = (*STAGES, "other")
+    lines += [
+        "", "Peak RSS MB per stage (a stage's peak includes what earlier stages left allocated; other: asset checks, "
+        "start-up, summary):", "", "| movie | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
+    ]
+    for r in report["runs"]:
+        peaks = r.get("stage_peak_rss_mb", {})
+        lines.append(f"| {r['video']} | " + " | ".join(str(peaks.get(s, "-")) for s in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
