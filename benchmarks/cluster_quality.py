@@ -15,12 +15,16 @@ of the machine) with cosine and with the finetuned loss metric (the paper's
 ablation), then the baselines on the pretrained track means and again on the
 finetuned ones; the last baseline of each set uses the true number of identities.
 
-Outputs ``benchmarks/results/cluster_quality.json`` and ``.md`` and prints the table.
+Outputs ``benchmarks/results/cluster_quality.json`` and ``.md`` (``--name`` changes the
+stem) and prints the table.
 
 Usage, from the repository root::
 
     python benchmarks/cluster_quality.py                      # ../shared/data/tracksets/dev-ep
     python benchmarks/cluster_quality.py --trackset DIR
+    # a validation episode from benchmarks/make_trackset.py, pretrained rows only:
+    python benchmarks/cluster_quality.py --trackset benchmarks/work/val/buffy_s05e04 --no-finetune \
+        --scale-tracks 0 --name cluster_quality_val_buffy_s05e04
 
 About 15 minutes on 2 CPU cores for dev-ep (600 tracks, 6,785 crops), most of it
 finetuning, embedding and quality passes.
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trackset", type=Path, default=DEFAULT_TRACKSET)
     parser.add_argument("--scale-tracks", type=int, default=5000, help="tracks of the synthetic speed check (0: skip)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the finetuning")
+    parser.add_argument("--no-finetune", action="store_true", help="pretrained rows and baselines only (minutes, not a quarter hour)")
+    parser.add_argument("--name", default="cluster_quality", help="stem of the results files in benchmarks/results/")
     args = parser.parse_args(argv)
     if not (args.trackset / "labels.csv").is_file():
         parser.error(f"{args.trackset} has no labels.csv to score against")
@@ -119,28 +125,30 @@ def main(argv: list[str] | None = None) -> int:
     ours("Pretrained + cosine, no quality screen", "cannot-link", data, True, False, False)
 
     # The method: adapt the backbone to the episode (the CPU budget mode here), then cluster.
-    tuned = embed_trackset(args.trackset, device="cpu", finetune=True, similarity="loss", seed=args.seed)
-    ft = tuned.finetuned
-    finetune = {
-        "version": ft.version, "mode": ft.mode, "rounds": len(ft.history["rounds"]), "stopped": ft.history["stopped"],
-        "matched_track_pairs": ft.history["n_matches"],
-        "match_precision": [r["match_precision"] for r in ft.history["rounds"]],
-        "loss_curves": [[round(v, 4) for v in r["loss_curve"]] for r in ft.history["rounds"]],
-        "pairs_per_second_cpu": round(ft.history["pairs_per_second"], 1),
-        "round_pairs_per_second_cpu": [round(r["pairs_per_second"], 1) for r in ft.history["rounds"]],
-        "bank_seconds": round(ft.history["bank_seconds"], 1),
-        "finetune_seconds": round(tuned.timings["finetune"], 1),
-        "collapse": ft.collapse.to_dict() if ft.collapse else None,
-        "timings_s": {k: round(v, 2) for k, v in tuned.timings.items()},
-    }
-    print(f"finetuning: {finetune}", flush=True)
-    ours("Finetuned + cosine", f"quality screen + cannot-link, {ft.mode}", tuned, True, True, False)
-    ours("Finetuned + loss metric", f"the method: quality screen + cannot-link, {ft.mode}", tuned, True, True, True)
-    ours("Finetuned + loss metric, no cannot-link", "quality screen, paper's setting", tuned, False, True, True)
+    tuned = finetune = None
+    if not args.no_finetune:
+        tuned = embed_trackset(args.trackset, device="cpu", finetune=True, similarity="loss", seed=args.seed)
+        ft = tuned.finetuned
+        finetune = {
+            "version": ft.version, "mode": ft.mode, "rounds": len(ft.history["rounds"]),
+            "stopped": ft.history["stopped"], "matched_track_pairs": ft.history["n_matches"],
+            "match_precision": [r["match_precision"] for r in ft.history["rounds"]],
+            "loss_curves": [[round(v, 4) for v in r["loss_curve"]] for r in ft.history["rounds"]],
+            "pairs_per_second_cpu": round(ft.history["pairs_per_second"], 1),
+            "round_pairs_per_second_cpu": [round(r["pairs_per_second"], 1) for r in ft.history["rounds"]],
+            "bank_seconds": round(ft.history["bank_seconds"], 1),
+            "finetune_seconds": round(tuned.timings["finetune"], 1),
+            "collapse": ft.collapse.to_dict() if ft.collapse else None,
+            "timings_s": {k: round(v, 2) for k, v in tuned.timings.items()},
+        }
+        print(f"finetuning: {finetune}", flush=True)
+        ours("Finetuned + cosine", f"quality screen + cannot-link, {ft.mode}", tuned, True, True, False)
+        ours("Finetuned + loss metric", f"the method: quality screen + cannot-link, {ft.mode}", tuned, True, True, True)
+        ours("Finetuned + loss metric, no cannot-link", "quality screen, paper's setting", tuned, False, True, True)
 
     # Tracks without crops (problem tracks) sit at the origin for the baselines. They run on the
     # pretrained track means, and again on the finetuned ones (a fair match for the finetuned rows).
-    for embedded, suffix in ((data, ""), (tuned, ", finetuned embeddings")):
+    for embedded, suffix in ((data, ""), (tuned, ", finetuned embeddings")) if tuned else ((data, ""),):
         means = np.nan_to_num(unit_track_means(embedded.embeddings, embedded.crop_track, n_tracks))
         for baseline in BASELINES:
             started = time.perf_counter()
@@ -166,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "cluster_quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "cluster_quality.md").write_text(markdown(result))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 
@@ -178,8 +186,9 @@ def markdown(result: dict) -> str:
         "",
         f"`benchmarks/cluster_quality.py` on `{result['trackset']}`: {result['n_tracks']} tracks, "
         f"{result['n_crops']} crops, {result['n_identities']} identities; pretrained embeddings "
-        f"`{result['model_version']}`, finetuned `{result['finetune']['version']}` "
-        f"({result['finetune']['mode']}). Measured {result['measured_at']} on "
+        f"`{result['model_version']}`, "
+        + (f"finetuned `{result['finetune']['version']}` ({result['finetune']['mode']})" if result["finetune"] else "no finetuning")
+        + f". Measured {result['measured_at']} on "
         f"{result['machine']}. Unknown tracks count as singletons in every figure but PCR. The baselines "
         "cluster the pretrained track means, then (rows marked 'finetuned embeddings') the finetuned ones.",
         "",
@@ -202,7 +211,7 @@ def markdown(result: dict) -> str:
         "",
     ]
     ft = result["finetune"]
-    lines += [
+    lines += [] if not ft else [
         f"Finetuning ({ft['mode']}): {ft['rounds']} round(s), stopped by {ft['stopped']}, "
         f"{ft['matched_track_pairs']} matched track pairs (precision per round {ft['match_precision']}); "
         f"loss per epoch {ft['loss_curves']}; training {ft['pairs_per_second_cpu']} pairs/s on the CPU "

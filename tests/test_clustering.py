@@ -57,6 +57,73 @@ def test_recovers_well_separated_people_without_being_told_how_many() -> None:
         assert result.n_unknown == 0
 
 
+def _naive_clustering(x: np.ndarray, crop_track: np.ndarray, n_tracks: int, cannot_link: list[tuple[int, int]]):
+    """The merge rule written out with loops over crops, as the method states it.
+
+    theta of a cluster: mean of 1 - cos over all pairs of its crops; S(A, B): 1 - cos
+    between the clusters' mean crop directions; a match is S < theta_A or S < theta_B
+    between clusters without a cannot-link pair; pairs of clusters that are each
+    other's closest match merge; repeat until nothing matches.
+    """
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    clusters = [[t] for t in range(n_tracks)]
+
+    def crops(cluster):
+        return [i for i in range(len(x)) if crop_track[i] in cluster]
+
+    def theta(cluster):
+        c = crops(cluster)
+        pairs = [1 - unit[i] @ unit[j] for i in c for j in c if i != j]
+        return sum(pairs) / len(pairs) if pairs else -np.inf
+
+    def distance(a, b):
+        ca, cb = unit[crops(a)].mean(0), unit[crops(b)].mean(0)
+        return 1 - ca @ cb / np.linalg.norm(ca) / np.linalg.norm(cb)
+
+    while True:
+        k = len(clusters)
+        thetas = [theta(c) for c in clusters]
+        best = []
+        for a in range(k):
+            options = [
+                (distance(clusters[a], clusters[b]), b) for b in range(k)
+                if b != a
+                and not any((i, j) in cannot_link or (j, i) in cannot_link for i in clusters[a] for j in clusters[b])
+                and distance(clusters[a], clusters[b]) < max(thetas[a], thetas[b])
+            ]
+            best.append(min(options)[1] if options else None)
+        merges = [(a, b) for a, b in enumerate(best) if b is not None and best[b] == a and a < b]
+        if not merges:
+            break
+        gone = {b for _, b in merges}
+        for a, b in merges:
+            clusters[a] = clusters[a] + clusters[b]
+        clusters = [c for i, c in enumerate(clusters) if i not in gone]
+    labels = np.empty(n_tracks, dtype=np.int64)
+    for label, cluster in enumerate(clusters):
+        labels[cluster] = label
+    return labels
+
+
+def test_matches_the_rule_written_out_with_loops() -> None:
+    """Same partition as the naive rule on overlapping people, tracks of very different lengths."""
+    rng = np.random.default_rng(5)
+    for _ in range(4):
+        people, tracks = 3, 14
+        centres = rng.normal(size=(people, 6))
+        person = rng.integers(people, size=tracks)
+        lengths = rng.integers(1, 9, size=tracks)
+        crop_track = np.repeat(np.arange(tracks), lengths)
+        track_centres = centres[person] + rng.normal(scale=0.6, size=(tracks, 6))
+        x = track_centres[crop_track] + rng.normal(scale=0.4, size=(len(crop_track), 6))
+        cannot = [(int(a), int(b)) for a, b in rng.integers(tracks, size=(4, 2)) if a != b]
+        result = cluster_tracks(
+            CosineDissimilarity().factors(x), crop_track, tracks,
+            cannot_link=np.array(cannot).reshape(-1, 2), representatives=CosineDissimilarity().representative,
+        )
+        assert _same_partition(result.labels, _naive_clustering(x, crop_track, tracks, cannot))
+
+
 def test_labels_numbered_by_decreasing_size() -> None:
     rng = np.random.default_rng(2)
     x, crop_track, person = _movie(rng, people=3, tracks_per_person=4)
