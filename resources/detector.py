@@ -21,9 +21,14 @@ class DetectorResource(dg.ConfigurableResource):
     score_threshold: float = Field(default=0.8, description="Minimum face confidence.")
     batch_size: int = Field(default=8, description="Frames per detector call.")
     threads: int = Field(default=0, description="Inference threads; 0 uses every core.")
+    engine: str = Field(
+        default="auto",
+        description="RetinaFace's runtime: 'onnxruntime', 'torch' (on the GPU without onnxruntime-gpu), or 'auto' "
+        "(the GPU when either can reach it, else ONNX Runtime on the CPU).",
+    )
 
     def create(self) -> FaceDetector:
         options = {"score_threshold": self.score_threshold}
         if self.name == "retinaface":
-            options.update(max_side=None, threads=self.threads or None)
+            options.update(max_side=None, threads=self.threads or None, engine=self.engine)
         return create_detector(self.name, **options)

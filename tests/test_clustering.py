@@ -236,3 +236,14 @@ def test_embed_and_score_matches_embed(backbone) -> None:
     assert quality.shape == (5,)
     empty_e, empty_q = embed_and_score(backbone, chips[:0])
     assert empty_e.shape == (0, 128) and empty_q.shape == (0,)
+
+
+def test_torch_matrix_products_give_the_same_clusters() -> None:
+    """The merge rounds' products on a torch device (CUDA on a GPU machine; the CPU here) change nothing."""
+    rng = np.random.default_rng(11)
+    x, crop_track, person = _movie(rng, people=5, track_noise=0.3, crop_noise=0.2)
+    cannot = np.array([[0, 7], [3, 20]])
+    numpy_result = cluster_movie(x, crop_track, len(person), cannot_link=cannot)
+    torch_result = cluster_movie(x, crop_track, len(person), cannot_link=cannot, device="cpu")
+    assert np.array_equal(numpy_result.labels, torch_result.labels)
+    assert numpy_result.clustering.rounds == torch_result.clustering.rounds

@@ -256,3 +256,71 @@ def test_mmdet_detector_on_the_clip(frames):
     for faces in results:
         assert faces.landmarks.shape == (len(faces), 5, 2)
         assert np.all(faces.boxes[:, 2:] <= [640, 360])
+
+
+# --------------------------------------------------------------------------- torch engine (the GPU path)
+
+
+def test_torch_graph_runner_matches_onnx_runtime():
+    """The ONNX graph run op by op in torch gives ONNX Runtime's outputs (CPU here; CUDA on a GPU machine)."""
+    import onnxruntime
+    import torch
+    from retinaface.weights import WEIGHTS
+
+    from vcn.detection.onnx_torch import OnnxModule
+
+    module = OnnxModule(WEIGHTS).eval()
+    session = onnxruntime.InferenceSession(WEIGHTS, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(0, 60, (2, 3, 224, 320)).astype(np.float32)
+    expected = session.run(None, {"input": x})
+    with torch.inference_mode():
+        got = [t.numpy() for t in module(torch.from_numpy(x))]
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, atol=2e-4, rtol=1e-4)
+
+
+def test_torch_engine_finds_the_same_faces(frames, sampled):
+    torch_detector = RetinaFaceDetector(threads=2, engine="torch", device="cpu")
+    assert torch_detector.active_providers == ["torch:cpu"]
+    indices = [0, 100, 250]
+    for index, faces in zip(indices, torch_detector.detect([frames[i] for i in indices])):
+        reference = sampled[index]
+        assert len(faces.boxes) == len(reference.boxes)
+        np.testing.assert_allclose(faces.boxes, reference.boxes, atol=0.05)
+        np.testing.assert_allclose(faces.scores, reference.scores, atol=1e-4)
+        np.testing.assert_allclose(faces.landmarks, reference.landmarks, atol=0.05)
+
+
+def test_auto_engine_uses_torch_only_for_a_gpu_onnx_runtime_cannot_reach(monkeypatch):
+    import onnxruntime
+    import torch
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert RetinaFaceDetector().engine == "onnxruntime"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert RetinaFaceDetector().engine == "torch"
+    assert RetinaFaceDetector(providers=["CPUExecutionProvider"]).engine == "onnxruntime"
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert RetinaFaceDetector().engine == "onnxruntime"
+    with pytest.raises(ValueError, match="engine must be one of"):
+        RetinaFaceDetector(engine="tensorrt")
+
+
+def test_torch_graph_runner_refuses_what_it_does_not_implement():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from vcn.detection.onnx_torch import OnnxModule, UnsupportedGraphError
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])
+    graph = helper.make_graph([helper.make_node("Sigmoid", ["x"], ["y"])], "g", [x], [y])
+    with pytest.raises(UnsupportedGraphError, match="Sigmoid"):
+        OnnxModule(helper.make_model(graph).SerializeToString())
+    w = helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 3, 3], np.ones(9, np.float32))
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], pads=[0, 0, 1, 1])
+    graph = helper.make_graph([conv], "g", [x], [y], initializer=[w])
+    with pytest.raises(UnsupportedGraphError, match="asymmetric pads"):
+        OnnxModule(onnx.helper.make_model(graph).SerializeToString())

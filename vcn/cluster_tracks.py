@@ -220,11 +220,14 @@ def cluster_trackset(
     pairs = on_screen_together(embedded.tracks) if cannot_link else None
     if similarity == "loss" and len(embedded.crop_track):
         outputs, dissimilarity = embedded.logits, embedded.finetuned.loss_dissimilarity()
+        # The loss metric's factors are as wide as the head's output: its matrices go to the GPU when there is one.
+        model_device = str(embedded.finetuned.backbone.device)
+        cluster_device = model_device if model_device.startswith("cuda") else None
     else:
-        outputs, dissimilarity = embedded.embeddings, None
+        outputs, dissimilarity, cluster_device = embedded.embeddings, None, None
     result = cluster_movie(
         outputs, embedded.crop_track, n_tracks, cannot_link=pairs, crop_quality=embedded.quality,
-        dissimilarity=dissimilarity,
+        dissimilarity=dissimilarity, device=cluster_device,
     )
     timings["cluster"] = time.perf_counter() - started
     clusters = [None if label == UNKNOWN else str(int(label)) for label in result.labels]

