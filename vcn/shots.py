@@ -73,7 +73,9 @@ def detect_shots(reader: VideoReader, config: ShotConfig = ShotConfig()) -> pl.D
     else:
         raise ValueError(f"unknown shot detector {config.detector!r}; known: adaptive, content")
 
-    analysis = VideoReader(reader.path, max_side=config.analysis_side, threads=reader.threads, info=reader.info)
+    analysis = VideoReader(
+        reader.path, max_side=config.analysis_side, threads=reader.threads, info=reader.info, workers=reader.workers
+    )
     cuts: list[int] = []
     times: list[float] = []
     last = None

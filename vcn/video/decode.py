@@ -80,6 +80,9 @@ class VideoReader:
             conversion) so their longer displayed side is at most this.
         threads: Decoder threads; 0 lets FFmpeg choose.
         info: A previous :func:`probe_video` result, to skip probing again.
+        workers: Processes decoding segments of the movie at once
+            (:mod:`vcn.video.parallel`); 1 decodes in this process, in one pass.
+            Frames, their numbers and timestamps are the same either way.
     """
 
     def __init__(
@@ -89,7 +92,11 @@ class VideoReader:
         max_side: int | None = None,
         threads: int = 0,
         info: VideoInfo | None = None,
+        workers: int = 1,
     ) -> None:
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        self.workers = workers
         self.info = info or probe_video(path)
         self.path = str(path)
         self.max_side = max_side
@@ -110,6 +117,45 @@ class VideoReader:
             CorruptVideoError: too many packets failed to decode, or a wanted frame
                 cannot be converted to RGB.
         """
+        if self.workers > 1:
+            from vcn.video.parallel import plan_segments
+
+            plan = plan_segments(self.path)
+            if plan is not None and len(plan.starts) > 1:
+                yield from self._parallel_frames(plan, want)
+                return
+        yield from self._one_pass(want)
+
+    def _parallel_frames(self, plan, want: Callable[[int], bool] | None) -> Iterator[DecodedFrame]:
+        """Frames decoded by segment in worker processes; the rest in one pass if a segment fails."""
+        from vcn.video.parallel import SegmentFailed, parallel_frames
+
+        self.report = report = DecodeReport(declared_frames=self.info.frame_count)
+        first_time: float | None = None
+        try:
+            for index, pts, t, key, image in parallel_frames(self, plan, want, self.workers):
+                if first_time is None:
+                    first_time = t
+                yield DecodedFrame(index=index, pts=pts, time_s=float(t - first_time), key_frame=key, image=image)
+                report.frames = index + 1
+        except SegmentFailed as exc:
+            log.warning("%s: %s; decoding the rest in one pass", self.path, exc)
+            resume = exc.index
+            for frame in self._one_pass(lambda i: i >= resume and (want is None or want(i))):
+                if frame.index >= resume:
+                    yield frame
+            return
+        report.packets = plan.packets
+        report.finished = True
+        if report.truncated:
+            report.warnings.append(
+                f"truncated: decoded {report.frames} of {report.declared_frames} frames the container declares"
+            )
+        for message in report.warnings:
+            log.warning("%s: %s", self.path, message)
+
+    def _one_pass(self, want: Callable[[int], bool] | None) -> Iterator[DecodedFrame]:
+        """Every frame from a single decoder, in this process."""
         import av
 
         self.report = report = DecodeReport(declared_frames=self.info.frame_count)

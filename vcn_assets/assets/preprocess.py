@@ -50,7 +50,10 @@ class CropsConfig(dg.Config):
 
 def _video(store: ArtifactStore, movie_id: str, **options) -> VideoReader:
     """A reader of the movie's video (an S3 source is read from its local copy; errors name the S3 object)."""
+    from vcn.video.parallel import default_workers
+
     source = store.local_source(movie_id)
+    options.setdefault("workers", default_workers())
     try:
         return VideoReader(source, **options)
     except VideoError as error:
