@@ -137,6 +137,7 @@ def run_one(video: Path) -> dict:
         "duration_s": round(info.duration_s, 1),
         **counts,
         "finetune_mode": finetune.get("mode"),
+        "finetune_crops": finetune.get("finetune_crops"),
         "stages_s": stages,
         "wall_s": round(wall, 1),
         "realtime_factor": round(info.duration_s / wall, 3),
@@ -271,13 +272,14 @@ def _markdown(report: dict) -> str:
         f"Measured {report['measured_at']} on {where}, {m['cpu_count']} cores, {m['memory_gb']} GiB, Python {m['python']}: "
         "`vcn process` with default settings (finetuning included) on a fresh instance and warehouse.",
         "",
-        "| movie | resolution | duration s | tracks | kept crops | clusters | finetune mode | wall s | realtime factor | peak RSS MB | peak GPU MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| movie | resolution | duration s | tracks | kept crops | clusters | finetune mode | finetune crops | wall s | "
+        "realtime factor | peak RSS MB | peak GPU MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
         lines.append(
             f"| {r['video']} | {r['resolution']}@{r['fps']} | {r['duration_s']} | {r['tracks']} | {r['kept_crops']} | "
-            f"{r['clusters']} | {r['finetune_mode']} | {r['wall_s']} | {r['realtime_factor']}x | {r['peak_rss_mb']} | "
+            f"{r['clusters']} | {r['finetune_mode']} | {r.get('finetune_crops') or '-'} | {r['wall_s']} | {r['realtime_factor']}x | {r['peak_rss_mb']} | "
             f"{r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '-'} |"
         )
     lines += ["", "Seconds per stage:", "", "| movie | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES)]

@@ -231,3 +231,21 @@ def test_a_failure_leaves_no_partial_report(tmp_path: Path, monkeypatch: pytest.
     # The earlier report is untouched; the fresh folder holds nothing, not even temporary files.
     assert {p.name: p.read_bytes() for p in (tmp_path / "kept").iterdir()} == before
     assert list((tmp_path / "fresh").iterdir()) == []
+
+
+def test_contact_sheet_needs_only_the_thumbnails_it_shows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 5 clusters of 20 tracks and 6 Unknown; at most 2 rows of clusters, 3 thumbnails each.
+    monkeypatch.setattr(report, "MAX_ROWS", 2)
+    rng = np.random.default_rng(7)
+    labels = [c for c in range(5) for _ in range(20)] + [5] * 6
+    track_ids = list(range(len(labels)))
+    clusters = [None if c == 5 else f"k{c}" for c in labels]
+    embeddings = _embeddings(labels)
+    thumbnails = {t: rng.integers(0, 256, (150, 150, 3), dtype=np.uint8) for t in track_ids}
+    shown = report.contact_sheet_tracks(track_ids, clusters, embeddings, max_thumbs_per_cluster=3)
+    assert len(shown) == len(set(shown)) == 9  # 2 clusters and the Unknown row, 3 each
+    args = dict(title="movie", track_ids=track_ids, clusters=clusters, embeddings=embeddings, max_thumbs_per_cluster=3)
+    full = write_cluster_report(tmp_path / "all", thumbnails=thumbnails, **args)
+    only = write_cluster_report(tmp_path / "shown", thumbnails={t: thumbnails[t] for t in shown}, **args)
+    with Image.open(full.contact_sheet) as a, Image.open(only.contact_sheet) as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))

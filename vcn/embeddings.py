@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vcn.crops import decode_jpeg
@@ -101,26 +102,79 @@ def embed_crops(
     return table, matrix.astype(np.float32, copy=False)
 
 
-def read_kept_chips(crops_path: str | os.PathLike, template: str) -> tuple[pl.DataFrame, np.ndarray]:
-    """The kept (not rejected) crops of a ``track_crops`` file, decoded, in file order.
+def read_kept_crops(crops_path: str | os.PathLike, template: str) -> pl.DataFrame:
+    """``crop_id`` and ``track_id`` of the kept (not rejected) crops of a ``track_crops`` file, in file order.
 
-    The order is the one :func:`embed_crops` embeds them in, so row ``i`` here is
-    row ``i`` of its table. All chips are in memory at once (67 KB each at 150 px):
-    what finetuning needs.
-
-    Returns:
-        A table of ``crop_id`` and ``track_id``, and the (N, S, S, 3) uint8 RGB chips.
+    No image is read: a feature film's table is a few MB. The order is the one
+    :func:`embed_crops` embeds them in, so row ``i`` here is row ``i`` of its table.
 
     Raises:
         ValueError: The crops were aligned for another template than ``template``.
     """
-    tables: list[pl.DataFrame] = []
-    chips: list[np.ndarray] = []
-    for table in _kept_batches(crops_path, template, 1024):
-        tables.append(table.select("crop_id", "track_id"))
-        chips.extend(decode_jpeg(b) for b in table["image"].to_list())
-    table = pl.concat(tables) if tables else pl.DataFrame(schema={"crop_id": pl.Int64, "track_id": pl.Int64})
-    return table, np.stack(chips) if chips else np.zeros((0, 0, 0, 3), np.uint8)
+    source = pq.ParquetFile(str(crops_path))
+    tables = []
+    for batch in source.iter_batches(batch_size=65536, columns=["crop_id", "track_id", "rejected", "template"]):
+        table = pl.from_arrow(batch).filter(~pl.col("rejected"))
+        if not table.is_empty():
+            _check_template(crops_path, table, template)
+            tables.append(table.select("crop_id", "track_id"))
+    return pl.concat(tables) if tables else pl.DataFrame(schema={"crop_id": pl.Int64, "track_id": pl.Int64})
+
+
+def read_kept_chips(
+    crops_path: str | os.PathLike, template: str, rows: np.ndarray | None = None
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """The kept (not rejected) crops of a ``track_crops`` file, decoded, in file order: all, or those at ``rows``.
+
+    The chips are 67 KB each at 150 px, so a caller that needs pixels of a long
+    movie picks a bounded subset first (:func:`read_kept_crops`, then
+    :func:`vcn.selfsup.sampling.spread_crops`) and only those are decoded, into
+    one array allocated once.
+
+    Args:
+        crops_path: A ``track_crops`` Parquet file.
+        template: The alignment the caller expects.
+        rows: Sorted, distinct positions among the kept crops (rows of
+            :func:`read_kept_crops`); None: all of them.
+
+    Returns:
+        A table of ``crop_id`` and ``track_id`` of the crops read, and their
+        (N, S, S, 3) uint8 RGB chips.
+
+    Raises:
+        ValueError: The crops were aligned for another template than
+            ``template``, or ``rows`` are not sorted, distinct kept positions.
+    """
+    kept = read_kept_crops(crops_path, template)
+    rows = np.arange(kept.height) if rows is None else np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1 or (len(rows) and (rows[0] < 0 or rows[-1] >= kept.height or (np.diff(rows) <= 0).any())):
+        raise ValueError(f"rows must be sorted, distinct positions among the {kept.height} kept crops")
+    table = kept[rows] if len(rows) < kept.height else kept
+    chips: np.ndarray | None = None
+    seen = done = 0  # kept crops passed, chips decoded
+    for batch in pq.ParquetFile(str(crops_path)).iter_batches(batch_size=1024, columns=["rejected", "image"]):
+        if done == len(rows):
+            break
+        kept_mask = ~batch.column("rejected").to_numpy(zero_copy_only=False)
+        positions = seen + np.cumsum(kept_mask) - 1  # position of each kept row among the kept crops
+        seen += int(kept_mask.sum())
+        wanted = kept_mask & np.isin(positions, rows[done : done + len(batch)])
+        for data in batch.column("image").filter(pa.array(wanted)).to_pylist():
+            chip = decode_jpeg(data)
+            if chips is None:
+                chips = np.empty((len(rows), *chip.shape), np.uint8)
+            chips[done] = chip
+            done += 1
+    return table, chips if chips is not None else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def _check_template(crops_path: str | os.PathLike, table: pl.DataFrame, template: str) -> None:
+    templates = set(table["template"].unique().to_list())
+    if templates != {template}:
+        raise ValueError(
+            f"{crops_path}: crops are aligned for {sorted(templates)}, the backbone expects "
+            f"{template!r}; re-materialise track_crops with template={template!r}"
+        )
 
 
 def _kept_batches(crops_path: str | os.PathLike, template: str, batch_size: int):
@@ -130,12 +184,7 @@ def _kept_batches(crops_path: str | os.PathLike, template: str, batch_size: int)
         table = pl.from_arrow(batch).filter(~pl.col("rejected"))
         if table.is_empty():
             continue
-        templates = set(table["template"].unique().to_list())
-        if templates != {template}:
-            raise ValueError(
-                f"{crops_path}: crops are aligned for {sorted(templates)}, the backbone expects "
-                f"{template!r}; re-materialise track_crops with template={template!r}"
-            )
+        _check_template(crops_path, table, template)
         yield table
 
 

@@ -105,6 +105,7 @@ def write_cluster_report(
         clusters: Cluster id of each track; None for a track left Unknown.
         thumbnails: One uint8 face image (H, W, 3) RGB, (H, W, 4) or (H, W) grey
             per track id, any size. A track without one gets a grey placeholder.
+            Only those of :func:`contact_sheet_tracks` are looked up.
         embeddings: (N, D) finite L2-normalised track embeddings, row i of track i.
         identities: Ground-truth identity of each track, when known (benchmarks):
             adds the majority identity of each cluster and a plot panel coloured
@@ -164,6 +165,26 @@ def write_cluster_report(
     )
 
 
+def contact_sheet_tracks(
+    track_ids: Sequence[str | int],
+    clusters: Sequence[str | None],
+    embeddings: np.ndarray,
+    max_thumbs_per_cluster: int = 12,
+) -> list[str | int]:
+    """The tracks whose thumbnails :func:`write_cluster_report` shows on the contact sheet, in no set order.
+
+    At most ``(MAX_ROWS + 1) x max_thumbs_per_cluster`` of them whatever the
+    movie's length, so a caller need only load (and hold) these thumbnails.
+
+    Raises:
+        ValueError: As :func:`write_cluster_report`.
+    """
+    embeddings = np.asarray(embeddings)
+    _validate(track_ids, clusters, embeddings, None, max_thumbs_per_cluster)
+    rows, _ = _sheet_rows(_groups(clusters, embeddings, None))
+    return [track_ids[g.members[k]] for g in rows for k in _spread(len(g.members), max_thumbs_per_cluster)]
+
+
 def _validate(
     track_ids: Sequence[str | int],
     clusters: Sequence[str | None],
@@ -214,6 +235,12 @@ def _groups(
             share = count / len(members)
         groups.append(_Group(c, members, majority, share))
     return groups
+
+
+def _sheet_rows(groups: list[_Group]) -> tuple[list[_Group], list[_Group]]:
+    """The groups with a row on the contact sheet (MAX_ROWS clusters, then Unknown) and the clusters left out."""
+    known = [g for g in groups if g.cluster_id is not None]
+    return known[:MAX_ROWS] + [g for g in groups if g.cluster_id is None], known[MAX_ROWS:]
 
 
 def _spread(n: int, k: int) -> np.ndarray:
@@ -280,9 +307,7 @@ def _contact_sheet(
         ImageDraw.Draw(sheet).text((2 * _PAD, _ROW_HEIGHT - 8), "no tracks", fill=(0, 0, 0), font=font)
         return sheet
 
-    known = [g for g in groups if g.cluster_id is not None]
-    rows = known[:MAX_ROWS] + [g for g in groups if g.cluster_id is None]
-    hidden = known[MAX_ROWS:]
+    rows, hidden = _sheet_rows(groups)
     height = len(rows) * _ROW_HEIGHT + (_ROW_HEIGHT // 2 if hidden else 0)
     sheet = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(sheet)

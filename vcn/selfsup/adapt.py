@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from vcn.selfsup.matching import TrackMatches, match_precision, match_tracks
+from vcn.selfsup.sampling import spread_crops
 from vcn.selfsup.trainer import TrainConfig, TrainResult, prepare_bank, train_round
 
 if TYPE_CHECKING:
@@ -36,6 +37,15 @@ if TYPE_CHECKING:
     from vcn.selfsup.head import ProjectionHead
 
 log = logging.getLogger(__name__)
+
+#: Crops finetuning works on at most. Its memory grows with them: on a CPU the
+#: decoded chips (67.5 KB each at 150 px) and their view bank (64 KiB for 4 views
+#: of dlib's ResNet) take ~133 KB a crop, 1.1 GB at this cap. It is above the
+#: ~6,800 crops of a 20-minute episode (the development set, which trains on all
+#: of its crops, as before the cap); a longer movie gives it an even subset of
+#: each track's crops, the lead actors' long tracks giving up the most, and a
+#: feature film (~65,000 crops of ~16,000 tracks) one crop of each of its longest tracks.
+MAX_CROPS = 8192
 
 
 class AdaptConfig(BaseModel):
@@ -51,6 +61,11 @@ class AdaptConfig(BaseModel):
     )
     pca_dim: int | None = Field(
         32, ge=1, description="Dimension of the PCA basis of the Gaussian track matching (None: full embedding)."
+    )
+    max_crops: int = Field(
+        MAX_CROPS, ge=1, description="Most crops the rounds train and match on; a movie with more trains on an even "
+        "subset of each track's crops (vcn.selfsup.sampling.spread_crops), so that memory stays bounded on a feature "
+        "film. See MAX_CROPS."
     )
     stable_jaccard: float = Field(
         0.99, gt=0, le=1, description="The matches count as unchanged when the Jaccard index of the new and the "
@@ -93,6 +108,7 @@ class AdaptResult:
         stopped: Why the rounds ended: ``"stable"`` (matches unchanged) or ``"max_rounds"``.
         bank_seconds: Wall time of building the view bank, shared by all rounds (0 without).
         seconds: Wall time of the whole adaptation.
+        crops: Crops the rounds trained on: all given, or ``max_crops`` of them.
     """
 
     final: TrainResult
@@ -101,6 +117,7 @@ class AdaptResult:
     stopped: str = "max_rounds"
     bank_seconds: float = 0.0
     seconds: float = 0.0
+    crops: int = 0
 
     @property
     def backbone(self) -> nn.Module:
@@ -145,7 +162,8 @@ def adapt(
 
     Args:
         backbone: A :class:`vcn.backbone.Backbone` with a torch module; never modified.
-        chips: (N, S, S, 3) uint8 RGB chips aligned for the backbone.
+        chips: (N, S, S, 3) uint8 RGB chips aligned for the backbone; more than
+            ``config.max_crops`` are cut to an even subset of each track's.
         crop_track: (N,) track index of each chip, in ``0..n_tracks-1``.
         n_tracks: Number of tracks T.
         cannot_link: (P, 2) track pairs that must never match (on screen together).
@@ -168,6 +186,14 @@ def adapt(
     crop_track = np.asarray(crop_track)
     if labels is not None and len(labels) != n_tracks:
         raise ValueError(f"labels must give one identity per track ({n_tracks}), got {len(labels)}")
+    if crop_track.shape != (len(chips),):
+        raise ValueError(f"crop_track must hold one track id per chip ({len(chips)}), got shape {crop_track.shape}")
+    # Bounded memory: at most max_crops crops, an even subset of each track's (a caller that
+    # decodes chips picks the same subset first with spread_crops and decodes only those).
+    sample = spread_crops(crop_track, config.max_crops)
+    if len(sample) < len(crop_track):
+        log.info("finetuning on %d of the movie's %d crops (max_crops)", len(sample), len(crop_track))
+        chips, crop_track = chips[sample], crop_track[sample]
 
     # With a view bank the trunk never trains: bank its views once for all rounds.
     bank = prepare_bank(backbone, chips, crop_track, config.train) if config.train.view_bank else None
@@ -227,7 +253,7 @@ def adapt(
     assert result is not None  # max_rounds >= 1
     return AdaptResult(
         final=result, rounds=rounds, matches=matches, stopped=stopped, bank_seconds=bank_seconds,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, crops=len(crop_track),
     )
 
 

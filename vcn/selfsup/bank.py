@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from vcn.selfsup.augment import FaceAugment
+from vcn.selfsup.sampling import spread_crops
 
 if TYPE_CHECKING:
     from vcn.backbone import Backbone
@@ -104,8 +105,9 @@ def bank_crops(crop_track: np.ndarray, n_views: int, bytes_per_view: int, max_by
     """The crops to bank: all of them if they fit ``max_bytes``, else the most per track that fit.
 
     Every track keeps ``min(its crops, k)`` crops, spread evenly over the track,
-    with ``k`` the largest cap that fits; short tracks thus keep all their crops
-    and the long tracks of the lead actors give up some.
+    with ``k`` the largest cap that fits (:func:`~vcn.selfsup.sampling.spread_crops`);
+    short tracks thus keep all their crops and the long tracks of the lead actors
+    give up some.
 
     Returns:
         Sorted indices into ``crop_track``.
@@ -115,30 +117,14 @@ def bank_crops(crop_track: np.ndarray, n_views: int, bytes_per_view: int, max_by
     """
     crop_track = np.asarray(crop_track)
     per_crop = n_views * bytes_per_view
-    if len(crop_track) * per_crop <= max_bytes:
-        return np.arange(len(crop_track))
-    tracks, inverse, counts = np.unique(crop_track, return_inverse=True, return_counts=True)
     budget = max_bytes // per_crop
-    if budget < len(tracks):
+    n_tracks = len(np.unique(crop_track))
+    if budget < n_tracks:
         raise ValueError(
-            f"a view bank of {len(tracks)} tracks x {n_views} views needs at least "
-            f"{len(tracks) * per_crop / 2**20:.0f} MiB, more than its budget of {max_bytes / 2**20:.0f} MiB"
+            f"a view bank of {n_tracks} tracks x {n_views} views needs at least "
+            f"{n_tracks * per_crop / 2**20:.0f} MiB, more than its budget of {max_bytes / 2**20:.0f} MiB"
         )
-    low, high = 1, int(counts.max())  # largest cap k with sum(min(count, k)) <= budget
-    while low < high:
-        middle = (low + high + 1) // 2
-        if np.minimum(counts, middle).sum() <= budget:
-            low = middle
-        else:
-            high = middle - 1
-    order = np.argsort(inverse, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    keep = []
-    for start, count in zip(starts, counts):
-        take = min(int(count), low)
-        positions = np.unique(np.round(np.linspace(0, count - 1, take)).astype(np.int64))
-        keep.append(order[start + positions])
-    return np.sort(np.concatenate(keep))
+    return spread_crops(crop_track, max(budget, 1))
 
 
 def build_view_bank(
@@ -176,13 +162,12 @@ def build_view_bank(
     generator = torch.Generator().manual_seed(seed)
     was_training = module.training
     module.eval()
-    parts = []
+    features = None  # filled in place, batch by batch: the bank is never in memory twice
     try:
         with torch.inference_mode():
             for start in range(0, len(crops), batch_size):
                 batch = torch.from_numpy(np.ascontiguousarray(chips[crops[start : start + batch_size]]))
                 x = batch.to(device).permute(0, 3, 1, 2).float()
-                views = []
                 for view in range(n_views):
                     if view == 0:
                         v = x
@@ -190,13 +175,16 @@ def build_view_bank(
                         v = x.flip(-1)
                     else:
                         v = augment(x, generator)
-                    views.append(module.forward_trunk(backbone.preprocess(v)).to("cpu", STORAGE_DTYPE))
-                parts.append(torch.stack(views, dim=1))
+                    out = module.forward_trunk(backbone.preprocess(v)).to("cpu", STORAGE_DTYPE)
+                    if not bool(torch.isfinite(out).all()):
+                        raise FloatingPointError("the trunk gave non-finite features (or they overflow float16)")
+                    if features is None:
+                        features = torch.empty((len(crops), n_views, *out.shape[1:]), dtype=STORAGE_DTYPE)
+                    features[start : start + len(out), view] = out
     finally:
         module.train(was_training)
-    features = torch.cat(parts) if parts else torch.zeros((0, n_views), dtype=STORAGE_DTYPE)
-    if not bool(torch.isfinite(features).all()):
-        raise FloatingPointError("the trunk gave non-finite features (or they overflow float16)")
+    if features is None:
+        features = torch.zeros((0, n_views), dtype=STORAGE_DTYPE)
     bank = ViewBank(features=features, crops=crops)
     log.info("view bank: %d crops x %d views, %.0f MiB", len(crops), n_views, bank.nbytes / 2**20)
     return bank

@@ -83,6 +83,9 @@ def compute_mode(device: str, n_crops: int, seed: int = 0) -> ComputeMode:
       crop (:mod:`vcn.selfsup.bank`); the last stage and the head train, up to 2
       rounds of 1 head-only and 2 joint epochs of at most
       :data:`CPU_PAIRS_PER_EPOCH` pairs.
+
+    Both train on at most :data:`~vcn.selfsup.adapt.MAX_CROPS` of the movie's
+    crops (an even subset of each track's beyond), so that memory stays bounded.
     """
     if str(device).startswith("cuda"):
         config = AdaptConfig(
@@ -207,7 +210,7 @@ class FinetunedModel:
         mode: Name of the :class:`ComputeMode`.
         settings: The :class:`~vcn.selfsup.adapt.AdaptConfig` used, as a dict.
         history: Rounds (loss curves, matches, precision, seconds, pairs/s),
-            why they stopped, bank and total seconds, mean pairs/s.
+            why they stopped, crops trained on, bank and total seconds, mean pairs/s.
         collapse: Collapse diagnostics, when computed.
     """
 
@@ -353,7 +356,10 @@ def finetune_movie(
 
     Args:
         backbone: The pretrained backbone (a torch module); never modified.
-        chips: (N, S, S, 3) uint8 RGB chips aligned for it.
+        chips: (N, S, S, 3) uint8 RGB chips aligned for it. Training uses at most
+            the mode's ``max_crops`` of them (:attr:`~vcn.selfsup.adapt.AdaptConfig.max_crops`), so a
+            caller with a long movie picks them first
+            (:func:`~vcn.selfsup.sampling.spread_crops`) and decodes only those.
         crop_track: (N,) track index of each chip, ``0..n_tracks-1``.
         n_tracks: Number of tracks.
         cannot_link: Track pairs on screen together (never matched).
@@ -397,6 +403,7 @@ def finetune_movie(
         "rounds": [asdict(r) for r in result.rounds],
         "stopped": result.stopped,
         "n_matches": len(result.matches) if result.matches is not None else 0,
+        "crops": result.crops,
         "bank_seconds": result.bank_seconds,
         "seconds": result.seconds,
         "pairs_per_second": result.pairs_per_second,

@@ -24,12 +24,24 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from vcn.dissimilarity import Factors
+from vcn.selfsup.sampling import spread_crops
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from vcn.selfsup.trainer import TrainResult
+
+#: Crops the loss metric is computed on at most (more when a movie has more
+#: tracks: every track keeps one). Each costs K logits in float32 and two K-vectors
+#: of factors in float64, which the clustering copies once: 36 bytes x K, 576 KiB
+#: at K = 16384, 2.3 GiB at this cap; a movie with more crops is compared on an
+#: even subset of each track's (:func:`loss_metric_sample`). A 5-minute movie
+#: (~2,800 crops) is under it. (The clustering's own per-track factors, a few
+#: (tracks, K) float64 arrays, still grow with the number of tracks.)
+MAX_CROPS = 4096
+#: Rows of logits turned into factors at a time, bounding the float64 temporaries.
+_FACTOR_ROWS = 512
 
 
 class LossDissimilarity:
@@ -85,14 +97,20 @@ class LossDissimilarity:
 
         from vcn.selfsup.loss import student_log_probs, teacher_targets
 
-        logits = np.asarray(outputs, dtype=np.float64)
+        logits = np.asarray(outputs)
         if logits.ndim != 2 or logits.shape[1] != len(self.center):
             raise ValueError(f"logits must be an (N, {len(self.center)}) array, got shape {logits.shape}")
-        if not np.isfinite(logits).all():
-            raise FloatingPointError("logits hold non-finite values (NaN or inf)")
-        z = torch.from_numpy(logits)
-        u = teacher_targets(z, torch.from_numpy(self.center), self.teacher_temperature).numpy()
-        v = -student_log_probs(z, self.student_temperature).numpy()
+        center = torch.from_numpy(self.center)
+        u = np.empty(logits.shape, dtype=np.float64)
+        v = np.empty(logits.shape, dtype=np.float64)
+        # Row by row the same numbers as all at once; in chunks, the temporaries stay small.
+        for start in range(0, len(logits), _FACTOR_ROWS):
+            rows = slice(start, start + _FACTOR_ROWS)
+            z = torch.from_numpy(np.asarray(logits[rows], dtype=np.float64))
+            if not bool(torch.isfinite(z).all()):
+                raise FloatingPointError("logits hold non-finite values (NaN or inf)")
+            u[rows] = teacher_targets(z, center, self.teacher_temperature).numpy()
+            np.negative(student_log_probs(z, self.student_temperature).numpy(), out=v[rows])
         return Factors(u=u, v=v, offset=0.0)
 
     def representative(self, mean_u: np.ndarray, mean_v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -106,6 +124,39 @@ class LossDissimilarity:
         as within a track, and the pair mean is the paper's S(A, B) as written.
         """
         return mean_u, mean_v
+
+
+def loss_metric_sample(
+    crop_track: np.ndarray, crop_quality: np.ndarray | None = None, max_crops: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The crops a movie's loss metric is computed on, and the crop quality to cluster them with.
+
+    All crops when there are at most ``max_crops``: the clustering is then the
+    same as on all of them. Beyond, an even subset of each track's crops
+    (:func:`~vcn.selfsup.sampling.spread_crops`), at least one per track so that
+    no track drops out of the clustering; each kept crop then carries its track's
+    mean quality over all its crops, so the quality screen judges every track as
+    it would on all of them.
+
+    Args:
+        crop_track: (N,) track index of each crop, in ``0..T-1``.
+        crop_quality: (N,) quality of each crop, or None.
+        max_crops: Most crops to keep (exceeded only by a movie with more tracks);
+            default :data:`MAX_CROPS`.
+
+    Returns:
+        Sorted indices of the kept crops, and their quality (None when
+        ``crop_quality`` is None).
+    """
+    crop_track = np.asarray(crop_track, dtype=np.int64)
+    n_tracks = len(np.unique(crop_track))
+    rows = spread_crops(crop_track, max(MAX_CROPS if max_crops is None else max_crops, n_tracks, 1))
+    if crop_quality is None or len(rows) == len(crop_track):
+        return rows, crop_quality
+    from vcn.quality import track_quality
+
+    means = track_quality(crop_quality, crop_track, int(crop_track.max()) + 1)
+    return rows, means[crop_track[rows]]
 
 
 def crop_logits(

@@ -7,14 +7,17 @@ from typing import Literal
 import dagster as dg
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from resources import ArtifactStore, BackboneResource, WarehouseResource
 from vcn.clustering import UNKNOWN, cluster_movie
-from vcn.crops import encode_jpeg, read_crop_images
-from vcn.embeddings import read_kept_chips
+from vcn.crops import decode_jpeg, encode_jpeg
+from vcn.embeddings import read_kept_chips, read_kept_crops
 from vcn.identities import apply_edits, stable_cluster_ids
-from vcn.report import ClusterReport, write_cluster_report
+from vcn.report import ClusterReport, contact_sheet_tracks, write_cluster_report
 from vcn.trackset import on_screen_together
 from vcn.warehouse import utcnow
 from vcn_assets.assets.models import BASE_MODEL_FILE, movie_model, track_embeddings
@@ -97,13 +100,15 @@ def face_clusters(
         if quality is None and crops.height:
             context.log.warning("crop embeddings carry no quality; no track is left out as low-quality")
 
-        outputs, dissimilarity = matrix, None
+        outputs, dissimilarity, clustered_crops = matrix, None, crop_track
         if config.similarity == "loss" and crops.height:
-            outputs, dissimilarity = _loss_metric(context, backbone, store, movie_id, crops, model_version)
+            outputs, dissimilarity, clustered_crops, quality = _loss_metric(
+                context, backbone, store, movie_id, crops, model_version, crop_track, quality
+            )
 
         started = time.perf_counter()
         result = cluster_movie(
-            outputs, crop_track, len(track_ids), cannot_link=pairs if config.cannot_link else None,
+            outputs, clustered_crops, len(track_ids), cannot_link=pairs if config.cannot_link else None,
             crop_quality=quality, dissimilarity=dissimilarity,
         )
         cluster_seconds = time.perf_counter() - started
@@ -149,6 +154,7 @@ def face_clusters(
             "model_version": model_version,
             "cannot_link": config.cannot_link,
             "dissimilarity": result.dissimilarity,
+            "crops_compared": len(clustered_crops),
             "ids_kept_from_previous_run": len(set(automatic[automatic != UNKNOWN].tolist()) & set(previous.values())),
             "analyst_edits_skipped": len(skipped),
             "n_clusters": len(sizes),
@@ -170,6 +176,7 @@ def face_clusters(
             "cluster_sizes": dg.MetadataValue.json(sizes[:20]),
             "ids_kept_from_previous_run": run.details["ids_kept_from_previous_run"],
             "dissimilarity": result.dissimilarity,
+            "crops_compared": run.details["crops_compared"],
             "model_version": model_version,
             "cluster_seconds": round(cluster_seconds, 3),
             "seconds": run.details["seconds"],
@@ -184,21 +191,35 @@ def face_clusters(
 
 
 def _loss_metric(context, backbone: BackboneResource, store: ArtifactStore, movie_id: str, crops: pl.DataFrame,
-                 model_version: str):
-    """Head logits of the movie's crops and the finetuned loss metric; the embeddings and cosine without a finetuned model."""
+                 model_version: str, crop_track: np.ndarray, quality: np.ndarray | None):
+    """Head logits of (a bounded sample of) the movie's crops and the finetuned loss metric.
+
+    Returns:
+        The clustering's outputs, dissimilarity, crop tracks and crop quality: for
+        the crops of :func:`~vcn.selfsup.loss_metric.loss_metric_sample` (all of
+        a movie's crops up to its cap), or the embeddings and cosine of all crops
+        when the movie has no finetuned model.
+    """
+    from vcn.selfsup.loss_metric import loss_metric_sample
+
     model, finetuned = movie_model(backbone, store, movie_id)
     if finetuned is None:
         context.log.warning(f"movie {movie_id} has no finetuned model: clustering with cosine, not the loss metric")
-        return np.load(store.local(movie_id, "crop_embeddings.npy")), None
+        return np.load(store.local(movie_id, "crop_embeddings.npy")), None, crop_track, quality
     if finetuned.version != model_version:
         raise ValueError(
             f"the crop embeddings of movie {movie_id} come from {model_version}, the finetuned model is "
             f"{finetuned.version}; re-materialise track_embeddings"
         )
-    table, chips = read_kept_chips(store.local(movie_id, "track_crops.parquet"), model.template)
-    if table["crop_id"].to_list() != crops["crop_id"].to_list():
+    crops_path = store.local(movie_id, "track_crops.parquet")
+    if not np.array_equal(read_kept_crops(crops_path, model.template)["crop_id"].to_numpy(), crops["crop_id"].to_numpy()):
         raise ValueError(f"the crops of movie {movie_id} changed since they were embedded; re-materialise track_embeddings")
-    return finetuned.logits(chips), finetuned.loss_dissimilarity()
+    # Per-crop logits and factors are K floats each: only a bounded sample of the crops gets them.
+    rows, quality = loss_metric_sample(crop_track, quality)
+    if len(rows) < len(crop_track):
+        context.log.info(f"loss metric on {len(rows)} of the movie's {len(crop_track)} crops, every track kept")
+    _, chips = read_kept_chips(crops_path, model.template, rows)
+    return finetuned.logits(chips), finetuned.loss_dissimilarity(), crop_track[rows], quality
 
 
 def _track_rows(track_ids: np.ndarray, crop_tracks: np.ndarray, movie_id: str) -> np.ndarray:
@@ -243,22 +264,31 @@ def _write_report(store: ArtifactStore, movie_id: str, table: pl.DataFrame) -> t
         .group_by("track_id", maintain_order=True)
         .agg(pl.col("crop_id").get(pl.len() // 2))
     )
-    crop_ids, images = read_crop_images(crops_path, middle["crop_id"].to_list())
-    image_of = dict(zip(crop_ids.tolist(), images))
-    thumbnails = {t: image_of[c] for t, c in middle.iter_rows() if c in image_of}
-    paths = {}
-    for track, image in thumbnails.items():
-        name = f"{THUMBNAIL_DIR}/{track}.jpg"
-        with store.writing(movie_id, name) as tmp:
-            tmp.write_bytes(encode_jpeg(image, 90))
-        paths[int(track)] = store.uri(movie_id, name)
     dim = means["embedding"].dtype.shape[0] if means.height else 1
     embeddings = shown["embedding"].to_numpy().reshape(-1, dim) if shown.height else np.zeros((0, dim), np.float32)
+    track_ids = shown["track_id"].to_list()
+    clusters = [None if c is None else str(c) for c in shown["cluster"].to_list()]
+    # One crop image at a time: every track's thumbnail is written as it is decoded, and
+    # only those on the contact sheet (a bounded number) are kept for it.
+    on_sheet = set(contact_sheet_tracks(track_ids, clusters, embeddings))
+    track_of = dict(zip(middle["crop_id"].to_list(), middle["track_id"].to_list()))
+    thumbnails, paths = {}, {}
+    wanted = pa.array(middle["crop_id"].to_list(), type=pa.int64())
+    for batch in pq.ParquetFile(str(crops_path)).iter_batches(batch_size=256, columns=["crop_id", "image"]):
+        batch = batch.filter(pc.is_in(batch.column("crop_id"), value_set=wanted))
+        for crop_id, data in zip(batch.column("crop_id").to_pylist(), batch.column("image").to_pylist()):
+            track, image = track_of[crop_id], decode_jpeg(data)
+            name = f"{THUMBNAIL_DIR}/{track}.jpg"
+            with store.writing(movie_id, name) as tmp:
+                tmp.write_bytes(encode_jpeg(image, 90))
+            paths[int(track)] = store.uri(movie_id, name)
+            if track in on_sheet:
+                thumbnails[track] = image
     report = write_cluster_report(
         store.path(movie_id, REPORT_DIR),
         title=movie_id,
-        track_ids=shown["track_id"].to_list(),
-        clusters=[None if c is None else str(c) for c in shown["cluster"].to_list()],
+        track_ids=track_ids,
+        clusters=clusters,
         thumbnails=thumbnails,
         embeddings=embeddings,
     )

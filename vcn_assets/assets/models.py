@@ -8,7 +8,7 @@ import numpy as np
 from pydantic import Field
 
 from resources import ArtifactStore, BackboneResource, WarehouseResource
-from vcn.embeddings import embed_crops, read_kept_chips, track_means
+from vcn.embeddings import embed_crops, read_kept_chips, read_kept_crops, track_means
 from vcn.quality import supports_quality
 from vcn.trackset import on_screen_together
 from vcn_assets.assets.preprocess import face_tracks, track_crops
@@ -74,7 +74,8 @@ def finetuned_model(
     CPU: a budget that trains the last stage on banked views) and recorded with
     the settings, the loss curve and the collapse diagnostics.
     """
-    from vcn.selfsup.finetune import finetune_movie
+    from vcn.selfsup.finetune import compute_mode, finetune_movie
+    from vcn.selfsup.sampling import spread_crops
 
     wh = warehouse.get()
     with stage(context, wh, "finetuned_model") as run:
@@ -86,7 +87,8 @@ def finetuned_model(
             reason = "finetuning is turned off in the asset's config"
         elif base.module is None:
             reason = f"backbone {base.name} has no torch module to finetune (ONNX models only run)"
-        crops, chips = read_kept_chips(store.local(movie_id, "track_crops.parquet"), base.template)
+        crops_path = store.local(movie_id, "track_crops.parquet")
+        crops = read_kept_crops(crops_path, base.template)
         if reason is None and crops.height == 0:
             reason = "the movie has no kept crops"
         metadata: dict = {"base_model_version": base.version, "crops": crops.height}
@@ -96,11 +98,16 @@ def finetuned_model(
             ).sort("track_id")
             track_ids = tracks["track_id"].to_numpy()
             crop_track = np.searchsorted(track_ids, crops["track_id"].to_numpy())
+            # Memory stays bounded: only the crops finetuning uses (at most max_crops) are decoded.
+            mode = compute_mode(base.device, crops.height, config.seed)
+            rows = spread_crops(crop_track, mode.config.max_crops)
+            _, chips = read_kept_chips(crops_path, base.template, rows)
             started = time.perf_counter()
             model = finetune_movie(
-                base, chips, crop_track, len(track_ids), cannot_link=on_screen_together(tracks), seed=config.seed,
-                progress=lambda r, e, n, loss: context.log.info(f"round {r}, epoch {e + 1}/{n}: loss {loss:.4f}"),
+                base, chips, crop_track[rows], len(track_ids), cannot_link=on_screen_together(tracks), seed=config.seed,
+                mode=mode, progress=lambda r, e, n, loss: context.log.info(f"round {r}, epoch {e + 1}/{n}: loss {loss:.4f}"),
             )
+            del chips
             seconds = time.perf_counter() - started
             checkpoint = f"finetuned/{movie_id}/{model.version}.safetensors"
             with store.writing_model(checkpoint) as tmp:
@@ -111,7 +118,7 @@ def finetuned_model(
             record.update(
                 enabled=True, version=model.version, checkpoint=path, model_store_name=checkpoint, mode=model.mode,
                 collapse=model.collapse.to_dict() if model.collapse else None, collapse_problems=problems,
-                seed=config.seed,
+                seed=config.seed, finetune_crops=model.history["crops"], max_finetune_crops=mode.config.max_crops,
             )
             for problem in problems:
                 context.log.warning(f"finetuning may have collapsed: {problem}")
@@ -120,6 +127,8 @@ def finetuned_model(
                 {
                     "finetuned_version": model.version,
                     "compute_mode": model.mode,
+                    "finetune_crops": record["finetune_crops"],
+                    "max_finetune_crops": record["max_finetune_crops"],
                     "settings": dg.MetadataValue.json(model.settings),
                     "loss_curve": dg.MetadataValue.json([round(v, 4) for v in curve]),
                     "final_loss": round(curve[-1], 4) if curve else None,
@@ -142,7 +151,7 @@ def finetuned_model(
         run.items, run.row_count = crops.height, None
         run.artifact = record.get("checkpoint")
         run.details = {k: record[k] for k in ("base_version", "version", "enabled") if k in record}
-        run.details["mode"] = record.get("mode")
+        run.details.update({k: record.get(k) for k in ("mode", "finetune_crops")})
     metadata["seconds"] = run.details["seconds"]
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(record["version"]))
 

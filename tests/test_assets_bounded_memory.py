@@ -1,0 +1,108 @@
+"""The assets' bounded crop samples on the Hamilton clip through `vcn process`: finetuning records
+how many crops it used, and the loss-metric clustering gives the clustering of all crops under
+its cap and still clusters every track above it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from tests.conftest import HAMILTON
+from vcn_assets.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("vcn_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VCN_HOME", str(home))
+        mp.delenv("DAGSTER_HOME", raising=False)
+        assert main(["process", str(HAMILTON), "--movie-id", "hamilton"]) == 0
+        yield home
+
+
+@pytest.fixture
+def env(home, monkeypatch):
+    monkeypatch.setenv("VCN_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    return home
+
+
+def _movie(home, name: str):
+    return home / "artifacts" / "movies" / "hamilton" / name
+
+
+def _recluster(**config):
+    import dagster as dg
+
+    from vcn_assets.assets.clusters import face_clusters
+    from vcn_assets.definitions import build_resources
+    from vcn_assets.settings import Settings
+
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize(
+            [face_clusters], partition_key="hamilton", instance=instance, resources=build_resources(Settings.from_env()),
+            run_config={"ops": {"face_clusters": {"config": config}}},
+        )
+    assert result.success
+    (event,) = result.get_asset_materialization_events()
+    return pl.read_parquet(_movie(Settings.from_env().home, "face_clusters.parquet")).sort("track_id"), event
+
+
+def _same_partition(a: list, b: list) -> bool:
+    """Whether two labellings group the items alike (None: Unknown, kept as is)."""
+    pairs = set(zip(a, b))
+    return all((x is None) == (y is None) for x, y in pairs) and len(pairs) == len(set(a)) == len(set(b))
+
+
+def test_finetuning_records_the_crops_it_used(env):
+    from vcn.selfsup.adapt import MAX_CROPS
+
+    record = json.loads(_movie(env, "finetuned_model.json").read_text())
+    kept = pl.read_parquet(_movie(env, "track_crops.parquet")).filter(~pl.col("rejected")).height
+    assert record["finetune_crops"] == kept < MAX_CROPS  # a short clip finetunes on all its crops
+    assert record["max_finetune_crops"] == MAX_CROPS
+
+
+def test_loss_metric_under_its_cap_clusters_all_crops(env):
+    from vcn.clustering import cluster_movie
+    from vcn.embeddings import read_kept_chips
+    from vcn.selfsup.finetune import load_finetuned
+    import vcn
+    from vcn.trackset import on_screen_together
+
+    clusters, event = _recluster(similarity="loss")
+    assert event.materialization.metadata["dissimilarity"].value == "loss"
+    crops = pl.read_parquet(_movie(env, "crop_embeddings.parquet"))
+    assert event.materialization.metadata["crops_compared"].value == crops.height
+    # The reference: the loss metric on the logits of every kept crop at once.
+    record = json.loads(_movie(env, "finetuned_model.json").read_text())
+    finetuned = load_finetuned(record["checkpoint"], vcn.load_backbone("dlib-resnet", device="cpu"))
+    _, chips = read_kept_chips(_movie(env, "track_crops.parquet"), finetuned.backbone.template)
+    tracks = pl.read_parquet(_movie(env, "tracks.parquet")).sort("track_id")
+    crop_track = np.searchsorted(tracks["track_id"].to_numpy(), crops["track_id"].to_numpy())
+    expected = cluster_movie(
+        finetuned.logits(chips), crop_track, tracks.height, cannot_link=on_screen_together(tracks),
+        crop_quality=crops["quality"].to_numpy(), dissimilarity=finetuned.loss_dissimilarity(),
+    )
+    labels = [None if c < 0 else int(c) for c in expected.labels]
+    assert _same_partition(clusters["auto_cluster"].to_list(), labels)
+
+
+def test_loss_metric_over_its_cap_still_clusters_every_track(env, monkeypatch):
+    import vcn.selfsup.loss_metric as loss_metric
+
+    full, _ = _recluster(similarity="loss")
+    crops = pl.read_parquet(_movie(env, "crop_embeddings.parquet"))
+    monkeypatch.setattr(loss_metric, "MAX_CROPS", 20)
+    capped, event = _recluster(similarity="loss")
+    compared = event.materialization.metadata["crops_compared"].value
+    assert compared <= max(20, crops["track_id"].n_unique()) < crops.height
+    # Every track keeps its quality verdict (judged on all its crops) and a cluster unless low-quality.
+    assert capped["low_quality"].to_list() == full["low_quality"].to_list()
+    assert capped["cluster"].is_null().to_list() == full["cluster"].is_null().to_list()
