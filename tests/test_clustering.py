@@ -60,7 +60,8 @@ def test_recovers_well_separated_people_without_being_told_how_many() -> None:
 def _naive_clustering(x: np.ndarray, crop_track: np.ndarray, n_tracks: int, cannot_link: list[tuple[int, int]]):
     """The merge rule written out with loops over crops, as the method states it.
 
-    theta of a cluster: mean of 1 - cos over all pairs of its crops; S(A, B): 1 - cos
+    theta of a cluster: mean of 1 - cos over all pairs of its crops from different tracks
+    (a single track: over all pairs of its crops); S(A, B): 1 - cos
     between the clusters' mean crop directions; a match is S < theta_A or S < theta_B
     between clusters without a cannot-link pair; pairs of clusters that are each
     other's closest match merge; repeat until nothing matches.
@@ -73,7 +74,10 @@ def _naive_clustering(x: np.ndarray, crop_track: np.ndarray, n_tracks: int, cann
 
     def theta(cluster):
         c = crops(cluster)
-        pairs = [1 - unit[i] @ unit[j] for i in c for j in c if i != j]
+        if len(cluster) == 1:
+            pairs = [1 - unit[i] @ unit[j] for i in c for j in c if i != j]
+        else:
+            pairs = [1 - unit[i] @ unit[j] for i in c for j in c if crop_track[i] != crop_track[j]]
         return sum(pairs) / len(pairs) if pairs else -np.inf
 
     def distance(a, b):
