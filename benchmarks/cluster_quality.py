@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the finetuning")
     parser.add_argument("--no-finetune", action="store_true", help="pretrained rows and baselines only (minutes, not a quarter hour)")
     parser.add_argument("--name", default="cluster_quality", help="stem of the results files in benchmarks/results/")
+    parser.add_argument("--dump", type=Path, help="also save the crop embeddings, qualities, tracks and labels here (.npz)")
     args = parser.parse_args(argv)
     if not (args.trackset / "labels.csv").is_file():
         parser.error(f"{args.trackset} has no labels.csv to score against")
@@ -155,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
             assignment = baseline.run(means, n_ids)
             score(baseline.name + suffix, baseline.description, baseline.uses_ground_truth, assignment,
                   time.perf_counter() - started)
+
+    if args.dump:
+        extra = {} if tuned is None else {"finetuned": tuned.embeddings, "finetuned_quality": tuned.quality}
+        np.savez(args.dump, pretrained=data.embeddings, quality=data.quality, crop_track=data.crop_track,
+                 cannot_link=cannot_link, labels=np.array([labels.get(t, "") for t in track_ids]), **extra)
 
     scale = scale_check(args.scale_tracks) if args.scale_tracks else None
     if scale:
