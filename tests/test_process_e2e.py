@@ -271,8 +271,14 @@ def test_ui_serves_this_code_location(env, tmp_path):
             "shots", "frames", "face_detections", "face_tracks", "track_crops", "base_model", "finetuned_model", "track_embeddings", "face_clusters"
         }
     finally:
+        # The webserver's graceful shutdown can take a minute on a loaded 2-core machine; this test
+        # is about what it serves, so past that it is killed (never left running).
         os.killpg(proc.pid, 15)
-        proc.wait(30)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(30)
 
 
 def test_track_embeddings_carry_the_model_version(env):
