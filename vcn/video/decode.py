@@ -147,12 +147,7 @@ class VideoReader:
             return
         report.packets = plan.packets
         report.finished = True
-        if report.truncated:
-            report.warnings.append(
-                f"truncated: decoded {report.frames} of {report.declared_frames} frames the container declares"
-            )
-        for message in report.warnings:
-            log.warning("%s: %s", self.path, message)
+        self._report_truncation(report)
 
     def _one_pass(self, want: Callable[[int], bool] | None) -> Iterator[DecodedFrame]:
         """Every frame from a single decoder, in this process."""
@@ -191,6 +186,10 @@ class VideoReader:
         self._check_corruption(report, final=True)
         if report.bad_packets:
             report.warnings.append(f"{report.bad_packets} of {report.packets} packets could not be decoded and were skipped")
+        self._report_truncation(report)
+
+    def _report_truncation(self, report: DecodeReport) -> None:
+        """Adds the truncation warning when the pass came up short, then logs the pass's warnings."""
         if report.truncated:
             report.warnings.append(
                 f"truncated: decoded {report.frames} of {report.declared_frames} frames the container declares"
