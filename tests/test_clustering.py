@@ -245,9 +245,28 @@ def test_embed_and_score_matches_embed(backbone) -> None:
 def test_torch_matrix_products_give_the_same_clusters() -> None:
     """The merge rounds' products on a torch device (CUDA on a GPU machine; the CPU here) change nothing."""
     rng = np.random.default_rng(11)
-    x, crop_track, person = _movie(rng, people=5, track_noise=0.3, crop_noise=0.2)
+    x, crop_track, person = _movie(rng, people=5, track_noise=0.2, crop_noise=0.4)
     cannot = np.array([[0, 7], [3, 20]])
     numpy_result = cluster_movie(x, crop_track, len(person), cannot_link=cannot)
+    assert 1 < numpy_result.n_clusters < 10 and numpy_result.clustering.rounds > 3
     torch_result = cluster_movie(x, crop_track, len(person), cannot_link=cannot, device="cpu")
     assert np.array_equal(numpy_result.labels, torch_result.labels)
     assert numpy_result.clustering.rounds == torch_result.clustering.rounds
+
+
+def test_row_blocks_give_the_same_clusters_as_one_block() -> None:
+    """Rounds computed a few rows at a time (bounded memory on long movies) change nothing."""
+    rng = np.random.default_rng(12)
+    x, crop_track, person = _movie(rng, people=6, track_noise=0.3, crop_noise=0.5)
+    cannot = np.array([[0, 7], [3, 20], [7, 0], [5, 5], [11, 30], [2, 4]])
+    factors = CosineDissimilarity().factors(x)
+    kwargs = dict(cannot_link=cannot, representatives=CosineDissimilarity().representative)
+    whole = cluster_tracks(factors, crop_track, len(person), **kwargs)
+    assert 1 < whole.n_clusters < 12 and whole.rounds > 5 and whole.blocked_merges > 0
+    for rows in (1, 4, 7):
+        blocked = cluster_tracks(factors, crop_track, len(person), block_rows=rows, **kwargs)
+        assert np.array_equal(blocked.labels, whole.labels)
+        assert (blocked.rounds, blocked.blocked_merges) == (whole.rounds, whole.blocked_merges)
+        assert blocked.clusters_per_round == whole.clusters_per_round
+    on_torch = cluster_tracks(factors, crop_track, len(person), block_rows=5, device="cpu", **kwargs)
+    assert np.array_equal(on_torch.labels, whole.labels)

@@ -112,6 +112,7 @@ def cluster_tracks(
     representatives: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
     max_rounds: int = 100_000,
     device: str | None = None,
+    block_rows: int | None = None,
 ) -> ClusteringResult:
     """Clusters tracks by the adaptive-threshold merge rule until a fixed point.
 
@@ -132,6 +133,10 @@ def cluster_tracks(
             for numpy, or a torch device (``"cuda"``: the loss metric's wide
             factors, thousands of columns, make that product the clustering's
             cost). Float32 either way.
+        block_rows: Clusters whose dissimilarity rows are computed at once; by
+            default as many as keep a block near 32 MiB. A round never holds the
+            whole clusters-by-clusters matrix, so memory grows with the number
+            of tracks, not its square.
 
     Returns:
         The labels and a short history of the run.
@@ -176,7 +181,10 @@ def cluster_tracks(
     track_terms = np.einsum("ij,ij->i", sum_u, sum_v)
     track_squares = counts**2
 
-    conflicts = _conflict_matrix(cannot_link, position, t)
+    own_theta = single_theta  # a cluster's threshold while it holds one track
+
+    conflicts = _conflict_pairs(cannot_link, position)
+    block = block_rows or _block_rows(t)
 
     members: list[np.ndarray] = [np.array([i]) for i in range(t)]
     history: list[int] = []
@@ -186,24 +194,16 @@ def cluster_tracks(
         rounds += 1
         mean_u, mean_v = sum_u / counts[:, None], sum_v / counts[:, None]
         theta = _cross_track_dissimilarity(factors.offset, sum_u, sum_v, track_terms, counts, track_squares)
-        single = np.fromiter((len(m) == 1 for m in members), dtype=bool, count=len(members))
-        theta[single] = single_theta[[m[0] for m, one in zip(members, single) if one]]
+        theta = np.where(track_squares == counts**2, own_theta, theta).astype(np.float32)
         rep_u, rep_v = (mean_u, mean_v) if representatives is None else representatives(mean_u, mean_v)
-        product = _product(rep_u, rep_v, device)
-        s = product + product.T
-        s *= 0.5
-        s += factors.offset
-        theta = theta.astype(np.float32)
-        match = s < np.maximum(theta[:, None], theta[None, :])
-        np.fill_diagonal(match, False)
-        if conflicts is not None:
-            blocked += int(np.count_nonzero(match & conflicts)) // 2
-            match &= ~conflicts
-        # Each cluster's closest match; pairs that are each other's closest merge.
-        candidate = np.where(match, s, np.inf)
-        best = candidate.argmin(axis=1)
+        best, refused = _closest_matches(rep_u, rep_v, factors.offset, theta, conflicts, block, device)
+        blocked += refused
+        # Pairs of clusters that are each other's closest match merge.
         index = np.arange(len(members))
-        mutual = np.isfinite(candidate[index, best]) & (best[best] == index) & (index < best)
+        found = best >= 0
+        mutual = np.zeros(len(members), dtype=bool)
+        mutual[found] = best[best[found]] == index[found]
+        mutual &= index < best
         if not mutual.any():
             history.append(len(members))
             break
@@ -215,16 +215,16 @@ def cluster_tracks(
         track_terms[a] += track_terms[b]
         track_squares[a] += track_squares[b]
         counts[a] += counts[b]
-        if conflicts is not None:
-            conflicts[a] |= conflicts[b]
-            conflicts[:, a] |= conflicts[:, b]
         alive = np.ones(len(members), dtype=bool)
         alive[b] = False
+        if len(conflicts):
+            # Renumber: a merged cluster takes its partner's new number, so whole clusters keep the constraint.
+            renumber = np.cumsum(alive) - 1
+            renumber[b] = renumber[a]
+            conflicts = np.unique(np.sort(renumber[conflicts], axis=1), axis=0)
         members = [m for m, keep_it in zip(members, alive) if keep_it]
         sum_u, sum_v, counts = sum_u[alive], sum_v[alive], counts[alive]
-        track_terms, track_squares = track_terms[alive], track_squares[alive]
-        if conflicts is not None:
-            conflicts = conflicts[np.ix_(alive, alive)]
+        track_terms, track_squares, own_theta = track_terms[alive], track_squares[alive], own_theta[alive]
         history.append(len(members))
         log.debug("round %d: %d merges, %d clusters", rounds, len(a), len(members))
 
@@ -241,15 +241,75 @@ def cluster_tracks(
     )
 
 
-def _product(u: np.ndarray, v: np.ndarray, device: str | None) -> np.ndarray:
-    """``u @ v.T`` in float32, in numpy or on a torch device."""
-    if device is None:
-        return u.astype(np.float32) @ v.astype(np.float32).T
-    import torch
+#: Bytes of one block of dissimilarity rows (float32) that a merge round works on at a time.
+BLOCK_BYTES = 32 * 2**20
 
-    a = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32)).to(device)
-    b = torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(device)
-    return (a @ b.T).cpu().numpy()
+
+def _block_rows(n: int) -> int:
+    return max(1, min(n, BLOCK_BYTES // (4 * max(n, 1))))
+
+
+def _closest_matches(
+    rep_u: np.ndarray, rep_v: np.ndarray, offset: float, theta: np.ndarray, conflicts: np.ndarray,
+    block: int, device: str | None,
+) -> tuple[np.ndarray, int]:
+    """Each cluster's closest match, computed a block of rows at a time.
+
+    ``S(i, j) = offset + (u_i . v_j + u_j . v_i) / 2`` on the representatives; i and j
+    match when ``S < max(theta_i, theta_j)`` and no cannot-link pair joins them.
+
+    Returns:
+        (C,) index of each cluster's closest match (-1: none), and how many
+        matches cannot-link refused (unordered pairs).
+    """
+    n = len(rep_u)
+    best = np.full(n, -1, dtype=np.int64)
+    refused = 0
+    product = _Products(rep_u, rep_v, device)
+    rows_of_pair = np.concatenate([conflicts[:, 0], conflicts[:, 1]])
+    cols_of_pair = np.concatenate([conflicts[:, 1], conflicts[:, 0]])
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        s = product.rows(start, stop)
+        s *= 0.5
+        s += offset
+        match = s < theta[start:stop, None]
+        match |= s < theta[None, :]
+        match[np.arange(stop - start), np.arange(start, stop)] = False
+        inside = (rows_of_pair >= start) & (rows_of_pair < stop)
+        if inside.any():
+            r, c = rows_of_pair[inside] - start, cols_of_pair[inside]
+            refused += int(np.count_nonzero(match[r, c]))
+            match[r, c] = False
+        np.copyto(s, np.inf, where=~match)
+        closest = s.argmin(axis=1)
+        has = np.isfinite(s[np.arange(stop - start), closest])
+        best[start:stop] = np.where(has, closest, -1)
+    return best, refused // 2
+
+
+class _Products:
+    """Rows of ``P + P.T`` for ``P = u @ v.T``, in float32, in numpy or on a torch device."""
+
+    def __init__(self, u: np.ndarray, v: np.ndarray, device: str | None) -> None:
+        self.device = device
+        u = np.ascontiguousarray(u, dtype=np.float32)
+        v = np.ascontiguousarray(v, dtype=np.float32)
+        if device is None:
+            self.u, self.v = u, v
+        else:
+            import torch
+
+            self.u, self.v = torch.from_numpy(u).to(device), torch.from_numpy(v).to(device)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        if stop - start == len(self.u):  # one block: one product and its transpose, exactly symmetric
+            p = self.u @ self.v.T
+            p = p + p.T
+        else:
+            p = self.u[start:stop] @ self.v.T
+            p += (self.u @ self.v[start:stop].T).T
+        return p if self.device is None else p.cpu().numpy()
 
 
 def _cross_track_dissimilarity(
@@ -286,23 +346,17 @@ def _mean_pair_dissimilarity(
     return np.where(pairs > 0, theta, -np.inf)
 
 
-def _conflict_matrix(cannot_link: np.ndarray | None, position: np.ndarray, t: int) -> np.ndarray | None:
-    """(t, t) bool matrix of cannot-link between active tracks, or None when there is none."""
+def _conflict_pairs(cannot_link: np.ndarray | None, position: np.ndarray) -> np.ndarray:
+    """(P, 2) distinct cannot-link pairs between active tracks, as positions, smaller first."""
     if cannot_link is None:
-        return None
+        return np.zeros((0, 2), dtype=np.int64)
     pairs = np.asarray(cannot_link, dtype=np.int64).reshape(-1, 2)
-    if len(pairs) == 0:
-        return None
-    if pairs.min() < 0 or pairs.max() >= len(position):
+    if len(pairs) and (pairs.min() < 0 or pairs.max() >= len(position)):
         raise ValueError(f"cannot_link holds track indices outside 0..{len(position) - 1}")
     a, b = position[pairs[:, 0]], position[pairs[:, 1]]
     both = (a >= 0) & (b >= 0) & (a != b)
-    if not both.any():
-        return None
-    conflicts = np.zeros((t, t), dtype=bool)
-    conflicts[a[both], b[both]] = True
-    conflicts[b[both], a[both]] = True
-    return conflicts
+    kept = np.stack([np.minimum(a[both], b[both]), np.maximum(a[both], b[both])], axis=1)
+    return np.unique(kept, axis=0) if len(kept) else np.zeros((0, 2), dtype=np.int64)
 
 
 @dataclass(frozen=True)
