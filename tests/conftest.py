@@ -17,6 +17,21 @@ def hamilton() -> Path:
     return HAMILTON
 
 
+def processed_hamilton(tmp_path_factory):
+    """Yields a fresh project data folder in which `vcn process` has processed the Hamilton clip once.
+
+    For module-scoped ``home`` fixtures: the environment points at the folder only while it is built.
+    """
+    from vcn_assets.cli import main
+
+    home = tmp_path_factory.mktemp("vcn_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VCN_HOME", str(home))
+        mp.delenv("DAGSTER_HOME", raising=False)
+        assert main(["process", str(HAMILTON), "--movie-id", "hamilton"]) == 0
+        yield home
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, skipping the test clearly when shared/ is absent."""
     path = SHARED.joinpath(*parts)

@@ -10,20 +10,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tests.conftest import HAMILTON
-from vcn_assets.cli import main
+from tests.conftest import processed_hamilton
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("vcn_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VCN_HOME", str(home))
-        mp.delenv("DAGSTER_HOME", raising=False)
-        assert main(["process", str(HAMILTON), "--movie-id", "hamilton"]) == 0
-        yield home
+    yield from processed_hamilton(tmp_path_factory)
 
 
 @pytest.fixture

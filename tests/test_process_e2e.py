@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from tests import media
-from tests.conftest import HAMILTON, HAMILTON_CUTS
+from tests.conftest import HAMILTON, HAMILTON_CUTS, processed_hamilton
 from vcn.align import get_template
 from vcn.crops import read_crop_images
 from vcn.detection import create_detector
@@ -26,12 +26,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """A project data folder in which the Hamilton clip has been processed once."""
-    home = tmp_path_factory.mktemp("vcn_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VCN_HOME", str(home))
-        mp.delenv("DAGSTER_HOME", raising=False)
-        assert main(["process", str(HAMILTON), "--movie-id", "hamilton"]) == 0
-        yield home
+    yield from processed_hamilton(tmp_path_factory)
 
 
 @pytest.fixture
