@@ -2,6 +2,7 @@
 
 import dagster as dg
 import polars as pl
+import pyarrow.parquet as pq
 
 from resources import ArtifactStore, WarehouseResource
 from vcn.trackset import on_screen_together
@@ -24,13 +25,25 @@ def tracks_within_shots(context: dg.AssetCheckExecutionContext, store: ArtifactS
 def crops_cover_tracks(context: dg.AssetCheckExecutionContext, store: ArtifactStore) -> dg.AssetCheckResult:
     movie_id = context.partition_key
     tracks = store.read_parquet(movie_id, "tracks.parquet", columns=["track_id"])
-    crops = store.read_parquet(movie_id, "track_crops.parquet", columns=["track_id", "image"])
-    missing = tracks.join(crops.select("track_id").unique(), on="track_id", how="anti")
-    empty_images = crops.filter(pl.col("image").bin.size() == 0).height if crops.height else 0
+    missing, empty_images = crop_coverage(tracks, store.local(movie_id, "track_crops.parquet"))
     return dg.AssetCheckResult(
-        passed=missing.is_empty() and empty_images == 0,
-        metadata={"tracks_without_crops": missing.height, "empty_images": empty_images},
+        passed=missing == 0 and empty_images == 0,
+        metadata={"tracks_without_crops": missing, "empty_images": empty_images},
     )
+
+
+def crop_coverage(tracks: pl.DataFrame, crops_path, batch_rows: int = 4096) -> tuple[int, int]:
+    """(tracks without any crop row, crop rows with an empty image) of a ``track_crops`` file.
+
+    A feature film's crops are gigabytes of JPEG: the file is read a batch of rows at
+    a time and only track ids and a count are kept.
+    """
+    covered, empty_images = set(), 0
+    for batch in pq.ParquetFile(str(crops_path)).iter_batches(batch_size=batch_rows, columns=["track_id", "image"]):
+        crops = pl.from_arrow(batch)
+        covered.update(crops["track_id"].unique().to_list())
+        empty_images += crops.filter(pl.col("image").bin.size() == 0).height
+    return tracks.filter(~pl.col("track_id").is_in(list(covered))).height, empty_images
 
 
 @dg.asset_check(
