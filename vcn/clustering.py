@@ -266,8 +266,11 @@ def _closest_matches(
     best = np.full(n, -1, dtype=np.int64)
     refused = 0
     product = _Products(rep_u, rep_v, device)
+    # Both orientations of every cannot-link pair, sorted by row, so each block takes its slice.
     rows_of_pair = np.concatenate([conflicts[:, 0], conflicts[:, 1]])
     cols_of_pair = np.concatenate([conflicts[:, 1], conflicts[:, 0]])
+    order = np.argsort(rows_of_pair, kind="stable")
+    rows_of_pair, cols_of_pair = rows_of_pair[order], cols_of_pair[order]
     for start in range(0, n, block):
         stop = min(n, start + block)
         s = product.rows(start, stop)
@@ -276,8 +279,8 @@ def _closest_matches(
         match = s < theta[start:stop, None]
         match |= s < theta[None, :]
         match[np.arange(stop - start), np.arange(start, stop)] = False
-        inside = (rows_of_pair >= start) & (rows_of_pair < stop)
-        if inside.any():
+        inside = slice(*np.searchsorted(rows_of_pair, [start, stop]))
+        if inside.stop > inside.start:
             r, c = rows_of_pair[inside] - start, cols_of_pair[inside]
             refused += int(np.count_nonzero(match[r, c]))
             match[r, c] = False
