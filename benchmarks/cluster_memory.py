@@ -4,7 +4,7 @@ A feature film has thousands of tracks (a 2-hour movie of our test footage:
 about 16,000). The merge rounds compare every cluster with every other; held
 whole, that clusters-by-clusters matrix and its masks take about 13 bytes per
 pair (1 GiB for each float32 copy at 16,000 tracks). The rounds now work on
-blocks of rows (``vcn.clustering.BLOCK_BYTES``, 32 MiB of float32), so the peak grows with the
+blocks of rows (``vcn.clustering.parameter_free.BLOCK_BYTES``, 32 MiB of float32), so the peak grows with the
 number of tracks instead of its square.
 
 Each size runs in a child process of its own, once with the whole matrix per
@@ -59,8 +59,8 @@ def synthetic_movie(n_tracks: int, seed: int = 0, crops: int = 8, dim: int = 128
 def child(n_tracks: int, whole: bool) -> dict:
     import tracemalloc
 
-    from vcn.clustering import cluster_tracks
-    from vcn.dissimilarity import CosineDissimilarity
+    from vcn.clustering.dissimilarity import CosineDissimilarity
+    from vcn.clustering.parameter_free import cluster_tracks
 
     x, crop_track, cannot = synthetic_movie(n_tracks)
     cosine = CosineDissimilarity()

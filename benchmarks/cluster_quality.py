@@ -2,10 +2,10 @@
 
 Every method clusters the same tracks from the same pretrained embeddings
 (RetinaFace on each loose crop, dlib-150 alignment, the dlib ResNet ported to
-torch). Our clustering works on the crops (``vcn.clustering.cluster_movie``, as
+torch). Our clustering works on the crops (``vcn.clustering.parameter_free.cluster_movie``, as
 ``vcn cluster-tracks`` runs it); the baselines (``benchmarks/baselines.py``) take
 each track's unit-length mean embedding, with their customary defaults. Labels are
-read only to score (``vcn.metrics``): Unknown tracks count as singletons in WCP,
+read only to score (``vcn.clustering.metrics``): Unknown tracks count as singletons in WCP,
 NMI, BCubed and pairwise figures, and not as clusters in PCR.
 
 Rows: ours on the pretrained model with cosine (quality screen + cannot-link;
@@ -47,10 +47,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.baselines import BASELINES  # noqa: E402
 from vcn.cluster_tracks import embed_trackset  # noqa: E402
-from vcn.clustering import UNKNOWN, cluster_movie  # noqa: E402
-from vcn.embeddings import unit_track_means  # noqa: E402
-from vcn.metrics import evaluate  # noqa: E402
-from vcn.trackset import on_screen_together, read_trackset_labels  # noqa: E402
+from vcn.clustering.cannot_link import on_screen_together  # noqa: E402
+from vcn.clustering.metrics import evaluate  # noqa: E402
+from vcn.clustering.parameter_free import UNKNOWN, cluster_movie  # noqa: E402
+from vcn.formats.trackset import read_trackset_labels  # noqa: E402
+from vcn.identity.embeddings import unit_track_means  # noqa: E402
 
 DEFAULT_TRACKSET = ROOT.parent / "shared" / "data" / "tracksets" / "dev-ep"
 RESULTS = ROOT / "benchmarks" / "results"

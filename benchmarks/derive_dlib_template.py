@@ -1,4 +1,4 @@
-"""Derive the ``dlib-150`` alignment template (``vcn.align.DLIB_150``) from data.
+"""Derive the ``dlib-150`` alignment template (``vcn.faces.align.DLIB_150``) from data.
 
 dlib's ResNet face descriptor expects chips made by
 ``dlib.get_face_chip(img, shape, size=150, padding=0.25)`` from its 5-point shape
@@ -13,7 +13,7 @@ maps one onto the other. This script measures it:
    dlib's ``get_mapping_to_chip`` does it; checked by warping the image with it
    and comparing against ``dlib.get_face_chip`` pixel by pixel.
 3. Our five points from the platform's detector
-   (``vcn.detection.retinaface.RetinaFaceDetector``, float landmarks, native
+   (``vcn.faces.detection.retinaface.RetinaFaceDetector``, float landmarks, native
    resolution) on the same image, mapped into the chip.
 4. The template is the per-coordinate median of the mapped points (robust to
    the few faces where either landmarker slips), re-posed by the median
@@ -24,7 +24,7 @@ It then reports how well the template reproduces dlib's chips: for each face,
 our alignment (our points onto the template) against dlib's own mapping, as the
 mean displacement of chip pixels (chip px) and as the residual scale, rotation
 and shift; a split-half check (fit on even faces, judge on odd ones); and the
-mean absolute grey-level difference between ``vcn.align.align_face`` and dlib's chip.
+mean absolute grey-level difference between ``vcn.faces.align.align_face`` and dlib's chip.
 
 Run from the repository root::
 
@@ -48,8 +48,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from vcn.align import AlignmentTemplate, align_face, estimate_similarity, landmarks_after_alignment
-from vcn.detection.retinaface import RetinaFaceDetector
+from vcn.faces.align import (
+    AlignmentTemplate,
+    align_face,
+    estimate_similarity,
+    landmarks_after_alignment,
+)
+from vcn.faces.detection.retinaface import RetinaFaceDetector
 
 DATA = Path("/work/shared/data/celeba-faces")
 OUT = Path(__file__).resolve().parent / "work" / "dlib_template.json"

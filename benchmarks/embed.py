@@ -3,7 +3,7 @@
 Two questions, one script:
 
 1. **Throughput.** Crops per second of dlib's ResNet descriptor ported to torch
-   (through the backbone registry, ``vcn.backbone.load_backbone("dlib-resnet")``)
+   (through the backbone registry, ``vcn.identity.backbone.load_backbone("dlib-resnet")``)
    against dlib's C++ ``compute_face_descriptor`` on the same real 150 px chips.
    CPU: torch on 2 threads, batches of 32 and 128; dlib batched, per chip, and
    batched in 2 processes (the pip build of dlib has no BLAS and computes on
@@ -16,7 +16,7 @@ Two questions, one script:
    research-licensed, read in place, never copied). Per image, two pipelines:
 
    - ours: RetinaFace (native resolution) -> the face matching the dataset's
-     annotated box -> similarity alignment onto ``vcn.align.DLIB_150`` -> the
+     annotated box -> similarity alignment onto ``vcn.faces.align.DLIB_150`` -> the
      ported model;
    - dlib's: HOG detector (upsampled once; the annotated box when it finds no
      face there) -> 5-point shape predictor -> ``get_face_chip(150, 0.25)`` ->
@@ -149,7 +149,7 @@ def matching_face(boxes: np.ndarray, annotated: tuple[float, float, float, float
 
 
 class PortedDescriptor:
-    """Stand-in for the backbone registry while ``vcn.backbone`` is absent: the ported model, L2-normalised.
+    """Stand-in for the backbone registry while ``vcn.identity.backbone`` is absent: the ported model, L2-normalised.
 
     Args:
         device: Torch device to run on.
@@ -158,7 +158,7 @@ class PortedDescriptor:
     def __init__(self, device: str) -> None:
         import torch
 
-        from vcn.models.dlib_resnet import load_dlib_resnet
+        from vcn.identity.models.dlib_resnet import load_dlib_resnet
 
         self.device = device
         self.model = load_dlib_resnet().to(device)
@@ -185,13 +185,13 @@ class PortedDescriptor:
 def load_embedder(device: str) -> tuple[Any, str]:
     """The ``dlib-resnet`` backbone from the registry when it loads, else :class:`PortedDescriptor`; and which it is."""
     try:
-        from vcn.backbone import load_backbone
+        from vcn.identity.backbone import load_backbone
 
-        return load_backbone("dlib-resnet", device=device), "vcn.backbone.load_backbone('dlib-resnet')"
+        return load_backbone("dlib-resnet", device=device), "vcn.identity.backbone.load_backbone('dlib-resnet')"
     except Exception as error:  # absent or half-written registry: measure the same model without it
         reason = f"{type(error).__name__}: {error}"
-        print(f"vcn.backbone unusable ({reason}); using load_dlib_resnet + L2 normalisation", file=sys.stderr)
-        return PortedDescriptor(device), f"fallback: vcn.models.dlib_resnet.load_dlib_resnet + L2 ({reason})"
+        print(f"vcn.identity.backbone unusable ({reason}); using load_dlib_resnet + L2 normalisation", file=sys.stderr)
+        return PortedDescriptor(device), f"fallback: vcn.identity.models.dlib_resnet.load_dlib_resnet + L2 ({reason})"
 
 
 def embed(embedder: Any, chips: np.ndarray, batch: int) -> np.ndarray:
@@ -205,8 +205,8 @@ def our_chips(faces: list[Face], data: Path) -> tuple[np.ndarray, np.ndarray]:
     """RetinaFace + ``dlib-150`` alignment for every face: (N, 150, 150, 3) chips and a found mask."""
     from tqdm import tqdm
 
-    from vcn.align import align_faces, get_template
-    from vcn.detection import create_detector
+    from vcn.faces.align import align_faces, get_template
+    from vcn.faces.detection import create_detector
 
     detector = create_detector("retinaface", max_side=None)
     template = get_template("dlib-150")

@@ -119,9 +119,9 @@ class Timer:
 
 def sampled_frames(video: Path):
     """The reader, frames table and the sampled frames' RGB images, as the pipeline samples them."""
-    from vcn.frames import build_frame_index, sample_stride
-    from vcn.shots import detect_shots
-    from vcn.video import VideoReader, probe_video
+    from vcn.media import VideoReader, probe_video
+    from vcn.media.frames import build_frame_index, sample_stride
+    from vcn.media.shots import detect_shots
 
     info = probe_video(video)
     reader = VideoReader(video, info=info)
@@ -141,10 +141,10 @@ def crops_of_tracks(detections, images: dict[int, np.ndarray], samples_per_s: fl
         chip's track index (0..T-1), T, and the (P, 2) track index pairs on screen
         together (the cannot-link constraints).
     """
-    from vcn.align import align_face, get_template
-    from vcn.detection.video import LANDMARK_COLUMNS, appearance_matrix
-    from vcn.tracking import summarise_tracks, track_detections
-    from vcn.trackset import on_screen_together
+    from vcn.clustering.cannot_link import on_screen_together
+    from vcn.faces.align import align_face, get_template
+    from vcn.faces.detection.video import LANDMARK_COLUMNS, appearance_matrix
+    from vcn.faces.tracking import summarise_tracks, track_detections
 
     tracked = track_detections(detections, appearance_matrix(detections), samples_per_s)
     tracked = tracked.filter(tracked["track_id"].is_not_null())
@@ -169,7 +169,7 @@ def compare_detections(reference, other, threshold: float) -> list[Figure]:
     """Match each frame's faces by IoU (greedily, best score first) and compare the matched pairs."""
     import polars as pl
 
-    from vcn.detection.video import LANDMARK_COLUMNS
+    from vcn.faces.detection.video import LANDMARK_COLUMNS
 
     sure = threshold + SCORE_MARGIN
     ious, score_diffs, landmark_diffs = [], [], []
@@ -215,7 +215,7 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether two labelings group the items alike (label names aside; Unknown must match as such)."""
-    from vcn.clustering import UNKNOWN
+    from vcn.clustering.parameter_free import UNKNOWN
 
     def canonical(labels: np.ndarray) -> list[int]:
         names: dict[int, int] = {}
@@ -239,13 +239,13 @@ def run(cpu_only: bool) -> dict[str, Any]:
     import torch
 
     import vcn
-    from vcn.clustering import UNKNOWN, cluster_movie
-    from vcn.detection import create_detector
-    from vcn.detection.video import detect_video_faces
-    from vcn.quality import embed_and_score, low_quality_tracks, track_quality
-    from vcn.selfsup.adapt import AdaptConfig, with_module
-    from vcn.selfsup.finetune import ComputeMode, finetune_movie
-    from vcn.selfsup.trainer import TrainConfig
+    from vcn.clustering.parameter_free import UNKNOWN, cluster_movie
+    from vcn.faces.detection import create_detector
+    from vcn.faces.detection.video import detect_video_faces
+    from vcn.identity.quality import embed_and_score, low_quality_tracks, track_quality
+    from vcn.identity.selfsup.adapt import AdaptConfig, with_module
+    from vcn.identity.selfsup.finetune import ComputeMode, finetune_movie
+    from vcn.identity.selfsup.trainer import TrainConfig
 
     cuda = torch.cuda.is_available() and not cpu_only
     # The two sides: the CPU, and CUDA (or the CPU again); timings and figures name them so.

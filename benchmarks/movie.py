@@ -106,8 +106,8 @@ def run_one(video: Path) -> dict:
     home = Path(tempfile.mkdtemp(prefix="vcn-movie-bench-"))
     os.environ["VCN_HOME"] = str(home)
     os.environ.pop("DAGSTER_HOME", None)
-    from vcn.video import probe_video
-    from vcn.warehouse import Warehouse
+    from vcn.media import probe_video
+    from vcn.stores.warehouse import Warehouse
     from vcn_assets.cli import main
 
     info = probe_video(video)

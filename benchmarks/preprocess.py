@@ -42,15 +42,14 @@ HAMILTON = REPO / "tests" / "data" / "hamilton_clip.mp4"
 
 def run_one(video: Path) -> dict:
     """Runs every stage on ``video`` in this process and returns the measurements."""
-    import polars as pl
 
-    from vcn.crops import write_track_crops
-    from vcn.detection import create_detector
-    from vcn.detection.video import appearance_matrix, detect_video_faces
-    from vcn.frames import build_frame_index, sample_stride
-    from vcn.shots import detect_shots
-    from vcn.tracking import summarise_tracks, track_detections
-    from vcn.video import VideoReader, probe_video
+    from vcn.faces.crops import write_track_crops
+    from vcn.faces.detection import create_detector
+    from vcn.faces.detection.video import appearance_matrix, detect_video_faces
+    from vcn.faces.tracking import summarise_tracks, track_detections
+    from vcn.media import VideoReader, probe_video
+    from vcn.media.frames import build_frame_index, sample_stride
+    from vcn.media.shots import detect_shots
 
     peak = _PeakSampler()
     stages = {}

@@ -11,8 +11,9 @@ import dagster as dg
 import polars as pl
 from pydantic import Field, PrivateAttr
 
-from vcn.files import atomic_path
-from vcn.objectstore import S3Objects, is_s3_uri, split_s3_uri
+from vcn.stores.files import atomic_path
+from vcn.stores.objectstore import S3Objects, is_s3_uri, split_s3_uri
+from vcn_assets import artifacts
 
 
 def s3_client(endpoint_url: str | None = None, region: str | None = None):
@@ -153,15 +154,15 @@ class ArtifactStore(dg.ConfigurableResource):
         """Records which video (a local path or an s3:// URI) a movie partition stands for, and what identified
         its content then (``stamp``: size and mtime, or ETag), so a changed video is noticed."""
         record = {"movie_id": movie_id, "source": str(source)} | ({"stamp": stamp} if stamp is not None else {})
-        with self.writing(movie_id, "movie.json") as tmp:
+        with self.writing(movie_id, artifacts.MOVIE_RECORD) as tmp:
             tmp.write_text(json.dumps(record, indent=2))
 
     def movie_source(self, movie_id: str) -> str:
         """The video registered for ``movie_id``: a local path or an s3:// URI."""
-        record = self.read_json(movie_id, "movie.json")
+        record = self.read_json(movie_id, artifacts.MOVIE_RECORD)
         if record is None:
             raise FileNotFoundError(
-                f"movie {movie_id!r} is not registered (no {self.uri(movie_id, 'movie.json')}); "
+                f"movie {movie_id!r} is not registered (no {self.uri(movie_id, artifacts.MOVIE_RECORD)}); "
                 "add it with `vcn process VIDEO` or the inbox"
             )
         return record["source"]
@@ -186,7 +187,7 @@ class ArtifactStore(dg.ConfigurableResource):
         out = {}
         if self.remote:
             for movie_id in sorted(self.remote.folders("movies")):
-                record = self.read_json(movie_id, "movie.json")
+                record = self.read_json(movie_id, artifacts.MOVIE_RECORD)
                 if record is not None:
                     out[record["movie_id"]] = record["source"]
             return out

@@ -9,7 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from resources.artifact_store import s3_client
-from vcn.objectstore import S3Objects, is_s3_uri, split_s3_uri
+from vcn.stores.objectstore import S3Objects, is_s3_uri, split_s3_uri
 
 
 class BackboneResource(dg.ConfigurableResource):
@@ -56,7 +56,7 @@ class BackboneResource(dg.ConfigurableResource):
         return json.loads(path.read_text()) if path.is_file() else None
 
     def load(self):
-        from vcn.backbone import load_backbone
+        from vcn.identity.backbone import load_backbone
 
         name, checkpoint = self.choice()
         return load_backbone(name, checkpoint=checkpoint, device=self.device)

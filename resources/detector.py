@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import Field
 
-from vcn.detection import FaceDetector, create_detector
+from vcn.faces.detection import FaceDetector, create_detector
 
 
 class DetectorResource(dg.ConfigurableResource):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 from pydantic import Field
 
-from vcn.warehouse import Warehouse
+from vcn.stores.warehouse import Warehouse
 
 
 class WarehouseResource(dg.ConfigurableResource):

@@ -1,4 +1,4 @@
-"""Tests of five-point face alignment (vcn.align).
+"""Tests of five-point face alignment (vcn.faces.align).
 
 The estimator is checked against an independently written least-squares solve
 and OpenCV; the warp against synthetic faces whose landmarks are known exactly,
@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from vcn.align import (
+from vcn.faces.align import (
     ARCFACE_112,
     DLIB_150,
     AlignmentTemplate,

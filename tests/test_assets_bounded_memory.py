@@ -55,7 +55,7 @@ def _same_partition(a: list, b: list) -> bool:
 
 
 def test_finetuning_records_the_crops_it_used(env):
-    from vcn.selfsup.adapt import MAX_CROPS
+    from vcn.identity.selfsup.adapt import MAX_CROPS
 
     record = json.loads(_movie(env, "finetuned_model.json").read_text())
     kept = pl.read_parquet(_movie(env, "track_crops.parquet")).filter(~pl.col("rejected")).height
@@ -64,11 +64,11 @@ def test_finetuning_records_the_crops_it_used(env):
 
 
 def test_loss_metric_under_its_cap_clusters_all_crops(env):
-    from vcn.clustering import cluster_movie
-    from vcn.embeddings import read_kept_chips
-    from vcn.selfsup.finetune import load_finetuned
     import vcn
-    from vcn.trackset import on_screen_together
+    from vcn.clustering.cannot_link import on_screen_together
+    from vcn.clustering.parameter_free import cluster_movie
+    from vcn.identity.embeddings import read_kept_chips
+    from vcn.identity.selfsup.finetune import load_finetuned
 
     clusters, event = _recluster(similarity="loss")
     assert event.materialization.metadata["dissimilarity"].value == "loss"
@@ -89,7 +89,7 @@ def test_loss_metric_under_its_cap_clusters_all_crops(env):
 
 
 def test_loss_metric_over_its_cap_still_clusters_every_track(env, monkeypatch):
-    import vcn.selfsup.loss_metric as loss_metric
+    import vcn.identity.selfsup.loss_metric as loss_metric
 
     full, _ = _recluster(similarity="loss")
     crops = pl.read_parquet(_movie(env, "crop_embeddings.parquet"))

@@ -1,4 +1,4 @@
-"""Tests of the backbone registry (vcn.backbone) and the models behind it.
+"""Tests of the backbone registry (vcn.identity.backbone) and the models behind it.
 
 Each backbone is checked against a reference computed here, independently of
 ``Backbone.embed``: the torch module on the same chips with the published
@@ -22,9 +22,15 @@ import torch
 from safetensors.torch import save_file
 
 import vcn
-from vcn.backbone import KNOWN_BACKBONES, Backbone, CheckpointError, CheckpointNotFoundError, load_backbone
-from vcn.models.dlib_resnet import DlibResNet, load_dlib_resnet
-from vcn.models.iresnet import LAYERS, create_iresnet
+from vcn.identity.backbone import (
+    KNOWN_BACKBONES,
+    Backbone,
+    CheckpointError,
+    CheckpointNotFoundError,
+    load_backbone,
+)
+from vcn.identity.models.dlib_resnet import DlibResNet, load_dlib_resnet
+from vcn.identity.models.iresnet import LAYERS, create_iresnet
 
 
 def random_chips(count: int, size: int, seed: int = 0) -> np.ndarray:
@@ -511,6 +517,6 @@ def test_embed_of_no_chips(dlib_backbone: Backbone) -> None:
 
 
 def test_import_vcn_does_not_import_torch() -> None:
-    code = "import sys, vcn, vcn.backbone; assert callable(vcn.load_backbone); print('torch' in sys.modules)"
+    code = "import sys, vcn, vcn.identity.backbone; assert callable(vcn.load_backbone); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

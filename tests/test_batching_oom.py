@@ -23,13 +23,13 @@ from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
 
 import vcn
 from vcn import batching
-from vcn.align import align_face, get_template
 from vcn.batching import AdaptiveBatch, is_out_of_memory, map_batches
-from vcn.detection import create_detector
-from vcn.quality import embed_and_score
-from vcn.selfsup.finetune import FinetunedModel
-from vcn.selfsup.head import ProjectionHead
-from vcn.selfsup.trainer import TrainConfig, train_round
+from vcn.faces.align import align_face, get_template
+from vcn.faces.detection import create_detector
+from vcn.identity.quality import embed_and_score
+from vcn.identity.selfsup.finetune import FinetunedModel
+from vcn.identity.selfsup.head import ProjectionHead
+from vcn.identity.selfsup.trainer import TrainConfig, train_round
 
 HAMILTON = Path(__file__).parent / "data" / "hamilton_clip.mp4"
 #: Frames of the clip with faces, from each of its first three shots.
@@ -410,7 +410,8 @@ def test_training_steps_fall_back_to_smaller_batches(backbone, chips, monkeypatc
     for step_gradients, step_expected in zip(gradients, expected_gradients, strict=True):
         assert len(step_gradients) == len(step_expected)
         for a, b in zip(step_gradients, step_expected):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+            # Summed in another order, an entry is off by round-off of the tensor's largest terms, not its own.
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
     np.testing.assert_allclose(got.loss_curve, expected.loss_curve, rtol=1e-6)
     torch.testing.assert_close(got.center, expected.center, rtol=1e-5, atol=1e-7)
     for module in ("head", "backbone"):

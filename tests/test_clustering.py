@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vcn.clustering import UNKNOWN, cluster_movie, cluster_tracks
-from vcn.dissimilarity import CosineDissimilarity, Factors
-from vcn.quality import embed_and_score, low_quality_tracks, track_quality
+from vcn.clustering.dissimilarity import CosineDissimilarity, Factors
+from vcn.clustering.parameter_free import UNKNOWN, cluster_movie, cluster_tracks
+from vcn.identity.quality import embed_and_score, low_quality_tracks, track_quality
 
 
 def _movie(rng: np.random.Generator, people: int = 4, tracks_per_person: int = 6, crops: int = 8, dim: int = 32,
@@ -214,9 +214,8 @@ def test_serfiq_quality_prefers_a_face_to_noise(backbone) -> None:
 
     import av
 
-    from vcn.align import get_template
-    from vcn.detection.retinaface import RetinaFaceDetector
-    from vcn.align import align_face
+    from vcn.faces.align import align_face, get_template
+    from vcn.faces.detection.retinaface import RetinaFaceDetector
 
     video = Path(__file__).parent / "data" / "hamilton_clip.mp4"
     with av.open(str(video)) as container:

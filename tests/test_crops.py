@@ -6,11 +6,16 @@ import numpy as np
 import polars as pl
 import pytest
 
-from vcn.crops import CropConfig, read_crop_images, select_crops, write_track_crops
-from vcn.detection import create_detector
-from vcn.detection.video import DETECTIONS_SCHEMA, LANDMARK_COLUMNS
-from vcn.filters import FilterConfig
-from vcn.video import VideoReader
+from vcn.faces.crops import (
+    CropConfig,
+    read_crop_images,
+    select_crops,
+    write_track_crops,
+)
+from vcn.faces.detection import create_detector
+from vcn.faces.detection.video import DETECTIONS_SCHEMA, LANDMARK_COLUMNS
+from vcn.faces.filters import FilterConfig
+from vcn.media import VideoReader
 
 
 def _rows(entries):

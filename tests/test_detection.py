@@ -18,9 +18,14 @@ import cv2
 import numpy as np
 import pytest
 
-from vcn.detection import LANDMARK_NAMES, Detections, FaceDetector, create_detector
-from vcn.detection.mmdet import MMDetFaceDetector, landmarks_from_boxes
-from vcn.detection.retinaface import RetinaFaceDetector, _default_providers
+from vcn.faces.detection import (
+    LANDMARK_NAMES,
+    Detections,
+    FaceDetector,
+    create_detector,
+)
+from vcn.faces.detection.mmdet import MMDetFaceDetector, landmarks_from_boxes
+from vcn.faces.detection.retinaface import RetinaFaceDetector, _default_providers
 
 CLIP = Path(__file__).parent / "data" / "hamilton_clip.mp4"
 SPEAKER_FRAMES = range(85, 210)
@@ -267,7 +272,7 @@ def test_torch_graph_runner_matches_onnx_runtime():
     import torch
     from retinaface.weights import WEIGHTS
 
-    from vcn.detection.onnx_torch import OnnxModule
+    from vcn.faces.detection.onnx_torch import OnnxModule
 
     module = OnnxModule(WEIGHTS).eval()
     session = onnxruntime.InferenceSession(WEIGHTS, providers=["CPUExecutionProvider"])
@@ -312,7 +317,7 @@ def test_torch_graph_runner_refuses_what_it_does_not_implement():
     import onnx
     from onnx import TensorProto, helper
 
-    from vcn.detection.onnx_torch import OnnxModule, UnsupportedGraphError
+    from vcn.faces.detection.onnx_torch import OnnxModule, UnsupportedGraphError
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])

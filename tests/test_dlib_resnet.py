@@ -1,4 +1,4 @@
-"""Tests of the torch port of dlib's ResNet face descriptor (vcn.models.dlib_resnet).
+"""Tests of the torch port of dlib's ResNet face descriptor (vcn.identity.models.dlib_resnet).
 
 The reference is dlib itself: its chips of real CelebA faces, its own
 ``compute_face_descriptor``, compared with our module on the same chips.
@@ -20,9 +20,18 @@ import numpy as np
 import pytest
 import torch
 
-from vcn.models import dlib_resnet
-from vcn.models.dlib_resnet import DESCRIPTOR_DIM, INPUT_SIZE, DlibResNet, load_dlib_resnet
-from vcn.models.dlib_serialization import DlibFormatError, _Stream, read_dlib_net
+from vcn.identity.models import dlib_resnet
+from vcn.identity.models.dlib_resnet import (
+    DESCRIPTOR_DIM,
+    INPUT_SIZE,
+    DlibResNet,
+    load_dlib_resnet,
+)
+from vcn.identity.models.dlib_serialization import (
+    DlibFormatError,
+    _Stream,
+    read_dlib_net,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CELEBA = SHARED / "data" / "celeba-faces"

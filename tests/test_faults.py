@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from tests.conftest import HAMILTON
-from vcn.warehouse import Warehouse
+from vcn.stores.warehouse import Warehouse
 from vcn_assets.cli import main
 from vcn_assets.resume import PIPELINE, ResumePlan
 

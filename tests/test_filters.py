@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import polars as pl
 
-from vcn.filters import FilterConfig, face_rank_in_frame, reject_reason, sharpness
+from vcn.faces.filters import FilterConfig, face_rank_in_frame, reject_reason, sharpness
 
 
 def test_reasons_in_order():

@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 from tests import media
 from tests.conftest import HAMILTON
 from vcn.errors import VcnError, VideoError
-from vcn.trackset import TracksetError, read_trackset, read_trackset_labels
+from vcn.formats.trackset import TracksetError, read_trackset, read_trackset_labels
 
 FUZZ = settings(
     derandomize=True,
@@ -88,7 +88,7 @@ def _outcome(job: Callable, *args) -> dict:
 
 def _decode_video(path: str) -> str:
     """Probes and decodes every frame (as RGB, downscaled); checks what comes out is consistent."""
-    from vcn.video import VideoReader, probe_video
+    from vcn.media import VideoReader, probe_video
 
     info = probe_video(path)
     assert info.width > 0 and info.height > 0, info
@@ -109,14 +109,14 @@ class _NoFaces:
     name = "no-faces"
 
     def detect(self, images):
-        from vcn.detection.base import Detections
+        from vcn.faces.detection.base import Detections
 
         return [Detections.empty() for _ in images]
 
 
 def _align_crops(root: str) -> str:
     """Reads the dataset, then decodes and aligns every crop; every crop ends aligned or reported."""
-    from vcn.loose_crops import align_loose_crops
+    from vcn.faces.loose_crops import align_loose_crops
 
     trackset = read_trackset(root)
     aligned = align_loose_crops(trackset, "arcface-112", detector=_NoFaces(), retry_size=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vcn.identities import UNKNOWN, stable_cluster_ids
+from vcn.clustering.identities import UNKNOWN, stable_cluster_ids
 
 
 def test_first_clustering_numbers_clusters_by_size():
@@ -55,7 +55,7 @@ def test_lengths_must_agree():
 
 # --- analysts' edits ---------------------------------------------------------------
 
-from vcn.identities import Edit, apply_edits  # noqa: E402
+from vcn.clustering.identities import Edit, apply_edits  # noqa: E402
 
 TRACKS = np.array([10, 11, 12, 13, 14, 15])
 LABELS = np.array([0, 0, 1, 1, 2, UNKNOWN])

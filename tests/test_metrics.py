@@ -1,4 +1,4 @@
-"""Tests of the track-level clustering metrics (vcn.metrics).
+"""Tests of the track-level clustering metrics (vcn.clustering.metrics).
 
 Hand-made cases carry their arithmetic in comments; NMI is checked against
 scikit-learn and the pairwise and BCubed figures against naive double loops,
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
-from vcn.metrics import (
+from vcn.clustering.metrics import (
     ClusteringScores,
     MetricsInputError,
     evaluate,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import HAMILTON
-from vcn.warehouse import Warehouse
+from vcn.stores.warehouse import Warehouse
 from vcn_assets.cli import main
 
 pytestmark = pytest.mark.slow

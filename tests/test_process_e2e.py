@@ -12,12 +12,12 @@ import pytest
 
 from tests import media
 from tests.conftest import HAMILTON, HAMILTON_CUTS, processed_hamilton
-from vcn.align import get_template
-from vcn.crops import read_crop_images
-from vcn.detection import create_detector
-from vcn.filters import REASONS
-from vcn.trackset import on_screen_together
-from vcn.warehouse import Warehouse
+from vcn.clustering.cannot_link import on_screen_together
+from vcn.faces.align import get_template
+from vcn.faces.crops import read_crop_images
+from vcn.faces.detection import create_detector
+from vcn.faces.filters import REASONS
+from vcn.stores.warehouse import Warehouse
 from vcn_assets.cli import main
 
 pytestmark = pytest.mark.slow
@@ -209,7 +209,7 @@ def test_a_failed_run_keeps_the_previous_good_outputs(env, monkeypatch, capsys):
     def explode(self, images):
         raise RuntimeError("detector crashed half-way")
 
-    monkeypatch.setattr("vcn.detection.retinaface.RetinaFaceDetector.detect", explode)
+    monkeypatch.setattr("vcn.faces.detection.retinaface.RetinaFaceDetector.detect", explode)
     assert main(["process", str(HAMILTON), "--movie-id", "hamilton", "--force"]) == 1
     assert "detector crashed half-way" in capsys.readouterr().err
     assert path.read_bytes() == before
@@ -405,7 +405,7 @@ def test_finetuned_model_is_stored_with_its_settings_and_curve(env):
 
     import dagster as dg
 
-    from vcn.selfsup.finetune import load_finetuned
+    from vcn.identity.selfsup.finetune import load_finetuned
 
     record = json.loads(_movie(env, "finetuned_model.json").read_text())
     assert record["enabled"] and record["version"] == _model_version(env)
@@ -422,7 +422,7 @@ def test_finetuned_model_is_stored_with_its_settings_and_curve(env):
     assert len(curve) >= 3 and all(0 < v < metadata["collapse"].value["ln_k"] for v in curve)
     assert metadata["pairs_per_second"].value > 0
     assert isinstance(metadata["checkpoint"], dg.PathMetadataValue)
-    from vcn.backbone import load_backbone
+    from vcn.identity.backbone import load_backbone
 
     model = load_finetuned(checkpoint, load_backbone("dlib-resnet", device="cpu"))
     assert model.version == record["version"]

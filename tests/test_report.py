@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import vcn.report as report
-from vcn.report import CONTACT_SHEET, EMBEDDING_PLOT, REPORT_HTML, THUMB_SIDE, ClusterReport, write_cluster_report
+import vcn.clustering.report as report
+from vcn.clustering.report import (
+    CONTACT_SHEET,
+    EMBEDDING_PLOT,
+    REPORT_HTML,
+    THUMB_SIDE,
+    ClusterReport,
+    write_cluster_report,
+)
 
 RED, GREEN, YELLOW, BLUE = (220, 20, 20), (20, 200, 20), (230, 220, 10), (20, 20, 230)
 PLACEHOLDER = (190, 190, 190)

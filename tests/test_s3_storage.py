@@ -21,8 +21,8 @@ import pytest
 
 from resources import ArtifactStore
 from tests.conftest import HAMILTON
-from vcn.objectstore import StorageError
-from vcn.warehouse import Warehouse
+from vcn.stores.objectstore import StorageError
+from vcn.stores.warehouse import Warehouse
 from vcn_assets.cli import main
 
 BUCKET = "vcn-test"
@@ -238,8 +238,8 @@ def test_vcn_process_with_every_artifact_in_s3(s3, tmp_path, monkeypatch, capsys
         "track_embeddings.parquet", "face_clusters.parquet", "clusters_report/report.html", "clusters_report/contact_sheet.png",
     ):
         assert movie + name in keys, name
-    assert "vcn/models/base_model.json" in keys
-    assert any(k.startswith("vcn/models/finetuned/hamilton/") and k.endswith(".safetensors") for k in keys)
+    assert "vcn/identity/models/base_model.json" in keys
+    assert any(k.startswith("vcn/identity/models/finetuned/hamilton/") and k.endswith(".safetensors") for k in keys)
     thumbnails = {k for k in keys if k.startswith(movie + "thumbnails/")}
     assert thumbnails
 

@@ -1,6 +1,6 @@
 """Tests of the learned loss metric and of the progressive adaptation rounds.
 
-The loss metric is checked against :func:`vcn.selfsup.loss.symmetric_loss` on random
+The loss metric is checked against :func:`vcn.identity.selfsup.loss.symmetric_loss` on random
 logits and inside the clustering on synthetic logits. The rounds run the real dlib
 backbone on CPU on 4 tracks x 6 smooth random chips, K = 256, two rounds of one
 head-only and one joint step.
@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from vcn.clustering import cluster_movie
-from vcn.selfsup.adapt import AdaptConfig, AdaptResult, _jaccard, adapt
-from vcn.selfsup.head import ProjectionHead
-from vcn.selfsup.loss import symmetric_loss
-from vcn.selfsup.loss_metric import LossDissimilarity, crop_logits
-from vcn.selfsup.matching import TrackMatches
-from vcn.selfsup.trainer import TrainConfig
+from vcn.clustering.parameter_free import cluster_movie
+from vcn.identity.selfsup.adapt import AdaptConfig, AdaptResult, _jaccard, adapt
+from vcn.identity.selfsup.head import ProjectionHead
+from vcn.identity.selfsup.loss import symmetric_loss
+from vcn.identity.selfsup.loss_metric import LossDissimilarity, crop_logits
+from vcn.identity.selfsup.matching import TrackMatches
+from vcn.identity.selfsup.trainer import TrainConfig
 
 # --- the loss metric ------------------------------------------------------------------------------
 

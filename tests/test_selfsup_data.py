@@ -17,14 +17,20 @@ import torch
 from scipy.stats import multivariate_normal
 from sklearn.covariance import ledoit_wolf_shrinkage
 
-from vcn.selfsup.augment import FaceAugment, color_temperature, hflip, rotate, scale_brightness
-from vcn.selfsup.matching import (
+from vcn.identity.selfsup.augment import (
+    FaceAugment,
+    color_temperature,
+    hflip,
+    rotate,
+    scale_brightness,
+)
+from vcn.identity.selfsup.matching import (
     fit_track_gaussians,
     ledoit_wolf_intensity,
     match_precision,
     match_tracks,
 )
-from vcn.selfsup.pairs import PairSampler
+from vcn.identity.selfsup.pairs import PairSampler
 
 HAMILTON = Path(__file__).parent / "data" / "hamilton_clip.mp4"
 
@@ -153,8 +159,8 @@ def face_chips() -> np.ndarray:
     """Real faces from the test clip, aligned to dlib-150: (F, 150, 150, 3) uint8."""
     import av
 
-    from vcn.align import align_face, get_template
-    from vcn.detection.retinaface import RetinaFaceDetector
+    from vcn.faces.align import align_face, get_template
+    from vcn.faces.detection.retinaface import RetinaFaceDetector
 
     with av.open(str(HAMILTON)) as container:
         frames = [f.to_ndarray(format="rgb24") for i, f in enumerate(container.decode(video=0)) if i in (40, 250)]

@@ -10,12 +10,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from vcn.models.iresnet import create_iresnet
-from vcn.selfsup.bank import ViewBank, bank_crops, build_view_bank
-from vcn.selfsup.finetune import (
+from vcn.identity.models.iresnet import create_iresnet
+from vcn.identity.selfsup.adapt import AdaptConfig
+from vcn.identity.selfsup.bank import ViewBank, bank_crops, build_view_bank
+from vcn.identity.selfsup.finetune import (
     COLLAPSE_RATIO,
-    ComputeMode,
     CollapseStats,
+    ComputeMode,
     FinetuneError,
     collapse_stats,
     compute_mode,
@@ -23,8 +24,7 @@ from vcn.selfsup.finetune import (
     finetune_movie,
     load_finetuned,
 )
-from vcn.selfsup.adapt import AdaptConfig
-from vcn.selfsup.trainer import LAST_STAGE_PREFIXES, TrainConfig, train_round
+from vcn.identity.selfsup.trainer import LAST_STAGE_PREFIXES, TrainConfig, train_round
 
 
 def _chips(n: int, seed: int = 0) -> np.ndarray:

@@ -15,9 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from vcn.selfsup.ema import make_teacher, momentum_schedule, update_teacher
-from vcn.selfsup.head import ProjectionHead
-from vcn.selfsup.loss import SelfDistillationLoss, pairwise_loss_matrix, symmetric_loss
+from vcn.identity.selfsup.ema import make_teacher, momentum_schedule, update_teacher
+from vcn.identity.selfsup.head import ProjectionHead
+from vcn.identity.selfsup.loss import (
+    SelfDistillationLoss,
+    pairwise_loss_matrix,
+    symmetric_loss,
+)
 
 # ---------------------------------------------------------------------------
 # Naive references

@@ -15,15 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from vcn.clustering import cluster_movie
-from vcn.crops import encode_jpeg
-from vcn.embeddings import read_kept_chips, read_kept_crops
-from vcn.quality import track_quality
-from vcn.selfsup.adapt import MAX_CROPS, AdaptConfig, adapt
-from vcn.selfsup.loss import student_log_probs, teacher_targets
-from vcn.selfsup.loss_metric import LossDissimilarity, loss_metric_sample
-from vcn.selfsup.sampling import spread_crops
-from vcn.selfsup.trainer import TrainConfig
+from vcn.clustering.parameter_free import cluster_movie
+from vcn.faces.crops import encode_jpeg
+from vcn.identity.embeddings import read_kept_chips, read_kept_crops
+from vcn.identity.quality import track_quality
+from vcn.identity.selfsup.adapt import MAX_CROPS, AdaptConfig, adapt
+from vcn.identity.selfsup.loss import student_log_probs, teacher_targets
+from vcn.identity.selfsup.loss_metric import LossDissimilarity, loss_metric_sample
+from vcn.identity.selfsup.sampling import spread_crops
+from vcn.identity.selfsup.trainer import TrainConfig
 
 
 def _reference(crop_track: np.ndarray, max_crops: int) -> np.ndarray:

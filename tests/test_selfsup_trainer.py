@@ -13,8 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from vcn.selfsup import trainer as trainer_module
-from vcn.selfsup.trainer import LAST_STAGE_PREFIXES, TrainConfig, backbone_part, train_round
+from vcn.identity.selfsup import trainer as trainer_module
+from vcn.identity.selfsup.trainer import (
+    LAST_STAGE_PREFIXES,
+    TrainConfig,
+    backbone_part,
+    train_round,
+)
 
 CONFIG = TrainConfig(
     seed=3, epochs_head_only=1, epochs_joint=1, batch_size=16, pairs_per_epoch=32, out_dim=256, trainable="last_stage",
@@ -139,7 +144,7 @@ def test_bad_inputs_are_rejected(backbone, data):
 
 
 def test_backbone_parts(backbone):
-    from vcn.models.iresnet import create_iresnet
+    from vcn.identity.models.iresnet import create_iresnet
 
     module = backbone.module
     assert backbone_part(module, "none") == []

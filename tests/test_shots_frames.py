@@ -8,9 +8,14 @@ import pytest
 
 from tests import media
 from tests.conftest import HAMILTON_CUTS
-from vcn.frames import build_frame_index, sample_stride, sampled_mask, shot_ids_for_frames
-from vcn.shots import ShotConfig, detect_shots, shots_from_cuts
-from vcn.video import VideoReader
+from vcn.media import VideoReader
+from vcn.media.frames import (
+    build_frame_index,
+    sample_stride,
+    sampled_mask,
+    shot_ids_for_frames,
+)
+from vcn.media.shots import ShotConfig, detect_shots, shots_from_cuts
 
 
 def test_hamilton_cuts_are_found(hamilton):

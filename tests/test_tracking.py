@@ -5,8 +5,13 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from vcn.detection.video import DETECTIONS_SCHEMA, LANDMARK_COLUMNS
-from vcn.tracking import TrackerConfig, appearance_thumbnail, summarise_tracks, track_detections
+from vcn.faces.detection.video import DETECTIONS_SCHEMA, LANDMARK_COLUMNS
+from vcn.faces.tracking import (
+    TrackerConfig,
+    appearance_thumbnail,
+    summarise_tracks,
+    track_detections,
+)
 
 
 def _detections(rows: list[tuple[int, int, float, float]]) -> pl.DataFrame:

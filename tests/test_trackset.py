@@ -19,15 +19,15 @@ import polars as pl
 import pytest
 
 from tests.conftest import HAMILTON, shared_path
-from vcn.align import estimate_similarity, get_template, landmarks_after_alignment
-from vcn.detection.base import Detections
-from vcn.detection.retinaface import RetinaFaceDetector
+from vcn.clustering.cannot_link import on_screen_together
 from vcn.errors import VcnError
-from vcn.loose_crops import AlignedCrops, align_loose_crops
-from vcn.trackset import (
+from vcn.faces.align import estimate_similarity, get_template, landmarks_after_alignment
+from vcn.faces.detection.base import Detections
+from vcn.faces.detection.retinaface import RetinaFaceDetector
+from vcn.faces.loose_crops import AlignedCrops, align_loose_crops
+from vcn.formats.trackset import (
     TrackProblem,
     TracksetError,
-    on_screen_together,
     read_trackset,
     read_trackset_labels,
     write_predictions,

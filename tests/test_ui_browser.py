@@ -183,7 +183,7 @@ def test_a_run_launched_through_the_webserver_completes(ui, browser):
     browser.get(f"{url}/runs/{run_id}")
     _wait_for_text(browser, ["Success"], timeout=60)
 
-    from vcn.warehouse import Warehouse
+    from vcn.stores.warehouse import Warehouse
 
     wh = Warehouse(str(home / "warehouse.duckdb"))
     assert wh.query("SELECT count(*) FROM face_clusters WHERE movie_id = $1", [MOVIE]).item() > 0
@@ -231,7 +231,7 @@ def test_backfill_of_three_movies_runs_without_warehouse_lock_errors(ui):
     statuses = {next(t["value"] for t in r["tags"] if t["key"] == "dagster/partition"): r["status"] for r in runs}
     assert statuses == dict.fromkeys(BACKFILL, "SUCCESS"), f"{statuses}: {(home / 'ui.log').read_text()[-3000:]}"
 
-    from vcn.warehouse import Warehouse
+    from vcn.stores.warehouse import Warehouse
 
     wh = Warehouse(str(home / "warehouse.duckdb"))
     movies = wh.query("SELECT DISTINCT movie_id FROM face_clusters ORDER BY 1")["movie_id"].to_list()

@@ -13,7 +13,7 @@ from vcn.errors import (
     VideoNotFoundError,
     VideoTooLargeError,
 )
-from vcn.video import VideoReader, probe_video, scaled_size
+from vcn.media import VideoReader, probe_video, scaled_size
 
 
 def test_probe_reports_the_clip(hamilton):
@@ -93,7 +93,7 @@ def test_damaged_stream_skips_bad_packets_and_reports_them(tmp_path):
 
 def test_stream_mostly_garbage_is_corrupt(tmp_path, monkeypatch):
     path = media.make_corrupt(tmp_path, media.HAMILTON)
-    monkeypatch.setattr("vcn.video.decode.MAX_BAD_PACKET_FRACTION", 0.0)
+    monkeypatch.setattr("vcn.media.decode.MAX_BAD_PACKET_FRACTION", 0.0)
     with pytest.raises(CorruptVideoError, match="packets failed to decode"):
         for _ in VideoReader(path).frames(want=lambda _: False):
             pass

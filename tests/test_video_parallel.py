@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import vcn.video.parallel as parallel
+import vcn.media.parallel as parallel
 from tests import media
-from vcn.video import VideoReader
+from vcn.media import VideoReader
 
 
 def _frames(reader: VideoReader, want) -> list[tuple]:
@@ -87,10 +87,10 @@ def test_the_pipeline_stages_are_the_same_with_workers(small_segments):
     """Shots, the frames table and the detections of the clip, decoded in one pass and by three processes."""
     from polars.testing import assert_frame_equal
 
-    from vcn.detection.retinaface import RetinaFaceDetector
-    from vcn.detection.video import detect_video_faces
-    from vcn.frames import build_frame_index
-    from vcn.shots import detect_shots
+    from vcn.faces.detection.retinaface import RetinaFaceDetector
+    from vcn.faces.detection.video import detect_video_faces
+    from vcn.media.frames import build_frame_index
+    from vcn.media.shots import detect_shots
 
     detector = RetinaFaceDetector(threads=2, engine="onnxruntime")
     tables = []

@@ -8,7 +8,7 @@ from datetime import timedelta
 import polars as pl
 import pytest
 
-from vcn.warehouse import Warehouse, WarehouseBusyError, utcnow
+from vcn.stores.warehouse import Warehouse, WarehouseBusyError, utcnow
 
 
 def test_replace_movie_rows_is_idempotent_and_per_movie(tmp_path):

@@ -10,14 +10,14 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from vcn.backbone import Backbone
+    from vcn.identity.backbone import Backbone
 
 
 def load_backbone(*args, **kwargs) -> "Backbone":
-    """Load a face-ID backbone: :func:`vcn.backbone.load_backbone`, imported on first call.
+    """Load a face-ID backbone: :func:`vcn.identity.backbone.load_backbone`, imported on first call.
 
     Kept lazy so that ``import vcn`` does not import torch.
     """
-    from vcn.backbone import load_backbone as _load_backbone
+    from vcn.identity.backbone import load_backbone as _load_backbone
 
     return _load_backbone(*args, **kwargs)

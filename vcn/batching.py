@@ -12,7 +12,7 @@ partial forward pass. Results do not depend on the split beyond round-off: the
 models run this way treat the items of a batch independently (eval-mode batch
 norm, per-image detection) and their outputs are concatenated in input order;
 training, whose loss spans the batch, adds up the gradients of the parts
-(:func:`vcn.selfsup.trainer.train_round`).
+(:func:`vcn.identity.selfsup.trainer.train_round`).
 
 Out-of-memory errors are recognised from torch (:class:`torch.OutOfMemoryError`)
 and from ONNX Runtime, whose CUDA provider raises its generic exception types

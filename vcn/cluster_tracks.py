@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from vcn.trackset import TrackProblem
+from vcn.formats.trackset import TrackProblem
 
 if TYPE_CHECKING:
-    from vcn.backbone import Backbone
-    from vcn.selfsup.finetune import FinetunedModel
+    from vcn.identity.backbone import Backbone
+    from vcn.identity.selfsup.finetune import FinetunedModel
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +61,11 @@ class TracksetClustering:
         clusters: Cluster of each track as a string, ``"0"`` the largest cluster,
             ``"1"`` the next and so on; ``None`` for a track left Unknown (a
             problem track, or a low-quality one). Ready for
-            :func:`vcn.trackset.write_predictions`.
+            :func:`vcn.formats.trackset.write_predictions`.
         problems: Per-track problems found while reading and aligning; each
             named track is Unknown.
         crops_by_method: How many of the crops used were aligned by each
-            method of :data:`vcn.loose_crops.METHODS` (all listed).
+            method of :data:`vcn.faces.loose_crops.METHODS` (all listed).
         n_crops: Crops used (embedded): those of the tracks without problems.
         track_quality: (T,) float64 mean crop quality per track; NaN where none
             was computed (quality off or unsupported, or the track has no crops).
@@ -122,13 +122,13 @@ class EmbeddedTrackset:
     """A track dataset read, aligned and embedded: everything the clustering takes.
 
     Attributes:
-        tracks: The ``tracks.csv`` table (:data:`vcn.trackset.TRACKS_SCHEMA`), file order.
+        tracks: The ``tracks.csv`` table (:data:`vcn.formats.trackset.TRACKS_SCHEMA`), file order.
         problems: Per-track problems found while reading and aligning; these
             tracks have no crops below and stay Unknown.
         crop_track: (N,) row in ``tracks`` of each embedded crop.
         embeddings: (N, D) float32 unit-length crop embeddings.
         quality: (N,) float32 SER-FIQ crop quality, or None when not scored.
-        crops_by_method: Crops aligned by each method of :data:`vcn.loose_crops.METHODS`.
+        crops_by_method: Crops aligned by each method of :data:`vcn.faces.loose_crops.METHODS`.
         thumbnails: Track id -> the track's middle aligned chip (by frame).
         model_version: Version of the weights that embedded the crops (the
             finetuned model's when finetuned).
@@ -181,13 +181,13 @@ def cluster_trackset(
             frames) from sharing a cluster. Off reproduces the paper's method.
         quality: Leave low-quality tracks Unknown (SER-FIQ outliers of the
             movie); ignored for a backbone that cannot give stochastic passes
-            (:func:`vcn.quality.supports_quality`), such as an ONNX model.
+            (:func:`vcn.identity.quality.supports_quality`), such as an ONNX model.
         progress: Called as ``progress(step, done, total)`` during the align
             and embed steps.
         device: Where the default backbone runs (``"cpu"``, ``"cuda"``); by
             default CUDA when available. Ignored when ``backbone`` is given.
         finetune: Adapt the backbone to this dataset's crops first
-            (:func:`vcn.selfsup.finetune.finetune_movie`; its compute mode is
+            (:func:`vcn.identity.selfsup.finetune.finetune_movie`; its compute mode is
             chosen from the device and logged). Off clusters with the pretrained model.
         similarity: ``"cosine"``: cosine between embeddings (the default);
             ``"loss"``: the finetuned model's symmetrised loss between crops, the
@@ -203,9 +203,9 @@ def cluster_trackset(
         CheckpointError: The default backbone cannot be loaded.
         ValueError: An unusable ``device``.
     """
-    from vcn.clustering import UNKNOWN, cluster_movie
-    from vcn.embeddings import unit_track_means
-    from vcn.trackset import on_screen_together
+    from vcn.clustering.cannot_link import on_screen_together
+    from vcn.clustering.parameter_free import UNKNOWN, cluster_movie
+    from vcn.identity.embeddings import unit_track_means
 
     embedded = embed_trackset(
         directory, backbone=backbone, quality=quality, progress=progress, device=device, finetune=finetune,
@@ -306,9 +306,9 @@ def embed_trackset(
         raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {similarity!r}")
     if similarity == "loss" and not finetune:
         raise ValueError("the loss similarity is the finetuned model's own loss: finetune, or use similarity 'cosine'")
-    from vcn.loose_crops import METHODS, align_loose_crops
-    from vcn.quality import embed_and_score, supports_quality
-    from vcn.trackset import read_trackset
+    from vcn.faces.loose_crops import METHODS, align_loose_crops
+    from vcn.formats.trackset import read_trackset
+    from vcn.identity.quality import embed_and_score, supports_quality
 
     timings: dict[str, float] = {}
 
@@ -358,8 +358,8 @@ def embed_trackset(
     # Adapt the backbone to these crops (progressive self-distillation rounds).
     finetuned = None
     if finetune and len(chips):
-        from vcn.selfsup.finetune import finetune_movie
-        from vcn.trackset import on_screen_together
+        from vcn.clustering.cannot_link import on_screen_together
+        from vcn.identity.selfsup.finetune import finetune_movie
 
         started = time.perf_counter()
         pairs = on_screen_together(trackset.tracks) if cannot_link else None

@@ -5,17 +5,18 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from resources import ArtifactStore, WarehouseResource
-from vcn.trackset import on_screen_together
-from vcn_assets.assets.clusters import FACE_CLUSTERS_FILE, face_clusters
-from vcn_assets.assets.models import FINETUNED_MODEL_FILE, finetuned_model
+from vcn.clustering.cannot_link import on_screen_together
+from vcn_assets import artifacts
+from vcn_assets.assets.clusters import face_clusters
+from vcn_assets.assets.models import finetuned_model
 from vcn_assets.assets.preprocess import face_tracks, track_crops
 
 
 @dg.asset_check(asset=face_tracks, blocking=True, description="Every track lies inside one shot: no track crosses a cut.")
 def tracks_within_shots(context: dg.AssetCheckExecutionContext, store: ArtifactStore) -> dg.AssetCheckResult:
     movie_id = context.partition_key if context.has_partition_key else None
-    tracks = store.read_parquet(movie_id, "tracks.parquet")
-    shots = store.read_parquet(movie_id, "shots.parquet")
+    tracks = store.read_parquet(movie_id, artifacts.TRACKS)
+    shots = store.read_parquet(movie_id, artifacts.SHOTS)
     joined = tracks.join(shots.select("shot_id", pl.col("start_frame").alias("s0"), pl.col("end_frame").alias("s1")), on="shot_id", how="left")
     bad = joined.filter(pl.col("s0").is_null() | (pl.col("start_frame") < pl.col("s0")) | (pl.col("end_frame") > pl.col("s1")))
     return dg.AssetCheckResult(passed=bad.is_empty(), metadata={"tracks": tracks.height, "crossing_tracks": bad.height})
@@ -24,8 +25,8 @@ def tracks_within_shots(context: dg.AssetCheckExecutionContext, store: ArtifactS
 @dg.asset_check(asset=track_crops, description="Every track has crops, and the crop file holds one image per row.")
 def crops_cover_tracks(context: dg.AssetCheckExecutionContext, store: ArtifactStore) -> dg.AssetCheckResult:
     movie_id = context.partition_key
-    tracks = store.read_parquet(movie_id, "tracks.parquet", columns=["track_id"])
-    missing, empty_images = crop_coverage(tracks, store.local(movie_id, "track_crops.parquet"))
+    tracks = store.read_parquet(movie_id, artifacts.TRACKS, columns=["track_id"])
+    missing, empty_images = crop_coverage(tracks, store.local(movie_id, artifacts.CROPS))
     return dg.AssetCheckResult(
         passed=missing == 0 and empty_images == 0,
         metadata={"tracks_without_crops": missing, "empty_images": empty_images},
@@ -53,8 +54,8 @@ def crop_coverage(tracks: pl.DataFrame, crops_path, batch_rows: int = 4096) -> t
 )
 def clusters_respect_cannot_link(context: dg.AssetCheckExecutionContext, store: ArtifactStore) -> dg.AssetCheckResult:
     movie_id = context.partition_key
-    tracks = store.read_parquet(movie_id, "tracks.parquet", columns=["track_id", "shot_id", "start_frame", "end_frame"])
-    clusters = store.read_parquet(movie_id, FACE_CLUSTERS_FILE, columns=["track_id", "cluster"])
+    tracks = store.read_parquet(movie_id, artifacts.TRACKS, columns=["track_id", "shot_id", "start_frame", "end_frame"])
+    clusters = store.read_parquet(movie_id, artifacts.FACE_CLUSTERS, columns=["track_id", "cluster"])
     cluster = tracks.join(clusters, on="track_id", how="left")["cluster"].to_numpy()
     pairs = on_screen_together(tracks)
     # Unknown tracks are NaN here, and NaN equals nothing: they never count.
@@ -75,8 +76,8 @@ def clusters_cover_tracks(
     context: dg.AssetCheckExecutionContext, store: ArtifactStore, warehouse: WarehouseResource
 ) -> dg.AssetCheckResult:
     movie_id = context.partition_key
-    tracks = store.read_parquet(movie_id, "tracks.parquet", columns=["track_id"])
-    clusters = store.read_parquet(movie_id, FACE_CLUSTERS_FILE, columns=["track_id", "model_version"])
+    tracks = store.read_parquet(movie_id, artifacts.TRACKS, columns=["track_id"])
+    clusters = store.read_parquet(movie_id, artifacts.FACE_CLUSTERS, columns=["track_id", "model_version"])
     versions = clusters["model_version"].unique().to_list()
     rows = warehouse.get().query(
         "SELECT track_id FROM face_clusters WHERE movie_id = $1 AND model_version = $2", [movie_id, versions[0] if versions else ""]
@@ -100,7 +101,7 @@ def clusters_cover_tracks(
     "rank stayed above half the pretrained model's on the same crops. A collapsed model never embeds the movie.",
 )
 def finetune_not_collapsed(context: dg.AssetCheckExecutionContext, store: ArtifactStore) -> dg.AssetCheckResult:
-    record = store.read_json(context.partition_key, FINETUNED_MODEL_FILE)
+    record = store.read_json(context.partition_key, artifacts.FINETUNED_MODEL)
     passed, metadata = collapse_verdict(record)
     return dg.AssetCheckResult(passed=passed, metadata=metadata)
 

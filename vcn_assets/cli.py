@@ -19,7 +19,8 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from vcn.errors import VcnError, VideoError
-from vcn.files import atomic_path
+from vcn.stores.files import atomic_path
+from vcn_assets import artifacts
 
 if TYPE_CHECKING:
     from vcn.cluster_tracks import TracksetClustering
@@ -137,11 +138,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _process(args: argparse.Namespace) -> int:
-    from vcn.video import probe_video
+    from vcn.media import probe_video
+    from vcn.stores.objectstore import is_s3_uri
     from vcn_assets.partitions import movie_slug, validate_movie_id
     from vcn_assets.settings import Settings
-
-    from vcn.objectstore import is_s3_uri
 
     remote = is_s3_uri(args.video)
     video = PurePosixPath(args.video[len("s3://"):]) if remote else Path(args.video)
@@ -152,15 +152,15 @@ def _process(args: argparse.Namespace) -> int:
 
     import dagster as dg
 
+    from vcn.stores.warehouse import Warehouse
     from vcn_assets.assets.clusters import face_clusters
-    from vcn_assets.assets.models import BASE_MODEL_FILE, base_model, finetuned_model, track_embeddings
+    from vcn_assets.assets.models import base_model, finetuned_model, track_embeddings
     from vcn_assets.assets.preprocess import preprocess_assets
+    from vcn_assets.assets.recording import CODE_VERSION
     from vcn_assets.checks import checks
     from vcn_assets.definitions import build_resources
-    from vcn_assets.assets.recording import CODE_VERSION
     from vcn_assets.partitions import movies
     from vcn_assets.resume import fail_orphaned_runs, plan, process_tags, video_stamp
-    from vcn.warehouse import Warehouse
 
     resources = build_resources(settings)
     store = resources["store"]
@@ -171,7 +171,7 @@ def _process(args: argparse.Namespace) -> int:
             info = probe_video(store.fetch_source(movie_id, source))
         except VideoError as error:  # name the object, not its copy in the cache
             raise type(error)(source, error.reason) from None
-    previous = store.read_json(movie_id, "movie.json")
+    previous = store.read_json(movie_id, artifacts.MOVIE_RECORD)
     if previous and previous["source"] != source:
         raise ValueError(f"movie id {movie_id!r} is already registered for {previous['source']}; pass another --movie-id")
     stamp = video_stamp(source, store)
@@ -182,7 +182,7 @@ def _process(args: argparse.Namespace) -> int:
     with dg.DagsterInstance.get() as instance:
         for run_id in fail_orphaned_runs(instance, movie_id):
             print(f"run {run_id} of movie {movie_id!r} was interrupted (its process is gone): marked as failed")
-        if store.read_model_json(BASE_MODEL_FILE) is None:
+        if store.read_model_json(artifacts.BASE_MODEL) is None:
             print("registering the base face-ID model")
             first = dg.materialize([base_model], instance=instance, resources=resources, raise_on_error=False, run_config=log_config)
             if not first.success:
@@ -234,7 +234,7 @@ def _failure_message(error) -> str:
 
 
 def _print_summary(settings, movie_id: str, run_id: str, wall_s: float) -> None:
-    from vcn.warehouse import Warehouse
+    from vcn.stores.warehouse import Warehouse
 
     wh = Warehouse(str(settings.warehouse))
     counts = wh.query(
@@ -296,10 +296,10 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _sql(args: argparse.Namespace) -> int:
-    from vcn.warehouse import Warehouse
-    from vcn_assets.settings import Settings
-
     import duckdb
+
+    from vcn.stores.warehouse import Warehouse
+    from vcn_assets.settings import Settings
 
     try:
         table = Warehouse(str(Settings.from_env().warehouse)).query(args.query)
@@ -325,9 +325,9 @@ def _export(args: argparse.Namespace) -> int:
     from vcn_assets.settings import Settings
 
     store = build_resources(Settings.from_env())["store"]
-    tracked = store.read_parquet(args.movie_id, "face_tracks.parquet")
+    tracked = store.read_parquet(args.movie_id, artifacts.TRACKED_DETECTIONS)
     # The latest clustering of the movie (its current model version); an empty cluster is Unknown.
-    clusters = store.read_parquet(args.movie_id, "face_clusters.parquet", columns=["track_id", "cluster"]).sort("track_id")
+    clusters = store.read_parquet(args.movie_id, artifacts.FACE_CLUSTERS, columns=["track_id", "cluster"]).sort("track_id")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     detections = tracked.sort("frame", "detection_id").select(
@@ -348,7 +348,7 @@ def _cluster_tracks(args: argparse.Namespace) -> int:
     import logging
 
     from vcn.cluster_tracks import cluster_trackset
-    from vcn.trackset import write_predictions
+    from vcn.formats.trackset import write_predictions
 
     if os.environ.get("VCN_LOG_LEVEL"):  # e.g. INFO for progress; warnings show without it
         logging.basicConfig(level=os.environ["VCN_LOG_LEVEL"], format="%(levelname)s %(name)s: %(message)s")
@@ -397,8 +397,8 @@ def _cluster_tracks(args: argparse.Namespace) -> int:
 
 def _write_trackset_report(directory: Path, out_dir: Path, result: TracksetClustering) -> None:
     """The cluster report of the tracks that took part; labels.csv only colours it."""
-    from vcn.report import write_cluster_report
-    from vcn.trackset import LABELS_FILE, TracksetError, read_trackset_labels
+    from vcn.clustering.report import write_cluster_report
+    from vcn.formats.trackset import LABELS_FILE, TracksetError, read_trackset_labels
 
     labels = None
     if (directory / LABELS_FILE).is_file():
@@ -425,8 +425,8 @@ def _model(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from resources import BackboneResource
-    from vcn.warehouse import Warehouse
-    from vcn_assets.assets.models import BASE_MODEL_FILE, base_model
+    from vcn.stores.warehouse import Warehouse
+    from vcn_assets.assets.models import base_model
     from vcn_assets.definitions import build_resources
     from vcn_assets.partitions import movies
     from vcn_assets.sensors import stale_movies
@@ -437,14 +437,14 @@ def _model(args: argparse.Namespace) -> int:
     store = resources["store"]
     if args.action == "list":
         print(Warehouse(str(settings.warehouse)).query("SELECT * FROM models ORDER BY registered_at"))
-        current = store.read_model_json(BASE_MODEL_FILE)
+        current = store.read_model_json(artifacts.BASE_MODEL)
         print(f"current base model: {current['version'] if current else 'none registered'}")
         return 0
     log_config = {"loggers": {"console": {"config": {"log_level": os.environ.get("VCN_LOG_LEVEL", "WARNING")}}}}
     with dg.DagsterInstance.get() as instance:
         movie_ids = instance.get_dynamic_partitions(movies.name)
         if args.action == "register":
-            before = store.read_model_json(BASE_MODEL_FILE)
+            before = store.read_model_json(artifacts.BASE_MODEL)
             backbone = BackboneResource(name=args.name, checkpoint=args.checkpoint, registry=resources["backbone"].registry)
             backbone.load()  # refuse a bad checkpoint before anything is recorded
             result = dg.materialize(
@@ -453,7 +453,7 @@ def _model(args: argparse.Namespace) -> int:
             )
             if not result.success:
                 return _report_failure(result)
-            after = store.read_model_json(BASE_MODEL_FILE)
+            after = store.read_model_json(artifacts.BASE_MODEL)
             _, stale = stale_movies(store, resources["warehouse"], movie_ids)
             was = before["version"] if before else "none"
             print(f"registered {after['name']} {after['version']} as the base model (was {was})")
@@ -484,7 +484,7 @@ def _model(args: argparse.Namespace) -> int:
 
 
 def _label(args: argparse.Namespace) -> int:
-    from vcn.warehouse import Warehouse
+    from vcn.stores.warehouse import Warehouse
     from vcn_assets.settings import Settings
 
     wh = Warehouse(str(Settings.from_env().warehouse))
@@ -524,7 +524,7 @@ def _label(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from vcn.metrics import evaluate_files, format_table
+    from vcn.clustering.metrics import evaluate_files, format_table
 
     scores = evaluate_files(args.labels, args.pred)
     text = json.dumps(scores.to_dict(), indent=2) + "\n"

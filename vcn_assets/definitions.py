@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import dagster as dg
 
-from resources import ArtifactStore, BackboneResource, DetectorResource, WarehouseResource
+from resources import (
+    ArtifactStore,
+    BackboneResource,
+    DetectorResource,
+    WarehouseResource,
+)
+from vcn_assets import artifacts
 from vcn_assets.assets.clusters import cluster_assets
-from vcn_assets.assets.models import BASE_MODEL_FILE, model_assets
+from vcn_assets.assets.models import model_assets
 from vcn_assets.assets.preprocess import preprocess_assets
 from vcn_assets.checks import checks
 from vcn_assets.jobs import process_movie_job, recluster_movie_job
@@ -20,7 +26,7 @@ def build_resources(settings: Settings) -> dict:
         "store": store,
         "warehouse": WarehouseResource(path=str(settings.warehouse)),
         "detector": DetectorResource(),
-        "backbone": BackboneResource(registry=store.model_uri(BASE_MODEL_FILE)),
+        "backbone": BackboneResource(registry=store.model_uri(artifacts.BASE_MODEL)),
     }
 
 

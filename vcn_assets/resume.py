@@ -24,17 +24,18 @@ from dataclasses import dataclass
 import dagster as dg
 
 from resources import ArtifactStore
+from vcn_assets import artifacts
 
 #: The per-movie assets in pipeline order, with the artifact that shows each is complete.
 PIPELINE: tuple[tuple[str, str], ...] = (
-    ("shots", "shots.parquet"),
-    ("frames", "frames.parquet"),
-    ("face_detections", "face_detections.parquet"),
-    ("face_tracks", "tracks.parquet"),
-    ("track_crops", "track_crops.parquet"),
-    ("finetuned_model", "finetuned_model.json"),
-    ("track_embeddings", "track_embeddings.parquet"),
-    ("face_clusters", "face_clusters.parquet"),
+    ("shots", artifacts.SHOTS),
+    ("frames", artifacts.FRAMES),
+    ("face_detections", artifacts.DETECTIONS),
+    ("face_tracks", artifacts.TRACKS),
+    ("track_crops", artifacts.CROPS),
+    ("finetuned_model", artifacts.FINETUNED_MODEL),
+    ("track_embeddings", artifacts.TRACK_EMBEDDINGS),
+    ("face_clusters", artifacts.FACE_CLUSTERS),
 )
 
 HOST_TAG, PID_TAG = "vcn/host", "vcn/pid"
@@ -87,7 +88,7 @@ def _latest(instance: dg.DagsterInstance, asset: str, movie_id: str):
 
 def video_stamp(source: str, store: ArtifactStore) -> dict:
     """What identifies the content of a movie's video without reading it: size and mtime, or the S3 ETag."""
-    from vcn.objectstore import S3Objects, is_s3_uri, split_s3_uri
+    from vcn.stores.objectstore import S3Objects, is_s3_uri, split_s3_uri
 
     if is_s3_uri(source):
         from resources.artifact_store import s3_client

@@ -9,7 +9,8 @@ import duckdb
 
 from resources import ArtifactStore, WarehouseResource
 from resources.artifact_store import s3_client
-from vcn.objectstore import S3Objects, is_s3_uri, split_s3_uri
+from vcn.stores.objectstore import S3Objects, is_s3_uri, split_s3_uri
+from vcn_assets import artifacts
 from vcn_assets.jobs import MODEL_POOL_TAG, process_movie_job, recluster_movie_job
 from vcn_assets.partitions import movie_slug, movies
 from vcn_assets.settings import Settings
@@ -82,9 +83,8 @@ def stale_movies(store: ArtifactStore, warehouse: WarehouseResource, movie_ids: 
 
     Movies never clustered are left to their processing run.
     """
-    from vcn_assets.assets.models import BASE_MODEL_FILE
 
-    registered = store.read_model_json(BASE_MODEL_FILE)
+    registered = store.read_model_json(artifacts.BASE_MODEL)
     if registered is None or not movie_ids:
         return None if registered is None else registered["version"], []
     version = registered["version"]

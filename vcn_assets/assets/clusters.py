@@ -13,20 +13,22 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from resources import ArtifactStore, BackboneResource, WarehouseResource
-from vcn.clustering import UNKNOWN, cluster_movie
-from vcn.crops import decode_jpeg, encode_jpeg
-from vcn.embeddings import read_kept_chips, read_kept_crops
-from vcn.identities import apply_edits, stable_cluster_ids
-from vcn.report import ClusterReport, contact_sheet_tracks, write_cluster_report
-from vcn.trackset import on_screen_together
-from vcn.warehouse import utcnow
-from vcn_assets.assets.models import BASE_MODEL_FILE, movie_model, track_embeddings
+from vcn.clustering.cannot_link import on_screen_together
+from vcn.clustering.identities import apply_edits, stable_cluster_ids
+from vcn.clustering.parameter_free import UNKNOWN, cluster_movie
+from vcn.clustering.report import (
+    ClusterReport,
+    contact_sheet_tracks,
+    write_cluster_report,
+)
+from vcn.faces.crops import decode_jpeg, encode_jpeg
+from vcn.identity.embeddings import read_kept_chips, read_kept_crops
+from vcn.stores.warehouse import utcnow
+from vcn_assets import artifacts
+from vcn_assets.assets.models import movie_model, track_embeddings
 from vcn_assets.assets.preprocess import face_tracks
 from vcn_assets.assets.recording import CODE_VERSION, preview, stage
 from vcn_assets.partitions import movies
-
-FACE_CLUSTERS_FILE = "face_clusters.parquet"
-REPORT_DIR = "clusters_report"
 
 #: Columns of ``face_clusters`` (Parquet and warehouse); ``cluster`` null = Unknown.
 FACE_CLUSTERS_SCHEMA = {
@@ -42,7 +44,6 @@ FACE_CLUSTERS_SCHEMA = {
     "clustered_at": pl.Datetime("us", "UTC"),
     "thumbnail": pl.String,
 }
-THUMBNAIL_DIR = "thumbnails"
 
 #: Contact sheets up to this size are shown inline in the asset's metadata.
 _INLINE_PREVIEW_BYTES = 300_000
@@ -88,9 +89,9 @@ def face_clusters(
     wh = warehouse.get()
     with stage(context, wh, "face_clusters") as run:
         movie_id = run.movie_id
-        tracks = store.read_parquet(movie_id, "tracks.parquet", columns=["track_id", "shot_id", "start_frame", "end_frame"]).sort("track_id")
-        crops = store.read_parquet(movie_id, "crop_embeddings.parquet")
-        matrix = np.load(store.local(movie_id, "crop_embeddings.npy"))
+        tracks = store.read_parquet(movie_id, artifacts.TRACKS, columns=["track_id", "shot_id", "start_frame", "end_frame"]).sort("track_id")
+        crops = store.read_parquet(movie_id, artifacts.CROP_EMBEDDINGS)
+        matrix = np.load(store.local(movie_id, artifacts.CROP_EMBEDDING_MATRIX))
         model_version = _model_version(store, crops)
 
         track_ids = tracks["track_id"].to_numpy()
@@ -145,7 +146,7 @@ def face_clusters(
         table = table.with_columns(
             pl.col("track_id").replace_strict(thumbnails, default=None, return_dtype=pl.String).alias("thumbnail")
         )
-        path = store.write_parquet(movie_id, FACE_CLUSTERS_FILE, table)
+        path = store.write_parquet(movie_id, artifacts.FACE_CLUSTERS, table)
         wh.replace_movie_rows("face_clusters", movie_id, table, model_version=model_version)
 
         sizes = table["cluster"].drop_nulls().value_counts(sort=True)["count"].to_list()
@@ -181,9 +182,9 @@ def face_clusters(
             "cluster_seconds": round(cluster_seconds, 3),
             "seconds": run.details["seconds"],
             "path": dg.MetadataValue.path(str(path)),
-            "report": dg.MetadataValue.path(store.uri(movie_id, f"{REPORT_DIR}/{report.html.name}")),
-            "contact_sheet": dg.MetadataValue.path(store.uri(movie_id, f"{REPORT_DIR}/{report.contact_sheet.name}")),
-            "embedding_plot": dg.MetadataValue.path(store.uri(movie_id, f"{REPORT_DIR}/{report.embedding_plot.name}")),
+            "report": dg.MetadataValue.path(store.uri(movie_id, f"{artifacts.CLUSTER_REPORT}/{report.html.name}")),
+            "contact_sheet": dg.MetadataValue.path(store.uri(movie_id, f"{artifacts.CLUSTER_REPORT}/{report.contact_sheet.name}")),
+            "embedding_plot": dg.MetadataValue.path(store.uri(movie_id, f"{artifacts.CLUSTER_REPORT}/{report.embedding_plot.name}")),
             "report_preview": _report_preview(report),
             "preview": preview(table.select("track_id", "cluster", "quality", "low_quality")),
         }
@@ -196,22 +197,22 @@ def _loss_metric(context, backbone: BackboneResource, store: ArtifactStore, movi
 
     Returns:
         The clustering's outputs, dissimilarity, crop tracks and crop quality: for
-        the crops of :func:`~vcn.selfsup.loss_metric.loss_metric_sample` (all of
+        the crops of :func:`~vcn.identity.selfsup.loss_metric.loss_metric_sample` (all of
         a movie's crops up to its cap), or the embeddings and cosine of all crops
         when the movie has no finetuned model.
     """
-    from vcn.selfsup.loss_metric import loss_metric_sample
+    from vcn.identity.selfsup.loss_metric import loss_metric_sample
 
     model, finetuned = movie_model(backbone, store, movie_id)
     if finetuned is None:
         context.log.warning(f"movie {movie_id} has no finetuned model: clustering with cosine, not the loss metric")
-        return np.load(store.local(movie_id, "crop_embeddings.npy")), None, crop_track, quality
+        return np.load(store.local(movie_id, artifacts.CROP_EMBEDDING_MATRIX)), None, crop_track, quality
     if finetuned.version != model_version:
         raise ValueError(
             f"the crop embeddings of movie {movie_id} come from {model_version}, the finetuned model is "
             f"{finetuned.version}; re-materialise track_embeddings"
         )
-    crops_path = store.local(movie_id, "track_crops.parquet")
+    crops_path = store.local(movie_id, artifacts.CROPS)
     if not np.array_equal(read_kept_crops(crops_path, model.template)["crop_id"].to_numpy(), crops["crop_id"].to_numpy()):
         raise ValueError(f"the crops of movie {movie_id} changed since they were embedded; re-materialise track_embeddings")
     # Per-crop logits and factors are K floats each: only a bounded sample of the crops gets them.
@@ -239,7 +240,7 @@ def _model_version(store: ArtifactStore, crops: pl.DataFrame) -> str:
         raise ValueError(f"crop embeddings mix model versions {sorted(versions)}; re-materialise track_embeddings")
     if versions:
         return versions[0]
-    registered = store.read_model_json(BASE_MODEL_FILE)
+    registered = store.read_model_json(artifacts.BASE_MODEL)
     if registered is None:
         raise FileNotFoundError("no base model is registered; materialise base_model first")
     return registered["version"]
@@ -254,9 +255,9 @@ def _write_report(store: ArtifactStore, movie_id: str, table: pl.DataFrame) -> t
     Returns:
         The report, and the thumbnail path of each track that has one.
     """
-    means = store.read_parquet(movie_id, "track_embeddings.parquet", columns=["track_id", "embedding"])
+    means = store.read_parquet(movie_id, artifacts.TRACK_EMBEDDINGS, columns=["track_id", "embedding"])
     shown = means.join(table.select("track_id", "cluster"), on="track_id", how="inner").sort("track_id")
-    crops_path = store.local(movie_id, "track_crops.parquet")
+    crops_path = store.local(movie_id, artifacts.CROPS)
     middle = (
         pl.read_parquet(crops_path, columns=["crop_id", "track_id", "frame", "rejected"])
         .filter(~pl.col("rejected"))
@@ -278,21 +279,21 @@ def _write_report(store: ArtifactStore, movie_id: str, table: pl.DataFrame) -> t
         batch = batch.filter(pc.is_in(batch.column("crop_id"), value_set=wanted))
         for crop_id, data in zip(batch.column("crop_id").to_pylist(), batch.column("image").to_pylist()):
             track, image = track_of[crop_id], decode_jpeg(data)
-            name = f"{THUMBNAIL_DIR}/{track}.jpg"
+            name = f"{artifacts.THUMBNAILS}/{track}.jpg"
             with store.writing(movie_id, name) as tmp:
                 tmp.write_bytes(encode_jpeg(image, 90))
             paths[int(track)] = store.uri(movie_id, name)
             if track in on_sheet:
                 thumbnails[track] = image
     report = write_cluster_report(
-        store.path(movie_id, REPORT_DIR),
+        store.path(movie_id, artifacts.CLUSTER_REPORT),
         title=movie_id,
         track_ids=track_ids,
         clusters=clusters,
         thumbnails=thumbnails,
         embeddings=embeddings,
     )
-    store.publish_dir(movie_id, REPORT_DIR)
+    store.publish_dir(movie_id, artifacts.CLUSTER_REPORT)
     return report, paths
 
 

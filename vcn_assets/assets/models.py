@@ -8,17 +8,19 @@ import numpy as np
 from pydantic import Field
 
 from resources import ArtifactStore, BackboneResource, WarehouseResource
-from vcn.embeddings import embed_crops, read_kept_chips, read_kept_crops, track_means
-from vcn.quality import supports_quality
-from vcn.trackset import on_screen_together
+from vcn.clustering.cannot_link import on_screen_together
+from vcn.identity.embeddings import (
+    embed_crops,
+    read_kept_chips,
+    read_kept_crops,
+    track_means,
+)
+from vcn.identity.quality import supports_quality
+from vcn_assets import artifacts
 from vcn_assets.assets.preprocess import face_tracks, track_crops
 from vcn_assets.assets.recording import CODE_VERSION, preview, stage
 from vcn_assets.jobs import GPU_POOL
 from vcn_assets.partitions import movies
-
-BASE_MODEL_FILE = "base_model.json"
-#: Per-movie record of the finetuned model: its version, checkpoint path and how it was made.
-FINETUNED_MODEL_FILE = "finetuned_model.json"
 
 
 @dg.asset(group_name="models", code_version=CODE_VERSION, kinds={"torch", "duckdb"})
@@ -35,7 +37,7 @@ def base_model(
         "input_size": model.input_size,
         "template": model.template,
     }
-    path = store.write_model_json(BASE_MODEL_FILE, record)
+    path = store.write_model_json(artifacts.BASE_MODEL, record)
     warehouse.get().record_model(**record)
     context.log.info(f"base model {model.name} version {model.version} on {model.device}")
     return dg.MaterializeResult(
@@ -74,8 +76,8 @@ def finetuned_model(
     CPU: a budget that trains the last stage on banked views) and recorded with
     the settings, the loss curve and the collapse diagnostics.
     """
-    from vcn.selfsup.finetune import compute_mode, finetune_movie
-    from vcn.selfsup.sampling import spread_crops
+    from vcn.identity.selfsup.finetune import compute_mode, finetune_movie
+    from vcn.identity.selfsup.sampling import spread_crops
 
     wh = warehouse.get()
     with stage(context, wh, "finetuned_model") as run:
@@ -87,14 +89,14 @@ def finetuned_model(
             reason = "finetuning is turned off in the asset's config"
         elif base.module is None:
             reason = f"backbone {base.name} has no torch module to finetune (ONNX models only run)"
-        crops_path = store.local(movie_id, "track_crops.parquet")
+        crops_path = store.local(movie_id, artifacts.CROPS)
         crops = read_kept_crops(crops_path, base.template)
         if reason is None and crops.height == 0:
             reason = "the movie has no kept crops"
         metadata: dict = {"base_model_version": base.version, "crops": crops.height}
         if reason is None:
             tracks = store.read_parquet(
-                movie_id, "tracks.parquet", columns=["track_id", "shot_id", "start_frame", "end_frame"]
+                movie_id, artifacts.TRACKS, columns=["track_id", "shot_id", "start_frame", "end_frame"]
             ).sort("track_id")
             track_ids = tracks["track_id"].to_numpy()
             crop_track = np.searchsorted(track_ids, crops["track_id"].to_numpy())
@@ -109,7 +111,7 @@ def finetuned_model(
             )
             del chips
             seconds = time.perf_counter() - started
-            checkpoint = f"finetuned/{movie_id}/{model.version}.safetensors"
+            checkpoint = artifacts.finetuned_checkpoint(movie_id, model.version)
             with store.writing_model(checkpoint) as tmp:
                 model.save(tmp)
             path = store.model_uri(checkpoint)
@@ -146,7 +148,7 @@ def finetuned_model(
             record["reason"] = reason
             context.log.warning(f"no finetuning for movie {movie_id}: {reason}; the pretrained model is used")
             metadata["skipped"] = reason
-        with store.writing(movie_id, FINETUNED_MODEL_FILE) as tmp:
+        with store.writing(movie_id, artifacts.FINETUNED_MODEL) as tmp:
             tmp.write_text(json.dumps(record, indent=2))
         run.items, run.row_count = crops.height, None
         run.artifact = record.get("checkpoint")
@@ -162,10 +164,10 @@ def movie_model(backbone: BackboneResource, store: ArtifactStore, movie_id: str)
     Returns:
         (backbone, finetuned model or None).
     """
-    from vcn.selfsup.finetune import load_finetuned
+    from vcn.identity.selfsup.finetune import load_finetuned
 
     base = backbone.load()
-    record = store.read_json(movie_id, FINETUNED_MODEL_FILE)
+    record = store.read_json(movie_id, artifacts.FINETUNED_MODEL)
     if not record or not record.get("enabled"):
         return base, None
     name = record.get("model_store_name")
@@ -188,7 +190,7 @@ def track_embeddings(
     wh = warehouse.get()
     with stage(context, wh, "track_embeddings") as run:
         model, finetuned = movie_model(backbone, store, run.movie_id)
-        registered = store.read_model_json(BASE_MODEL_FILE)
+        registered = store.read_model_json(artifacts.BASE_MODEL)
         base_version = finetuned.base_version if finetuned else model.version
         if registered and registered["version"] != base_version:
             context.log.warning(
@@ -199,14 +201,14 @@ def track_embeddings(
         if not with_quality:
             context.log.warning(f"backbone {model.name} cannot score crop quality; no track will be left out for quality")
         crops, matrix = embed_crops(
-            store.local(run.movie_id, "track_crops.parquet"), model, backbone.batch_size, quality=with_quality
+            store.local(run.movie_id, artifacts.CROPS), model, backbone.batch_size, quality=with_quality
         )
         tracks = track_means(crops, matrix, model.version)
-        with store.writing(run.movie_id, "crop_embeddings.npy") as tmp:
+        with store.writing(run.movie_id, artifacts.CROP_EMBEDDING_MATRIX) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, matrix)
-        store.write_parquet(run.movie_id, "crop_embeddings.parquet", crops)
-        path = store.write_parquet(run.movie_id, "track_embeddings.parquet", tracks)
+        store.write_parquet(run.movie_id, artifacts.CROP_EMBEDDINGS, crops)
+        path = store.write_parquet(run.movie_id, artifacts.TRACK_EMBEDDINGS, tracks)
         wh.replace_movie_rows("track_embeddings", run.movie_id, tracks)
         run.items, run.row_count, run.artifact = crops.height, tracks.height, str(path)
         run.details = {

@@ -9,17 +9,17 @@ import polars as pl
 from pydantic import Field
 
 from resources import ArtifactStore, DetectorResource, WarehouseResource
-from vcn.crops import CropConfig, write_track_crops
-from vcn.detection.video import appearance_matrix, detect_video_faces
-from vcn.filters import FilterConfig
-from vcn.frames import DEFAULT_DETECT_FPS, build_frame_index, sample_stride
-from vcn.shots import ShotConfig, detect_shots
-from vcn.tracking import TrackerConfig, summarise_tracks, track_detections
 from vcn.errors import VideoError
-from vcn.video import VideoReader
-from vcn_assets.assets.recording import CODE_VERSION, preview, stage
+from vcn.faces.crops import CropConfig, write_track_crops
+from vcn.faces.detection.video import appearance_matrix, detect_video_faces
+from vcn.faces.filters import FilterConfig
+from vcn.faces.tracking import TrackerConfig, summarise_tracks, track_detections
+from vcn.media import VideoReader
+from vcn.media.frames import DEFAULT_DETECT_FPS, build_frame_index, sample_stride
+from vcn.media.shots import ShotConfig, detect_shots
+from vcn_assets import artifacts
+from vcn_assets.assets.recording import movie_asset, preview, stage
 from vcn_assets.jobs import GPU_POOL
-from vcn_assets.partitions import movies
 
 GROUP = "preprocess"
 
@@ -50,7 +50,7 @@ class CropsConfig(dg.Config):
 
 def _video(store: ArtifactStore, movie_id: str, **options) -> VideoReader:
     """A reader of the movie's video (an S3 source is read from its local copy; errors name the S3 object)."""
-    from vcn.video.parallel import default_workers
+    from vcn.media.parallel import default_workers
 
     source = store.local_source(movie_id)
     options.setdefault("workers", default_workers())
@@ -63,7 +63,7 @@ def _video(store: ArtifactStore, movie_id: str, **options) -> VideoReader:
         raise type(error)(registered, error.reason) from None
 
 
-@dg.asset(partitions_def=movies, group_name=GROUP, code_version=CODE_VERSION, kinds={"pyav", "parquet", "duckdb"})
+@movie_asset(group=GROUP, kinds={"pyav", "parquet", "duckdb"})
 def shots(
     context: dg.AssetExecutionContext, config: ShotsConfig, store: ArtifactStore, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
@@ -74,7 +74,7 @@ def shots(
         table = detect_shots(
             reader, ShotConfig(detector=config.detector, threshold=config.threshold, min_shot_s=config.min_shot_s)
         )
-        path = store.write_parquet(run.movie_id, "shots.parquet", table)
+        path = store.write_parquet(run.movie_id, artifacts.SHOTS, table)
         info = reader.info.as_dict() | {"decoded_frames": reader.report.frames, "decode_warnings": "; ".join(reader.report.warnings)}
         wh.replace_movie_rows("movies", run.movie_id, pl.DataFrame([info]))
         wh.replace_movie_rows("shots", run.movie_id, table)
@@ -83,8 +83,8 @@ def shots(
         run.artifact = str(path)
         for warning in reader.report.warnings:
             context.log.warning(f"{run.movie_id}: {warning}")
-    return dg.MaterializeResult(
-        metadata={
+    return run.result(
+        {
             "shots": table.height,
             "frames": reader.report.frames,
             "width": reader.info.width,
@@ -92,14 +92,12 @@ def shots(
             "fps": reader.info.fps,
             "rotation": reader.info.rotation,
             "decode_warnings": dg.MetadataValue.text("; ".join(reader.report.warnings) or "none"),
-            "seconds": run.details["seconds"],
-            "path": dg.MetadataValue.path(str(path)),
             "preview": preview(table),
         }
     )
 
 
-@dg.asset(partitions_def=movies, group_name=GROUP, code_version=CODE_VERSION, deps=[shots], kinds={"pyav", "parquet", "duckdb"})
+@movie_asset(group=GROUP, deps=[shots], kinds={"pyav", "parquet", "duckdb"})
 def frames(
     context: dg.AssetExecutionContext, config: FramesConfig, store: ArtifactStore, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
@@ -108,66 +106,60 @@ def frames(
     with stage(context, wh, "frames") as run:
         reader = _video(store, run.movie_id)
         stride = sample_stride(reader.info.fps, config.detect_fps)
-        table = build_frame_index(reader, store.read_parquet(run.movie_id, "shots.parquet"), stride)
-        path = store.write_parquet(run.movie_id, "frames.parquet", table)
+        table = build_frame_index(reader, store.read_parquet(run.movie_id, artifacts.SHOTS), stride)
+        path = store.write_parquet(run.movie_id, artifacts.FRAMES, table)
         wh.replace_movie_rows("frames", run.movie_id, table)
         sampled = int(table["sampled"].sum())
         run.frames, run.items, run.row_count, run.artifact = table.height, sampled, table.height, str(path)
         run.video_seconds = float(table["time_s"].max() or 0.0) if table.height else 0.0
         run.details = {"stride": stride}
-    return dg.MaterializeResult(
-        metadata={
+    return run.result(
+        {
             "frames": table.height,
             "sampled_frames": sampled,
             "stride": stride,
-            "seconds": run.details["seconds"],
-            "path": dg.MetadataValue.path(str(path)),
         }
     )
 
 
-@dg.asset(
-    partitions_def=movies, group_name=GROUP, code_version=CODE_VERSION, deps=[frames], kinds={"onnx", "parquet"}, pool=GPU_POOL
-)
+@movie_asset(group=GROUP, deps=[frames], kinds={"onnx", "parquet"}, pool=GPU_POOL)
 def face_detections(
     context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource, detector: DetectorResource
 ) -> dg.MaterializeResult:
     """Face boxes, five landmarks and scores on every sampled frame."""
     wh = warehouse.get()
     with stage(context, wh, "face_detections") as run:
-        frame_table = store.read_parquet(run.movie_id, "frames.parquet")
+        frame_table = store.read_parquet(run.movie_id, artifacts.FRAMES)
         reader = _video(store, run.movie_id, max_side=detector.max_side)
         model = detector.create()
         table = detect_video_faces(reader, frame_table, model, batch_size=detector.batch_size)
-        path = store.write_parquet(run.movie_id, "face_detections.parquet", table)
+        path = store.write_parquet(run.movie_id, artifacts.DETECTIONS, table)
         sampled = int(frame_table["sampled"].sum())
         run.frames, run.items, run.row_count, run.artifact = sampled, table.height, table.height, str(path)
         run.video_seconds = float(frame_table["time_s"].max() or 0.0) if frame_table.height else 0.0
         runs_on = getattr(model, "active_providers", None)
         run.details = {"detector": model.name, "max_side": detector.max_side, "runs_on": runs_on}
-    return dg.MaterializeResult(
-        metadata={
+    return run.result(
+        {
             "detections": table.height,
             "frames_searched": sampled,
             "frames_with_faces": table["frame"].n_unique() if table.height else 0,
             "detector": model.name,
             "detector_runs_on": ", ".join(runs_on) if runs_on else "-",
-            "seconds": run.details["seconds"],
-            "path": dg.MetadataValue.path(str(path)),
             "preview": preview(table.drop("appearance")),
         }
     )
 
 
-@dg.asset(partitions_def=movies, group_name=GROUP, code_version=CODE_VERSION, deps=[face_detections], kinds={"parquet", "duckdb"})
+@movie_asset(group=GROUP, deps=[face_detections], kinds={"parquet", "duckdb"})
 def face_tracks(
     context: dg.AssetExecutionContext, config: TracksConfig, store: ArtifactStore, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
     """Detections linked into tracks inside each shot (Deep SORT); a track never crosses a cut."""
     wh = warehouse.get()
     with stage(context, wh, "face_tracks") as run:
-        detections = store.read_parquet(run.movie_id, "face_detections.parquet")
-        frame_table = store.read_parquet(run.movie_id, "frames.parquet", columns=["frame", "time_s", "sampled"])
+        detections = store.read_parquet(run.movie_id, artifacts.DETECTIONS)
+        frame_table = store.read_parquet(run.movie_id, artifacts.FRAMES, columns=["frame", "time_s", "sampled"])
         samples_per_s = _sampling_rate(frame_table)
         tracked = track_detections(
             detections,
@@ -176,59 +168,55 @@ def face_tracks(
             TrackerConfig(max_age_s=config.max_age_s, n_init=config.n_init, min_track_detections=config.min_track_detections),
         ).drop("appearance")
         tracks = summarise_tracks(tracked)
-        path = store.write_parquet(run.movie_id, "face_tracks.parquet", tracked)
-        store.write_parquet(run.movie_id, "tracks.parquet", tracks)
+        path = store.write_parquet(run.movie_id, artifacts.TRACKED_DETECTIONS, tracked)
+        store.write_parquet(run.movie_id, artifacts.TRACKS, tracks)
         wh.replace_movie_rows("detections", run.movie_id, tracked)
         wh.replace_movie_rows("tracks", run.movie_id, tracks)
         run.items, run.row_count, run.artifact = tracks.height, tracked.height, str(path)
         run.frames = int(frame_table["sampled"].sum())
         run.video_seconds = float(frame_table["time_s"].max() or 0.0) if frame_table.height else 0.0
     untracked = tracked["track_id"].null_count() if tracked.height else 0
-    return dg.MaterializeResult(
-        metadata={
+    return run.result(
+        {
             "tracks": tracks.height,
             "tracked_detections": tracked.height - untracked,
             "untracked_detections": untracked,
             "median_track_length": float(tracks["n_detections"].median() or 0) if tracks.height else 0.0,
-            "seconds": run.details["seconds"],
-            "path": dg.MetadataValue.path(str(path)),
             "preview": preview(tracks),
         }
     )
 
 
-@dg.asset(partitions_def=movies, group_name=GROUP, code_version=CODE_VERSION, deps=[face_tracks], kinds={"pyav", "parquet", "duckdb"})
+@movie_asset(group=GROUP, deps=[face_tracks], kinds={"pyav", "parquet", "duckdb"})
 def track_crops(
     context: dg.AssetExecutionContext, config: CropsConfig, store: ArtifactStore, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
     """Aligned face crops sampled along each track, with the crop filters' verdicts."""
     wh = warehouse.get()
     with stage(context, wh, "track_crops") as run:
-        tracked = store.read_parquet(run.movie_id, "face_tracks.parquet")
+        tracked = store.read_parquet(run.movie_id, artifacts.TRACKED_DETECTIONS)
         crop_config = CropConfig(
             template=config.template,
             every_s=config.every_s,
             filters=FilterConfig(min_face_area=config.min_face_area, top_k=config.top_k, min_sharpness=config.min_sharpness),
         )
-        with store.writing(run.movie_id, "track_crops.parquet") as tmp:
+        with store.writing(run.movie_id, artifacts.CROPS) as tmp:
             crops = write_track_crops(_video(store, run.movie_id), tracked, tmp, crop_config)
-        path = store.uri(run.movie_id, "track_crops.parquet")
+        path = store.uri(run.movie_id, artifacts.CROPS)
         wh.replace_movie_rows("track_crops", run.movie_id, crops)
         kept = int((~crops["rejected"]).sum()) if crops.height else 0
         run.items, run.row_count, run.artifact = crops.height, crops.height, str(path)
         run.frames = crops["frame"].n_unique() if crops.height else 0
         run.details = {"kept": kept, "template": config.template}
     reasons = crops.group_by("reject_reason").len().drop_nulls() if crops.height else pl.DataFrame()
-    return dg.MaterializeResult(
-        metadata={
+    return run.result(
+        {
             "crops": crops.height,
             "kept": kept,
             "rejected": crops.height - kept,
             **{f"rejected_{r}": int(n) for r, n in reasons.iter_rows()},
             "tracks_with_kept_crops": crops.filter(~pl.col("rejected"))["track_id"].n_unique() if kept else 0,
             "template": config.template,
-            "seconds": run.details["seconds"],
-            "path": dg.MetadataValue.path(str(path)),
         }
     )
 

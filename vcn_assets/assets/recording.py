@@ -1,17 +1,18 @@
-"""Lineage and metrics bookkeeping shared by every asset."""
+"""What every per-movie asset shares: its decorator, lineage and metrics bookkeeping, its metadata's tail."""
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import dagster as dg
 import polars as pl
 
 from vcn import __version__
-from vcn.warehouse import Warehouse, utcnow
+from vcn.stores.warehouse import Warehouse, utcnow
+from vcn_assets.partitions import movies
 
 CODE_VERSION = __version__
 
@@ -29,6 +30,29 @@ class StageRun:
     artifact: str | None = None
     row_count: int | None = None
     details: dict = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        """Wall seconds of the asset body (set when the body has finished)."""
+        return self.details["seconds"]
+
+    def result(self, metadata: dict, data_version: str | None = None) -> dg.MaterializeResult:
+        """The asset's result: ``metadata`` plus what every stage shows (its seconds, and where its artifact is)."""
+        tail = {"seconds": round(self.seconds, 3)}
+        if self.artifact is not None:
+            tail["path"] = dg.MetadataValue.path(self.artifact)
+        return dg.MaterializeResult(
+            metadata={**metadata, **tail},
+            data_version=None if data_version is None else dg.DataVersion(data_version),
+        )
+
+
+def movie_asset(*, group: str, kinds: set[str], deps: Sequence = (), pool: str | None = None, **options):
+    """``dg.asset`` for a per-movie asset: partitioned by movie, versioned with the code, in ``group``."""
+    return dg.asset(
+        partitions_def=movies, group_name=group, code_version=CODE_VERSION, deps=list(deps), kinds=kinds, pool=pool,
+        **options,
+    )
 
 
 @contextlib.contextmanager

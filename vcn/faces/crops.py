@@ -1,0 +1,225 @@
+"""Aligned face crops sampled along each track.
+
+Crops are taken at a fixed time interval along every track, cut from the
+full-resolution frame and aligned to the backbone's input template with a
+similarity transform of the five landmarks. Pixels go into the same Parquet
+file as their metadata (JPEG bytes in the ``image`` column), written in row
+groups as the video streams by, so memory stays flat in movie length and one
+file per movie travels to S3 as well as to a local disk.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vcn.faces.align import align_face, get_template
+from vcn.faces.detection.video import LANDMARK_COLUMNS
+from vcn.faces.filters import FilterConfig, face_rank_in_frame, reject_reason, sharpness
+from vcn.media import VideoReader
+
+#: Schema of the ``track_crops`` table; ``image`` holds the aligned crop as JPEG.
+CROPS_SCHEMA = {
+    "crop_id": pl.Int64,
+    "track_id": pl.Int64,
+    "detection_id": pl.Int64,
+    "frame": pl.Int64,
+    "shot_id": pl.Int32,
+    "time_s": pl.Float64,
+    "face_area": pl.Float32,
+    "frame_rank": pl.Int32,
+    "sharpness": pl.Float32,
+    "rejected": pl.Boolean,
+    "reject_reason": pl.String,
+    "template": pl.String,
+    "image": pl.Binary,
+}
+
+_ARROW_SCHEMA = pa.schema(
+    [
+        ("crop_id", pa.int64()),
+        ("track_id", pa.int64()),
+        ("detection_id", pa.int64()),
+        ("frame", pa.int64()),
+        ("shot_id", pa.int32()),
+        ("time_s", pa.float64()),
+        ("face_area", pa.float32()),
+        ("frame_rank", pa.int32()),
+        ("sharpness", pa.float32()),
+        ("rejected", pa.bool_()),
+        ("reject_reason", pa.string()),
+        ("template", pa.string()),
+        ("image", pa.binary()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """How crops are sampled and aligned.
+
+    Attributes:
+        template: Alignment template of the face-ID backbone (``dlib-150`` for
+            the dlib ResNet, ``arcface-112`` for ArcFace-style models).
+        every_s: Sampling interval along a track, in seconds of video.
+        jpeg_quality: Quality of the stored crops (95 keeps them visually lossless).
+        row_group: Crops per Parquet row group (bounds memory while writing).
+        filters: The crop filters.
+    """
+
+    template: str = "dlib-150"
+    every_s: float = 0.25
+    jpeg_quality: int = 95
+    row_group: int = 512
+    filters: FilterConfig = field(default_factory=FilterConfig)
+
+
+def select_crops(tracked: pl.DataFrame, every_s: float) -> pl.DataFrame:
+    """Picks the detections to crop: per track, the first, then one each ``every_s`` seconds.
+
+    Adds ``face_area`` and ``frame_rank`` (rank among all faces of its frame).
+    """
+    if tracked.is_empty():
+        return tracked.with_columns(
+            pl.lit(None, pl.Float32).alias("face_area"), pl.lit(None, pl.Int32).alias("frame_rank")
+        )
+    with_rank = tracked.with_columns(
+        ((pl.col("x2") - pl.col("x1")) * (pl.col("y2") - pl.col("y1"))).cast(pl.Float32).alias("face_area"),
+        face_rank_in_frame(tracked).alias("frame_rank"),
+    ).filter(pl.col("track_id").is_not_null()).sort("track_id", "frame")
+    keep = np.zeros(with_rank.height, dtype=bool)
+    tracks = with_rank["track_id"].to_numpy()
+    times = with_rank["time_s"].to_numpy()
+    last_track, last_time = None, -np.inf
+    for i in range(with_rank.height):
+        if tracks[i] != last_track:
+            last_track, last_time = tracks[i], -np.inf
+        if times[i] - last_time >= every_s - 1e-6:
+            keep[i] = True
+            last_time = times[i]
+    return with_rank.filter(pl.Series(keep))
+
+
+def write_track_crops(
+    reader: VideoReader,
+    tracked: pl.DataFrame,
+    out_path: str | os.PathLike,
+    config: CropConfig = CropConfig(),
+) -> pl.DataFrame:
+    """Decodes the frames that hold selected crops, aligns, filters and writes them.
+
+    Args:
+        reader: A full-resolution reader of the movie (``max_side=None``).
+        tracked: The tracked detections table (``face_tracks`` output).
+        out_path: Parquet file to write (:data:`CROPS_SCHEMA`).
+        config: Sampling, alignment and filter settings.
+
+    Returns:
+        The crops table without the ``image`` column.
+    """
+    if reader.max_side is not None:
+        raise ValueError("crops must be cut from full-resolution frames (reader.max_side=None)")
+    template = get_template(config.template)
+    chosen = select_crops(tracked, config.every_s).sort("frame", "track_id")
+    by_frame: dict[int, list[int]] = {}
+    for i, f in enumerate(chosen["frame"].to_list()):
+        by_frame.setdefault(f, []).append(i)
+    landmarks = chosen.select(LANDMARK_COLUMNS).to_numpy().reshape(-1, 5, 2)
+    cols = {c: chosen[c].to_numpy() for c in ("track_id", "detection_id", "shot_id", "time_s", "face_area", "frame_rank")}
+
+    meta: dict[str, list] = {name: [] for name in CROPS_SCHEMA if name != "image"}
+    buffer: dict[str, list] = {name: [] for name in CROPS_SCHEMA}
+    writer = pq.ParquetWriter(str(out_path), _ARROW_SCHEMA, compression="zstd")
+    try:
+        if by_frame:
+            for frame in reader.frames(want=by_frame.__contains__):
+                if frame.image is None:
+                    continue
+                for i in by_frame[frame.index]:
+                    area = float(cols["face_area"][i])
+                    rank = int(cols["frame_rank"][i])
+                    try:
+                        chip = align_face(frame.image, landmarks[i], template)
+                    except ValueError:
+                        # Degenerate landmarks (all five at one spot): keep the row, visibly.
+                        chip = np.zeros((template.size, template.size, 3), np.uint8)
+                        reason, sharp = "unalignable", 0.0
+                    else:
+                        sharp = sharpness(chip)
+                        reason = reject_reason(area, rank, sharp, config.filters)
+                    row = {
+                        "crop_id": len(meta["crop_id"]),
+                        "track_id": int(cols["track_id"][i]),
+                        "detection_id": int(cols["detection_id"][i]),
+                        "frame": frame.index,
+                        "shot_id": int(cols["shot_id"][i]),
+                        "time_s": float(cols["time_s"][i]),
+                        "face_area": area,
+                        "frame_rank": rank,
+                        "sharpness": sharp,
+                        "rejected": reason is not None,
+                        "reject_reason": reason,
+                        "template": template.name,
+                    }
+                    for k, v in row.items():
+                        meta[k].append(v)
+                        buffer[k].append(v)
+                    buffer["image"].append(encode_jpeg(chip, config.jpeg_quality))
+                if len(buffer["crop_id"]) >= config.row_group:
+                    _flush(writer, buffer)
+        _flush(writer, buffer)
+    finally:
+        writer.close()
+    return pl.DataFrame(meta, schema={k: v for k, v in CROPS_SCHEMA.items() if k != "image"})
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return data.tobytes()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """RGB uint8 image from JPEG bytes."""
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError("not a decodable image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_crop_images(path: str | os.PathLike, crop_ids: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Crop ids and (N, S, S, 3) uint8 RGB images from a ``track_crops`` file, in file order.
+
+    The file is streamed in batches and only the wanted crops are kept, so picking
+    a few thumbnails from a feature film's crops does not load all its images.
+    """
+    wanted = None if crop_ids is None else pa.array(crop_ids, type=pa.int64())
+    ids: list[np.ndarray] = []
+    images: list[np.ndarray] = []
+    for batch in pq.ParquetFile(str(path)).iter_batches(batch_size=1024, columns=["crop_id", "image"]):
+        if wanted is not None:
+            batch = batch.filter(pc.is_in(batch.column("crop_id"), value_set=wanted))
+        if batch.num_rows == 0:
+            continue
+        ids.append(batch.column("crop_id").to_numpy())
+        images.extend(decode_jpeg(b) for b in batch.column("image").to_pylist())
+    crop_id_array = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    if not images:
+        return crop_id_array, np.zeros((0, 0, 0, 3), np.uint8)
+    return crop_id_array, np.stack(images)
+
+
+def _flush(writer: pq.ParquetWriter, buffer: dict[str, list]) -> None:
+    if not buffer["crop_id"]:
+        return
+    writer.write_table(pa.table({k: buffer[k] for k in _ARROW_SCHEMA.names}, schema=_ARROW_SCHEMA))
+    for v in buffer.values():
+        v.clear()

@@ -1,0 +1,1 @@
+"""File formats exchanged with other tools: track datasets (format v1) and their predictions."""

@@ -1,0 +1,249 @@
+"""Embedding the kept crops of a movie with a face-ID backbone, and per-track means."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vcn.faces.crops import decode_jpeg
+
+if TYPE_CHECKING:
+    from vcn.identity.backbone import Backbone
+
+#: Rows of the crop-embeddings table; row ``i`` is row ``i`` of the .npy matrix.
+#: ``quality`` is the crop's SER-FIQ quality (:func:`vcn.identity.quality.embed_and_score`),
+#: null when the backbone cannot score it.
+CROP_EMBEDDINGS_SCHEMA = {"crop_id": pl.Int64, "track_id": pl.Int64, "model_version": pl.String, "quality": pl.Float32}
+
+
+class Embedder(Protocol):
+    version: str
+    template: str
+    input_size: int
+    dim: int
+
+    def embed(self, chips: np.ndarray, batch_size: int = 256) -> np.ndarray: ...
+
+
+def embed_crops(
+    crops_path: str | os.PathLike,
+    backbone: Embedder | Backbone,
+    batch_size: int = 256,
+    *,
+    quality: bool = False,
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """Embeds every kept crop of a ``track_crops`` file, streaming it in row groups.
+
+    Only one batch of decoded chips is in memory at a time, so a feature-length
+    movie embeds in constant memory; the quality of a batch is scored while its
+    chips are at hand.
+
+    Args:
+        crops_path: A ``track_crops`` Parquet file.
+        backbone: The face-ID model; its template must match the crops'.
+        batch_size: Chips per forward pass.
+        quality: Also score each crop's SER-FIQ quality. Needs a torch backbone
+            (:func:`vcn.identity.quality.supports_quality`) and costs the stochastic head
+            runs (the trunk runs once); without it the ``quality`` column is null.
+
+    Returns:
+        The crop-embeddings table (:data:`CROP_EMBEDDINGS_SCHEMA`) and the (N, D)
+        float32 matrix of L2-normalised embeddings in the same row order.
+
+    Raises:
+        ValueError: the crops were aligned for another template than the backbone's.
+        TypeError: ``quality`` was asked of a backbone that cannot score it.
+    """
+    if quality:
+        from vcn.identity.quality import embed_and_score, supports_quality
+
+        if not supports_quality(backbone):
+            raise TypeError(f"backbone {getattr(backbone, 'name', backbone)!r} cannot score crop quality")
+    ids: list[int] = []
+    tracks: list[int] = []
+    parts: list[np.ndarray] = []
+    qualities: list[np.ndarray] = []
+    pending: list[np.ndarray] = []
+
+    def flush() -> None:
+        chips = np.stack(pending)
+        if quality:
+            # One trunk pass gives both the embedding and the stochastic head runs.
+            embedded, scored = embed_and_score(backbone, chips, batch_size=min(batch_size, 128))
+            parts.append(embedded)
+            qualities.append(scored)
+        else:
+            parts.append(backbone.embed(chips, batch_size=batch_size))
+        pending.clear()
+
+    for table in _kept_batches(crops_path, backbone.template, max(batch_size, 64)):
+        ids.extend(table["crop_id"].to_list())
+        tracks.extend(table["track_id"].to_list())
+        pending.extend(decode_jpeg(b) for b in table["image"].to_list())
+        if len(pending) >= batch_size:
+            flush()
+    if pending:
+        flush()
+    matrix = np.concatenate(parts) if parts else np.zeros((0, backbone.dim), np.float32)
+    table = pl.DataFrame(
+        {
+            "crop_id": ids,
+            "track_id": tracks,
+            "model_version": [backbone.version] * len(ids),
+            "quality": np.concatenate(qualities) if quality and qualities else [None] * len(ids),
+        },
+        schema=CROP_EMBEDDINGS_SCHEMA,
+    )
+    return table, matrix.astype(np.float32, copy=False)
+
+
+def read_kept_crops(crops_path: str | os.PathLike, template: str) -> pl.DataFrame:
+    """``crop_id`` and ``track_id`` of the kept (not rejected) crops of a ``track_crops`` file, in file order.
+
+    No image is read: a feature film's table is a few MB. The order is the one
+    :func:`embed_crops` embeds them in, so row ``i`` here is row ``i`` of its table.
+
+    Raises:
+        ValueError: The crops were aligned for another template than ``template``.
+    """
+    source = pq.ParquetFile(str(crops_path))
+    tables = []
+    for batch in source.iter_batches(batch_size=65536, columns=["crop_id", "track_id", "rejected", "template"]):
+        table = pl.from_arrow(batch).filter(~pl.col("rejected"))
+        if not table.is_empty():
+            _check_template(crops_path, table, template)
+            tables.append(table.select("crop_id", "track_id"))
+    return pl.concat(tables) if tables else pl.DataFrame(schema={"crop_id": pl.Int64, "track_id": pl.Int64})
+
+
+def read_kept_chips(
+    crops_path: str | os.PathLike, template: str, rows: np.ndarray | None = None
+) -> tuple[pl.DataFrame, np.ndarray]:
+    """The kept (not rejected) crops of a ``track_crops`` file, decoded, in file order: all, or those at ``rows``.
+
+    The chips are 67 KB each at 150 px, so a caller that needs pixels of a long
+    movie picks a bounded subset first (:func:`read_kept_crops`, then
+    :func:`vcn.identity.selfsup.sampling.spread_crops`) and only those are decoded, into
+    one array allocated once.
+
+    Args:
+        crops_path: A ``track_crops`` Parquet file.
+        template: The alignment the caller expects.
+        rows: Sorted, distinct positions among the kept crops (rows of
+            :func:`read_kept_crops`); None: all of them.
+
+    Returns:
+        A table of ``crop_id`` and ``track_id`` of the crops read, and their
+        (N, S, S, 3) uint8 RGB chips.
+
+    Raises:
+        ValueError: The crops were aligned for another template than
+            ``template``, or ``rows`` are not sorted, distinct kept positions.
+    """
+    kept = read_kept_crops(crops_path, template)
+    rows = np.arange(kept.height) if rows is None else np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1 or (len(rows) and (rows[0] < 0 or rows[-1] >= kept.height or (np.diff(rows) <= 0).any())):
+        raise ValueError(f"rows must be sorted, distinct positions among the {kept.height} kept crops")
+    table = kept[rows] if len(rows) < kept.height else kept
+    chips: np.ndarray | None = None
+    seen = done = 0  # kept crops passed, chips decoded
+    for batch in pq.ParquetFile(str(crops_path)).iter_batches(batch_size=1024, columns=["rejected", "image"]):
+        if done == len(rows):
+            break
+        kept_mask = ~batch.column("rejected").to_numpy(zero_copy_only=False)
+        positions = seen + np.cumsum(kept_mask) - 1  # position of each kept row among the kept crops
+        seen += int(kept_mask.sum())
+        wanted = kept_mask & np.isin(positions, rows[done : done + len(batch)])
+        for data in batch.column("image").filter(pa.array(wanted)).to_pylist():
+            chip = decode_jpeg(data)
+            if chips is None:
+                chips = np.empty((len(rows), *chip.shape), np.uint8)
+            chips[done] = chip
+            done += 1
+    return table, chips if chips is not None else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def _check_template(crops_path: str | os.PathLike, table: pl.DataFrame, template: str) -> None:
+    templates = set(table["template"].unique().to_list())
+    if templates != {template}:
+        raise ValueError(
+            f"{crops_path}: crops are aligned for {sorted(templates)}, the backbone expects "
+            f"{template!r}; re-materialise track_crops with template={template!r}"
+        )
+
+
+def _kept_batches(crops_path: str | os.PathLike, template: str, batch_size: int):
+    """Batches (polars) of the kept crops of a ``track_crops`` file, checked against ``template``."""
+    source = pq.ParquetFile(str(crops_path))
+    for batch in source.iter_batches(batch_size=batch_size, columns=["crop_id", "track_id", "rejected", "template", "image"]):
+        table = pl.from_arrow(batch).filter(~pl.col("rejected"))
+        if table.is_empty():
+            continue
+        _check_template(crops_path, table, template)
+        yield table
+
+
+def track_means(crops: pl.DataFrame, matrix: np.ndarray, model_version: str) -> pl.DataFrame:
+    """Per-track mean of crop embeddings, re-normalised, and mean crop quality.
+
+    Returns:
+        One row per track with kept crops: ``track_id, n_crops, model_version,
+        quality`` (mean crop quality; null when the crops have none) and
+        ``embedding``.
+    """
+    dim = matrix.shape[1] if matrix.ndim == 2 else 0
+    schema = {
+        "track_id": pl.Int64,
+        "n_crops": pl.Int64,
+        "model_version": pl.String,
+        "quality": pl.Float32,
+        "embedding": pl.Array(pl.Float32, dim),
+    }
+    if crops.is_empty():
+        return pl.DataFrame(schema=schema)
+    from vcn.identity.quality import track_quality
+
+    track_ids = crops["track_id"].to_numpy()
+    unique, inverse, counts = np.unique(track_ids, return_inverse=True, return_counts=True)
+    means = unit_track_means(matrix, inverse, len(unique))
+    quality = None
+    if "quality" in crops.columns and crops["quality"].null_count() == 0:
+        quality = track_quality(crops["quality"].to_numpy(), inverse, len(unique))
+    return pl.DataFrame(
+        {
+            "track_id": unique,
+            "n_crops": counts,
+            "model_version": [model_version] * len(unique),
+            "quality": quality if quality is not None else [None] * len(unique),
+            "embedding": means,
+        },
+        schema=schema,
+    )
+
+
+def unit_track_means(embeddings: np.ndarray, crop_track: np.ndarray, n_tracks: int) -> np.ndarray:
+    """(T, D) float32 mean of each track's crop embeddings, scaled to unit length.
+
+    Args:
+        embeddings: (N, D) crop embeddings.
+        crop_track: (N,) track index of each crop, in ``0..n_tracks-1``.
+        n_tracks: Number of tracks T.
+
+    Returns:
+        One row per track; a row of NaN for a track without crops, so that it
+        cannot pass for a point of the embedding space.
+    """
+    dim = embeddings.shape[1]
+    sums = np.zeros((n_tracks, dim), dtype=np.float64)
+    np.add.at(sums, crop_track, embeddings.astype(np.float64))
+    counts = np.bincount(crop_track, minlength=n_tracks)
+    means = np.full((n_tracks, dim), np.nan, dtype=np.float64)
+    filled = counts > 0
+    # Crop embeddings are unit length, so a track's sum is zero only if they cancel exactly.
+    means[filled] = sums[filled] / np.maximum(np.linalg.norm(sums[filled], axis=1, keepdims=True), 1e-12)
+    return means.astype(np.float32)

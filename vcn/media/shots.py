@@ -1,0 +1,105 @@
+"""Shot (scene-cut) detection with PySceneDetect, fed by our own decoder.
+
+PySceneDetect's detectors are driven frame by frame from :class:`VideoReader`
+so that shot boundaries use exactly the frame numbering of every other stage,
+also for variable-frame-rate files where frame numbers derived from timestamps
+would drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+import polars as pl
+
+from vcn.media import VideoReader
+
+#: Schema of the ``shots`` table: one row per shot, frames inclusive.
+SHOTS_SCHEMA = {
+    "shot_id": pl.Int32,
+    "start_frame": pl.Int64,
+    "end_frame": pl.Int64,
+    "start_s": pl.Float64,
+    "end_s": pl.Float64,
+}
+
+
+@dataclass(frozen=True)
+class ShotConfig:
+    """Settings of the shot detector.
+
+    Attributes:
+        detector: ``"content"`` (PySceneDetect's ContentDetector: a fixed threshold
+            on the HSV change between frames) or ``"adaptive"`` (AdaptiveDetector:
+            a change must stand out from its rolling neighbourhood). Content is the
+            default: on our test footage adaptive also cut on a hand sweeping
+            across the frame, content found exactly the hard cuts.
+        threshold: For ``content``, the HSV-change threshold (PySceneDetect's
+            default 27); for ``adaptive``, the adaptive ratio (default 3).
+        min_shot_s: Shortest shot in seconds; closer cuts are merged (flash frames).
+        analysis_side: Frames are downscaled to this longer side before analysis;
+            cut detection does not need detail and this keeps the pass cheap.
+    """
+
+    detector: Literal["content", "adaptive"] = "content"
+    threshold: float | None = None
+    min_shot_s: float = 0.4
+    analysis_side: int = 256
+
+
+def detect_shots(reader: VideoReader, config: ShotConfig = ShotConfig()) -> pl.DataFrame:
+    """Runs one decoding pass and returns the shots table (:data:`SHOTS_SCHEMA`).
+
+    The shots tile the whole video: the first starts at frame 0 and the last ends at
+    the last decoded frame.
+    """
+    from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode
+
+    fps = reader.info.fps or 25.0
+    min_len = max(1, int(round(config.min_shot_s * fps)))
+    if config.detector == "adaptive":
+        detector = AdaptiveDetector(
+            adaptive_threshold=config.threshold if config.threshold is not None else 3.0,
+            min_scene_len=min_len,
+        )
+    elif config.detector == "content":
+        detector = ContentDetector(
+            threshold=config.threshold if config.threshold is not None else 27.0,
+            min_scene_len=min_len,
+        )
+    else:
+        raise ValueError(f"unknown shot detector {config.detector!r}; known: adaptive, content")
+
+    analysis = VideoReader(
+        reader.path, max_side=config.analysis_side, threads=reader.threads, info=reader.info, workers=reader.workers
+    )
+    cuts: list[int] = []
+    times: list[float] = []
+    last = None
+    for frame in analysis.frames():
+        bgr = cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR)
+        last = FrameTimecode(frame.index, fps=fps)
+        cuts.extend(tc.frame_num for tc in detector.process_frame(last, bgr))
+        times.append(frame.time_s)
+    if last is not None:
+        cuts.extend(tc.frame_num for tc in detector.post_process(last))
+    reader.report = analysis.report
+    return shots_from_cuts(cuts, np.asarray(times, dtype=np.float64))
+
+
+def shots_from_cuts(cuts: list[int], frame_times: np.ndarray) -> pl.DataFrame:
+    """Turns cut positions (first frame of each new shot) into the shots table."""
+    n = len(frame_times)
+    starts = sorted({c for c in cuts if 0 < c < n})
+    bounds = [0, *starts, n]
+    rows = {
+        "shot_id": list(range(len(bounds) - 1)),
+        "start_frame": bounds[:-1],
+        "end_frame": [b - 1 for b in bounds[1:]],
+    }
+    rows["start_s"] = [float(frame_times[s]) for s in rows["start_frame"]] if n else []
+    rows["end_s"] = [float(frame_times[e]) for e in rows["end_frame"]] if n else []
+    return pl.DataFrame(rows, schema=SHOTS_SCHEMA)
