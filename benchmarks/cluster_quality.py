@@ -2,16 +2,16 @@
 
 Every method clusters the same tracks from the same pretrained embeddings
 (RetinaFace on each loose crop, dlib-150 alignment, the dlib ResNet ported to
-torch). Our clustering works on the crops (``vcn.clustering.parameter_free.cluster_movie``, as
-``vcn cluster-tracks`` runs it); the baselines (``benchmarks/baselines.py``) take
+torch). Our clustering works on the crops (the pipeline of ``vcn.pipeline``, as
+``vcn cluster-tracks`` and a movie run it); the baselines (``benchmarks/baselines.py``) take
 each track's unit-length mean embedding, with their customary defaults. Labels are
 read only to score (``vcn.clustering.metrics``): Unknown tracks count as singletons in WCP,
 NMI, BCubed and pairwise figures, and not as clusters in PCR.
 
 Rows: ours on the pretrained model with cosine (quality screen + cannot-link;
 without cannot-link, the paper's setting; without the quality screen), ours
-after adapting the backbone to the episode (``finetune_movie``, the compute mode
-of the machine) with cosine and with the finetuned loss metric (the paper's
+after adapting the backbone to the episode (``vcn.pipeline.adapt``, the compute
+mode of the machine) with cosine and with the finetuned loss metric (the paper's
 ablation), then the baselines on the pretrained track means and again on the
 finetuned ones; the last baseline of each set uses the true number of identities.
 
@@ -46,12 +46,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.baselines import BASELINES  # noqa: E402
-from vcn.cluster_tracks import embed_trackset  # noqa: E402
+from vcn.cluster_tracks import align_trackset  # noqa: E402
 from vcn.clustering.cannot_link import on_screen_together  # noqa: E402
 from vcn.clustering.metrics import evaluate  # noqa: E402
 from vcn.clustering.parameter_free import UNKNOWN, cluster_movie  # noqa: E402
 from vcn.formats.trackset import read_trackset_labels  # noqa: E402
 from vcn.identity.embeddings import unit_track_means  # noqa: E402
+from vcn.pipeline import adapt, cluster, embed  # noqa: E402
 
 DEFAULT_TRACKSET = ROOT.parent / "shared" / "data" / "tracksets" / "dev-ep"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -93,12 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.trackset} has no labels.csv to score against")
 
     # The same reading, alignment, embedding and quality as `vcn cluster-tracks`, once.
-    data = embed_trackset(args.trackset, device="cpu")
-    track_ids = data.track_ids
+    aligned = align_trackset(args.trackset, device="cpu")
+    started = time.perf_counter()
+    data = embed(aligned.backbone, aligned.chips)
+    timings = {**aligned.timings, "embed": time.perf_counter() - started}
+    track_ids = aligned.track_ids
     labels = read_trackset_labels(args.trackset)
     n_ids = len(set(labels.values()))
     n_tracks = len(track_ids)
-    cannot_link = on_screen_together(data.tracks)
+    cannot_link = on_screen_together(aligned.tracks)
 
     rows = []
 
@@ -112,13 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def ours(name: str, description: str, embedded, use_cannot_link: bool, use_quality: bool, loss: bool) -> None:
         started = time.perf_counter()
-        result = cluster_movie(
-            embedded.logits if loss else embedded.embeddings,
-            embedded.crop_track,
-            n_tracks,
-            cannot_link=cannot_link if use_cannot_link else None,
-            crop_quality=embedded.quality if use_quality else None,
-            dissimilarity=embedded.finetuned.loss_dissimilarity() if loss else None,
+        result = cluster(
+            embedded, n_tracks, similarity="loss" if loss else "cosine",
+            cannot_link=cannot_link if use_cannot_link else None, quality_screen=use_quality,
         )
         score(name, description, False, result.labels, time.perf_counter() - started)
 
@@ -129,19 +129,24 @@ def main(argv: list[str] | None = None) -> int:
     # The method: adapt the backbone to the episode (the CPU budget mode here), then cluster.
     tuned = finetune = None
     if not args.no_finetune:
-        tuned = embed_trackset(args.trackset, device="cpu", finetune=True, similarity="loss", seed=args.seed)
-        ft = tuned.finetuned
+        adaptation = adapt(aligned.backbone, aligned.chips, n_tracks, cannot_link=cannot_link, seed=args.seed)
+        ft = adaptation.model
+        started = time.perf_counter()
+        # The loss metric on every crop (no cap): the method as measured, whatever the episode's length.
+        tuned = embed(ft.backbone, aligned.chips, loss_metric=ft, max_loss_crops=len(aligned.chips.crop_track))
+        tuned_timings = {"finetune": adaptation.seconds, "embed": time.perf_counter() - started}
+        history = ft.history
         finetune = {
-            "version": ft.version, "mode": ft.mode, "rounds": len(ft.history["rounds"]),
-            "stopped": ft.history["stopped"], "matched_track_pairs": ft.history["n_matches"],
-            "match_precision": [r["match_precision"] for r in ft.history["rounds"]],
-            "loss_curves": [[round(v, 4) for v in r["loss_curve"]] for r in ft.history["rounds"]],
-            "pairs_per_second_cpu": round(ft.history["pairs_per_second"], 1),
-            "round_pairs_per_second_cpu": [round(r["pairs_per_second"], 1) for r in ft.history["rounds"]],
-            "bank_seconds": round(ft.history["bank_seconds"], 1),
-            "finetune_seconds": round(tuned.timings["finetune"], 1),
+            "version": ft.version, "mode": ft.mode, "rounds": len(history.rounds),
+            "stopped": history.stopped, "matched_track_pairs": history.n_matches,
+            "match_precision": [r.match_precision for r in history.rounds],
+            "loss_curves": [[round(v, 4) for v in r.loss_curve] for r in history.rounds],
+            "pairs_per_second_cpu": round(history.pairs_per_second, 1),
+            "round_pairs_per_second_cpu": [round(r.pairs_per_second, 1) for r in history.rounds],
+            "bank_seconds": round(history.bank_seconds, 1),
+            "finetune_seconds": round(tuned_timings["finetune"], 1),
             "collapse": ft.collapse.to_dict() if ft.collapse else None,
-            "timings_s": {k: round(v, 2) for k, v in tuned.timings.items()},
+            "timings_s": {k: round(v, 2) for k, v in tuned_timings.items()},
         }
         print(f"finetuning: {finetune}", flush=True)
         ours("Finetuned + cosine", f"quality screen + cannot-link, {ft.mode}", tuned, True, True, False)
@@ -172,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         "n_tracks": n_tracks,
         "n_crops": int(len(data.crop_track)),
         "n_identities": n_ids,
-        "crops_by_alignment": data.crops_by_method,
+        "crops_by_alignment": aligned.crops_by_method,
         "model_version": data.model_version,
-        "timings_s": {k: round(v, 2) for k, v in data.timings.items()},
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "finetune": finetune,
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores",
         "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

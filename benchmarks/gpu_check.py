@@ -311,7 +311,7 @@ def run(cpu_only: bool) -> dict[str, Any]:
                               pretrained_embeddings=embedded[side][0])
 
     tuned = {side: timer(f"finetuning {side}", lambda s=side: finetune(s)) for side in backbones}
-    curves = [np.asarray(t.history["rounds"][0]["loss_curve"]) for t in tuned.values()]
+    curves = [np.asarray(t.history.rounds[0].loss_curve) for t in tuned.values()]
     figures.append(Figure("finetuning", "loss curves (cpu / other)",
                           " / ".join(", ".join(f"{v:.4f}" for v in c) for c in curves), None, None))
     figures.append(at_most("finetuning", "loss curve max relative difference",

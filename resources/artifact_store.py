@@ -5,23 +5,14 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
 from pydantic import Field, PrivateAttr
 
 from vcn.stores.files import atomic_path
-from vcn.stores.objectstore import S3Objects, is_s3_uri, split_s3_uri
-from vcn_assets import artifacts
-
-
-def s3_client(endpoint_url: str | None = None, region: str | None = None):
-    """A boto3 S3 client through dagster-aws; None fields come from the standard AWS environment
-    (``AWS_ENDPOINT_URL``, ``AWS_REGION``, credentials from the environment, a profile or an instance role)."""
-    from dagster_aws.s3 import S3Resource
-
-    return S3Resource(endpoint_url=endpoint_url, region_name=region).get_client()
+from vcn.stores.objectstore import S3Objects, is_s3_uri, s3_client, split_s3_uri
 
 
 class ArtifactStore(dg.ConfigurableResource):
@@ -148,53 +139,25 @@ class ArtifactStore(dg.ConfigurableResource):
         """A JSON artifact of a movie, or None when there is none."""
         return self._read_json(_movie_key(movie_id, name), self.path(movie_id, name))
 
-    # --- movies and their sources -------------------------------------------------------
+    # --- listing and other objects ------------------------------------------------------
 
-    def register_movie(self, movie_id: str, source: str, stamp: dict | None = None) -> None:
-        """Records which video (a local path or an s3:// URI) a movie partition stands for, and what identified
-        its content then (``stamp``: size and mtime, or ETag), so a changed video is noticed."""
-        record = {"movie_id": movie_id, "source": str(source)} | ({"stamp": stamp} if stamp is not None else {})
-        with self.writing(movie_id, artifacts.MOVIE_RECORD) as tmp:
-            tmp.write_text(json.dumps(record, indent=2))
-
-    def movie_source(self, movie_id: str) -> str:
-        """The video registered for ``movie_id``: a local path or an s3:// URI."""
-        record = self.read_json(movie_id, artifacts.MOVIE_RECORD)
-        if record is None:
-            raise FileNotFoundError(
-                f"movie {movie_id!r} is not registered (no {self.uri(movie_id, artifacts.MOVIE_RECORD)}); "
-                "add it with `vcn process VIDEO` or the inbox"
-            )
-        return record["source"]
-
-    def local_source(self, movie_id: str) -> str:
-        """A local file of the movie's video: the registered path, or its S3 object downloaded once into the cache."""
-        source = self.movie_source(movie_id)
-        return str(self.fetch_source(movie_id, source)) if is_s3_uri(source) else source
-
-    def fetch_source(self, movie_id: str, uri: str) -> Path:
-        """The S3 video ``uri`` of a movie as a local file in the cache, downloaded only when it changed."""
-        bucket, key = split_s3_uri(uri)
-        same_bucket = self.remote is not None and self.remote.bucket == bucket
-        objects = S3Objects(self.remote.client if same_bucket else s3_client(self.s3_endpoint_url, self.s3_region), bucket)
-        path = _synced(objects, key, Path(self.base_dir) / "sources" / movie_id / PurePosixPath(key).name)
-        if path is None:
-            raise FileNotFoundError(f"{uri}: no such video in S3 (movie {movie_id!r})")
-        return path
-
-    def registered_sources(self) -> dict[str, str]:
-        """Video source of every registered movie, by movie id."""
-        out = {}
+    def movie_ids(self) -> list[str]:
+        """Every movie with a folder in the store, sorted."""
         if self.remote:
-            for movie_id in sorted(self.remote.folders("movies")):
-                record = self.read_json(movie_id, artifacts.MOVIE_RECORD)
-                if record is not None:
-                    out[record["movie_id"]] = record["source"]
-            return out
-        for meta in sorted((Path(self.base_dir) / "movies").glob("*/movie.json")):
-            record = json.loads(meta.read_text())
-            out[record["movie_id"]] = record["source"]
-        return out
+            return sorted(self.remote.folders("movies"))
+        root = Path(self.base_dir) / "movies"
+        return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+    def s3_objects(self, bucket: str, prefix: str = "") -> S3Objects:
+        """Objects under ``s3://bucket/prefix`` (an inbox, a video), reached with this store's S3 client and settings."""
+        client = self.remote.client if self.remote is not None else s3_client(self.s3_endpoint_url, self.s3_region)
+        return S3Objects(client, bucket, prefix)
+
+    def cached_copy(self, uri: str, local: Path) -> Path | None:
+        """``local`` holding the current content of the S3 object ``uri`` (downloaded only when it changed), or
+        None when there is no such object."""
+        bucket, key = split_s3_uri(uri)
+        return _synced(self.s3_objects(bucket), key, local)
 
     # --- internals ----------------------------------------------------------------------
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from resources.artifact_store import s3_client
-from vcn.stores.objectstore import S3Objects, is_s3_uri, split_s3_uri
+from vcn.stores.objectstore import S3Objects, is_s3_uri, s3_client, split_s3_uri
 
 
 class BackboneResource(dg.ConfigurableResource):
@@ -30,7 +29,9 @@ class BackboneResource(dg.ConfigurableResource):
     registry: str | None = Field(
         default=None, description="The model registry's record of the current base model (base_model.json; a path or s3:// URI)."
     )
-    s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint of an s3:// registry; None: AWS_ENDPOINT_URL or AWS.")
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint of an s3:// registry or checkpoint; None: AWS_ENDPOINT_URL or AWS."
+    )
     s3_region: str | None = Field(default=None, description="S3 region; None: AWS_REGION / AWS_DEFAULT_REGION.")
     device: str | None = Field(default=None, description="'cpu', 'cuda' or None to use CUDA when present.")
     batch_size: int = Field(default=256, description="Crops per forward pass.")
@@ -50,13 +51,19 @@ class BackboneResource(dg.ConfigurableResource):
             return None
         if is_s3_uri(self.registry):
             bucket, key = split_s3_uri(self.registry)
-            data = S3Objects(s3_client(self.s3_endpoint_url, self.s3_region), bucket).get_bytes(key)
+            data = S3Objects(self._s3(), bucket).get_bytes(key)
             return None if data is None else json.loads(data)
         path = Path(self.registry)
         return json.loads(path.read_text()) if path.is_file() else None
 
     def load(self):
+        """The chosen backbone (:func:`vcn.identity.backbone.load_backbone`), an S3 checkpoint read with this
+        resource's S3 settings."""
         from vcn.identity.backbone import load_backbone
 
         name, checkpoint = self.choice()
-        return load_backbone(name, checkpoint=checkpoint, device=self.device)
+        s3 = self._s3() if is_s3_uri(checkpoint) else None
+        return load_backbone(name, checkpoint=checkpoint, device=self.device, s3=s3)
+
+    def _s3(self):
+        return s3_client(self.s3_endpoint_url, self.s3_region)

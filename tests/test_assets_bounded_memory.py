@@ -1,6 +1,6 @@
 """The assets' bounded crop samples on the Hamilton clip through `vcn process`: finetuning records
-how many crops it used, and the loss-metric clustering gives the clustering of all crops under
-its cap and still clusters every track above it."""
+how many crops it used, and the loss-metric clustering (its logits kept by track_embeddings) gives
+the clustering of all crops under its cap and still clusters every track above it."""
 
 from __future__ import annotations
 
@@ -31,20 +31,23 @@ def _movie(home, name: str):
     return home / "artifacts" / "movies" / "hamilton" / name
 
 
-def _recluster(**config):
+def _recluster(similarity: str = "cosine"):
+    """Re-embeds and re-clusters hamilton by ``similarity``, as the recluster job does (the two assets share it)."""
     import dagster as dg
 
+    from resources import ClusteringResource
     from vcn_assets.assets.clusters import face_clusters
+    from vcn_assets.assets.models import track_embeddings
     from vcn_assets.definitions import build_resources
     from vcn_assets.settings import Settings
 
+    resources = {**build_resources(Settings.from_env()), "clustering": ClusteringResource(similarity=similarity)}
     with dg.DagsterInstance.get() as instance:
         result = dg.materialize(
-            [face_clusters], partition_key="hamilton", instance=instance, resources=build_resources(Settings.from_env()),
-            run_config={"ops": {"face_clusters": {"config": config}}},
+            [track_embeddings, face_clusters], partition_key="hamilton", instance=instance, resources=resources
         )
     assert result.success
-    (event,) = result.get_asset_materialization_events()
+    (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == "face_clusters"]
     return pl.read_parquet(_movie(Settings.from_env().home, "face_clusters.parquet")).sort("track_id"), event
 
 

@@ -22,13 +22,8 @@ import torch
 from safetensors.torch import save_file
 
 import vcn
-from vcn.identity.backbone import (
-    KNOWN_BACKBONES,
-    Backbone,
-    CheckpointError,
-    CheckpointNotFoundError,
-    load_backbone,
-)
+from vcn.identity.backbone import KNOWN_BACKBONES, Backbone, load_backbone
+from vcn.identity.checkpoints import CheckpointError, CheckpointNotFoundError
 from vcn.identity.models.dlib_resnet import DlibResNet, load_dlib_resnet
 from vcn.identity.models.iresnet import LAYERS, create_iresnet
 

@@ -15,8 +15,9 @@ import pytest
 
 from tests.conftest import HAMILTON
 from vcn.stores.warehouse import Warehouse
+from vcn_assets.artifacts import MOVIE_ASSET_NAMES, MOVIE_ASSETS
 from vcn_assets.cli import main
-from vcn_assets.resume import PIPELINE, ResumePlan
+from vcn_assets.resume import ResumePlan
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ def _materialisations(movie: str) -> dict[str, int]:
                     dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=[movie]), limit=10
                 ).records
             )
-            for name, _ in PIPELINE
+            for name in MOVIE_ASSET_NAMES
         }
 
 
@@ -73,7 +74,7 @@ def test_a_killed_run_resumes_from_its_last_completed_asset(tmp_path, monkeypatc
     monkeypatch.setenv("VCN_HOME", str(home))
     monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
     before = _materialisations("h")
-    done = [name for name, _ in PIPELINE if before[name]]
+    done = [name for name in MOVIE_ASSET_NAMES if before[name]]
     assert done[:3] == ["shots", "frames", "face_detections"] and "face_clusters" not in done
 
     assert main(["process", str(video), "--movie-id", "h"]) == 0
@@ -81,7 +82,7 @@ def test_a_killed_run_resumes_from_its_last_completed_asset(tmp_path, monkeypatc
     assert "was interrupted (its process is gone): marked as failed" in out
     assert f"kept (current): {', '.join(done)}; resuming at " in out
     # Every asset materialised exactly once over both runs: nothing finished was redone.
-    assert _materialisations("h") == {name: 1 for name, _ in PIPELINE}
+    assert _materialisations("h") == {name: 1 for name in MOVIE_ASSET_NAMES}
     _visible_files_are_complete(movie_dir)
     with dg.DagsterInstance.get() as instance:
         statuses = sorted(r.status.value for r in instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": "h"})))
@@ -90,11 +91,11 @@ def test_a_killed_run_resumes_from_its_last_completed_asset(tmp_path, monkeypatc
     # A third call has nothing to do; after the video changed, everything is processed again.
     assert main(["process", str(video), "--movie-id", "h"]) == 0
     assert "every asset of the movie is current" in capsys.readouterr().out
-    assert _materialisations("h") == {name: 1 for name, _ in PIPELINE}
+    assert _materialisations("h") == {name: 1 for name in MOVIE_ASSET_NAMES}
     os.utime(video, ns=(time.time_ns(), time.time_ns() + 10**9))  # re-encoded in place, say
     assert main(["process", str(video), "--movie-id", "h"]) == 0
     assert "kept (current)" not in capsys.readouterr().out
-    assert _materialisations("h") == {name: 2 for name, _ in PIPELINE}
+    assert _materialisations("h") == {name: 2 for name in MOVIE_ASSET_NAMES}
 
 
 def test_resume_plans(tmp_path):
@@ -102,14 +103,14 @@ def test_resume_plans(tmp_path):
     from resources import ArtifactStore
     from vcn_assets.resume import plan
 
-    names = [name for name, _ in PIPELINE]
+    names = list(MOVIE_ASSET_NAMES)
     store = ArtifactStore(base_dir=str(tmp_path))
 
     def materialised(instance, asset, code="1", partition="m"):
         instance.report_runless_asset_event(
             dg.AssetMaterialization(asset_key=asset, partition=partition, tags={"dagster/code_version": code})
         )
-        artifact = dict(PIPELINE).get(asset)
+        artifact = {a.name: a.artifact for a in MOVIE_ASSETS}.get(asset)
         if artifact:
             with store.writing(partition, artifact) as tmp:
                 tmp.write_bytes(b"x")

@@ -1,11 +1,18 @@
-"""Stable cluster ids across re-clusterings of one movie."""
+"""Stable cluster ids across re-clusterings of one movie, and analysts' edits on top of them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from vcn.clustering.identities import UNKNOWN, stable_cluster_ids
+from vcn.clustering.identities import (
+    UNKNOWN,
+    Edit,
+    add_edit,
+    apply_edits,
+    cluster_table,
+    stable_cluster_ids,
+)
 
 
 def test_first_clustering_numbers_clusters_by_size():
@@ -55,8 +62,6 @@ def test_lengths_must_agree():
 
 # --- analysts' edits ---------------------------------------------------------------
 
-from vcn.clustering.identities import Edit, apply_edits  # noqa: E402
-
 TRACKS = np.array([10, 11, 12, 13, 14, 15])
 LABELS = np.array([0, 0, 1, 1, 2, UNKNOWN])
 
@@ -93,3 +98,27 @@ def test_edits_apply_in_order_and_names_of_vanished_clusters_drop():
     labels, names, _ = apply_edits(TRACKS, LABELS, edits)
     assert labels.tolist() == [0, 0, 1, 1, 2, UNKNOWN]  # merged into 1, then split out again as 2 (max + 1)
     assert names == {1: "Cy"}  # the name followed the merge
+
+
+def test_an_edit_is_checked_and_its_tracks_are_plain_ints():
+    assert Edit("merge", np.array([3, 4])).tracks == (3, 4)
+    with pytest.raises(ValueError, match="unknown edit action 'rename'"):
+        Edit("rename", (1,), "Ann")
+    with pytest.raises(ValueError, match="needs a non-empty name"):
+        Edit("name", (1,), " ")
+
+
+def test_a_new_edit_must_apply_but_earlier_ones_are_only_reported():
+    earlier = [Edit("name", (15,), "X")]  # Unknown track: no longer applies
+    labels, names, skipped = add_edit(TRACKS, LABELS, earlier, Edit("merge", (10, 12)))
+    assert labels.tolist() == [0, 0, 0, 0, 2, UNKNOWN] and names == {}
+    assert len(skipped) == 1 and "none of them is clustered" in skipped[0]
+    with pytest.raises(ValueError, match="edit not applied: merge of clusters .* on screen together"):
+        add_edit(TRACKS, LABELS, earlier, Edit("merge", (10, 12)), cannot_link=np.array([[1, 3]]))
+    with pytest.raises(ValueError, match=r"no tracks \[99\] in the clustering"):
+        add_edit(TRACKS, LABELS, [], Edit("split", (10, 99)))
+
+
+def test_cluster_table_writes_unknown_and_unnamed_as_null():
+    table = cluster_table(TRACKS, LABELS, {1: "Bo"})
+    assert table.rows() == [(10, 0, None), (11, 0, None), (12, 1, "Bo"), (13, 1, "Bo"), (14, 2, None), (15, None, None)]

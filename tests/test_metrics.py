@@ -21,8 +21,6 @@ from vcn.clustering.metrics import (
     evaluate,
     evaluate_files,
     format_table,
-    read_assignments,
-    read_labels,
 )
 
 
@@ -250,24 +248,24 @@ def test_labelled_track_without_prediction_lists_ids_and_count():
 # --------------------------------------------------------------------------- CSV input
 
 
-def test_read_files_keep_strings_and_map_empty_cluster_to_unknown(tmp_path):
+def test_files_keep_strings_and_an_empty_cluster_is_unknown(tmp_path):
     labels = _write(tmp_path / "labels.csv", "track_id,identity,note\n007,Alice,x\n10,Bob,\n\n")
     pred = _write(tmp_path / "pred.csv", "cluster,track_id\n01,007\n,10\n 2 ,99\n")
-    assert read_labels(labels) == {"007": "Alice", "10": "Bob"}
-    assert read_assignments(pred) == {"007": "01", "10": None, "99": "2"}
     s = evaluate_files(labels, pred)
     assert (s.n_tracks, s.n_unknown, s.n_unlabelled_predictions) == (2, 1, 1)
 
 
 def test_missing_file_names_the_file(tmp_path):
-    with pytest.raises(MetricsInputError, match="nope.csv: no such file"):
-        read_labels(tmp_path / "nope.csv")
+    pred = _write(tmp_path / "pred.csv", "track_id,cluster\nt1,1\n")
+    with pytest.raises(MetricsInputError, match="nope.csv: file not found"):
+        evaluate_files(tmp_path / "nope.csv", pred)
 
 
 def test_missing_column_names_file_line_and_found_columns(tmp_path):
+    labels = _write(tmp_path / "labels.csv", "track_id,identity\nt1,A\n")
     path = _write(tmp_path / "pred.csv", "track,cluster\nt1,1\n")
     with pytest.raises(MetricsInputError) as info:
-        read_assignments(path)
+        evaluate_files(labels, path)
     message = str(info.value)
     assert f"{path} line 1" in message
     assert "track_id" in message and "found columns: track, cluster" in message
@@ -276,22 +274,23 @@ def test_missing_column_names_file_line_and_found_columns(tmp_path):
 def test_duplicate_track_id_names_both_lines(tmp_path):
     path = _write(tmp_path / "labels.csv", "track_id,identity\nt1,A\nt2,B\nt1,C\n")
     with pytest.raises(MetricsInputError, match=r"labels\.csv line 4: duplicate track_id 't1' \(first on line 2\)"):
-        read_labels(path)
+        evaluate_files(path, path)
 
 
 def test_empty_track_id_and_empty_identity_are_errors(tmp_path):
     path = _write(tmp_path / "labels.csv", "track_id,identity\nt1,A\n,B\n")
     with pytest.raises(MetricsInputError, match=r"labels\.csv line 3: empty track_id"):
-        read_labels(path)
+        evaluate_files(path, path)
     path = _write(tmp_path / "labels.csv", "track_id,identity\nt1,A\nt2,\n")
     with pytest.raises(MetricsInputError, match=r"labels\.csv line 3: empty identity"):
-        read_labels(path)
+        evaluate_files(path, path)
 
 
 def test_short_row_is_an_error(tmp_path):
+    labels = _write(tmp_path / "labels.csv", "track_id,identity\nt1,A\n")
     path = _write(tmp_path / "pred.csv", "track_id,cluster\nt1,1\nt2\n")
-    with pytest.raises(MetricsInputError, match=r"pred\.csv line 3: row has 1 field"):
-        read_assignments(path)
+    with pytest.raises(MetricsInputError, match=r"pred\.csv line 3: expected 2 fields, got 1"):
+        evaluate_files(labels, path)
 
 
 def test_labelled_track_without_prediction_row_names_files_and_lines(tmp_path):

@@ -1,7 +1,7 @@
 """Artifacts and the inbox in S3, against a local S3 server (moto in server mode on 127.0.0.1).
 
 The servers are real processes speaking the S3 HTTP API; the platform reaches
-them through dagster-aws and boto3 exactly as it reaches AWS, with only
+them through boto3 exactly as it reaches AWS, with only
 ``AWS_ENDPOINT_URL`` pointing elsewhere.
 """
 
@@ -19,7 +19,7 @@ import dagster as dg
 import polars as pl
 import pytest
 
-from resources import ArtifactStore
+from resources import ArtifactStore, MovieRegistry
 from tests.conftest import HAMILTON
 from vcn.stores.objectstore import StorageError
 from vcn.stores.warehouse import Warehouse
@@ -128,9 +128,14 @@ def test_model_store_registry_and_movie_sources_in_s3(s3, tmp_path):
     store.write_model_json("base_model.json", {"name": "dlib-resnet", "version": "v1"})
     assert store.read_model_json("base_model.json")["version"] == "v1"
     assert _store(tmp_path / "other").read_model_json("base_model.json")["version"] == "v1"
-    store.register_movie("a", "/videos/a.mp4")
-    store.register_movie("b", f"s3://{BUCKET}/inbox/b.mp4")
-    assert _store(tmp_path / "other").registered_sources() == {"a": "/videos/a.mp4", "b": f"s3://{BUCKET}/inbox/b.mp4"}
+    s3.put_object(Bucket=BUCKET, Key="inbox/b.mp4", Body=b"b")
+    video = tmp_path / "a.mp4"
+    video.write_bytes(b"a")
+    MovieRegistry(store).register("a", str(video))
+    MovieRegistry(store).register("b", f"s3://{BUCKET}/inbox/b.mp4")
+    other = MovieRegistry(_store(tmp_path / "other"))
+    assert other.sources() == {"a": str(video), "b": f"s3://{BUCKET}/inbox/b.mp4"}
+    assert other.record("b").stamp == {"etag": s3.head_object(Bucket=BUCKET, Key="inbox/b.mp4")["ETag"].strip('"')}
 
     from resources import BackboneResource
 
@@ -181,8 +186,10 @@ def test_inbox_sensor_on_an_s3_prefix(s3, tmp_path, monkeypatch):
         (request,) = result.dynamic_partitions_requests
         assert list(request.partition_keys) == ["hamilton-white-house"]
         uri = f"s3://{BUCKET}/inbox/Hamilton, White House.mp4"
-        assert store.movie_source("hamilton-white-house") == uri
-        local = Path(store.local_source("hamilton-white-house"))
+        registry = MovieRegistry(store)
+        assert registry.record("hamilton-white-house").stamp == registry.stamp(uri)  # what `vcn process` records
+        assert registry.source("hamilton-white-house") == uri
+        local = Path(registry.local_source("hamilton-white-house"))
         assert local.read_bytes() == HAMILTON.read_bytes()
         again = inbox_sensor(dg.build_sensor_context(instance=instance, resources={"store": store}))
         assert isinstance(again, dg.SkipReason)
@@ -195,7 +202,7 @@ def test_an_s3_object_that_is_not_a_video_fails_its_run_clearly_and_writes_nothi
     monkeypatch.setenv("VCN_HOME", str(tmp_path / "home"))
     s3.put_object(Bucket=BUCKET, Key="inbox/broken.mp4", Body=os.urandom(50_000))
     store = _store(tmp_path / "cache")
-    store.register_movie("broken", f"s3://{BUCKET}/inbox/broken.mp4")
+    MovieRegistry(store).register("broken", f"s3://{BUCKET}/inbox/broken.mp4")
     warehouse = WarehouseResource(path=str(tmp_path / "wh.duckdb"))
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("movies", ["broken"])
@@ -238,8 +245,8 @@ def test_vcn_process_with_every_artifact_in_s3(s3, tmp_path, monkeypatch, capsys
         "track_embeddings.parquet", "face_clusters.parquet", "clusters_report/report.html", "clusters_report/contact_sheet.png",
     ):
         assert movie + name in keys, name
-    assert "vcn/identity/models/base_model.json" in keys
-    assert any(k.startswith("vcn/identity/models/finetuned/hamilton/") and k.endswith(".safetensors") for k in keys)
+    assert "vcn/models/base_model.json" in keys
+    assert any(k.startswith("vcn/models/finetuned/hamilton/") and k.endswith(".safetensors") for k in keys)
     thumbnails = {k for k in keys if k.startswith(movie + "thumbnails/")}
     assert thumbnails
 

@@ -223,7 +223,8 @@ def test_finetune_movie_reports_what_it_did(finetuned, backbone):
     assert finetuned.version.startswith(backbone.version + "-ft-") and len(finetuned.version.split("-ft-")[1]) == 12
     assert finetuned.backbone.version == finetuned.version and finetuned.backbone.module is not backbone.module
     assert finetuned.mode == "cpu-budget" and finetuned.settings["train"]["view_bank"] == 2
-    assert 1 <= len(finetuned.history["rounds"]) <= 2 and finetuned.history["pairs_per_second"] > 0
+    assert 1 <= len(finetuned.history.rounds) <= 2 and finetuned.history.pairs_per_second > 0
+    assert finetuned.history.loss_curve == [v for r in finetuned.history.rounds for v in r.loss_curve]
     assert isinstance(finetuned.collapse, CollapseStats) and finetuned.collapse.ln_k == pytest.approx(math.log(128))
     assert finetuned.center.shape == (128,)
 

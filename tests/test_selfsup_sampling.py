@@ -1,5 +1,5 @@
 """Tests of the bounded crop samples: finetuning's (spread_crops, read_kept_chips of a subset,
-adapt's max_crops) and the loss metric's (loss_metric_sample, chunked factors).
+adapt's max_crops) and the loss metric's (loss_metric_rows and sample_quality, chunked factors).
 
 spread_crops is checked against a naive reference written independently (try every
 per-track cap from the largest down); the asset paths are checked to give the same
@@ -21,7 +21,11 @@ from vcn.identity.embeddings import read_kept_chips, read_kept_crops
 from vcn.identity.quality import track_quality
 from vcn.identity.selfsup.adapt import MAX_CROPS, AdaptConfig, adapt
 from vcn.identity.selfsup.loss import student_log_probs, teacher_targets
-from vcn.identity.selfsup.loss_metric import LossDissimilarity, loss_metric_sample
+from vcn.identity.selfsup.loss_metric import (
+    LossDissimilarity,
+    loss_metric_rows,
+    sample_quality,
+)
 from vcn.identity.selfsup.sampling import spread_crops
 from vcn.identity.selfsup.trainer import TrainConfig
 
@@ -186,23 +190,25 @@ def test_chunked_factors_are_the_whole_array_factors():
         LossDissimilarity(center, 0.1, 0.04).factors(bad)
 
 
-def test_loss_metric_sample_under_the_cap_is_every_crop():
+def test_loss_metric_rows_under_the_cap_are_every_crop():
     tracks = np.repeat(np.arange(5), 4)
     quality = np.linspace(0, 1, 20)
-    rows, kept_quality = loss_metric_sample(tracks, quality, max_crops=20)
+    rows = loss_metric_rows(tracks, max_crops=20)
+    kept_quality = sample_quality(quality, tracks, rows)
     assert np.array_equal(rows, np.arange(20)) and kept_quality is quality
 
 
-def test_loss_metric_sample_keeps_every_track_and_its_quality():
+def test_loss_metric_rows_keep_every_track_and_its_quality():
     rng = np.random.default_rng(5)
     tracks = np.repeat(np.arange(8), [30, 1, 2, 17, 5, 40, 3, 2])
     quality = rng.uniform(0, 1, len(tracks))
-    rows, kept_quality = loss_metric_sample(tracks, quality, max_crops=24)
+    rows = loss_metric_rows(tracks, max_crops=24)
+    kept_quality = sample_quality(quality, tracks, rows)
     assert len(rows) <= 24 and set(tracks[rows].tolist()) == set(range(8))
     np.testing.assert_allclose(track_quality(kept_quality, tracks[rows], 8), track_quality(quality, tracks, 8),
                                rtol=1e-15)
     # More tracks than the cap: one crop per track, none left out of the clustering.
-    rows, _ = loss_metric_sample(tracks, None, max_crops=3)
+    rows = loss_metric_rows(tracks, max_crops=3)
     assert np.bincount(tracks[rows]).tolist() == [1] * 8
 
 
@@ -214,11 +220,13 @@ def test_clustering_on_the_loss_metric_sample_is_unchanged_under_the_cap():
     quality = rng.uniform(0.5, 1, len(tracks))
     metric = LossDissimilarity(np.zeros(32), 0.1, 0.04)
     before = cluster_movie(logits, tracks, 9, crop_quality=quality, dissimilarity=metric)
-    rows, kept_quality = loss_metric_sample(tracks, quality)
+    rows = loss_metric_rows(tracks)
+    kept_quality = sample_quality(quality, tracks, rows)
     after = cluster_movie(logits[rows], tracks[rows], 9, crop_quality=kept_quality, dissimilarity=metric)
     assert np.array_equal(before.labels, after.labels) and before.n_clusters == after.n_clusters
     # Above the cap, the same people come out of 2 crops per track.
-    rows, kept_quality = loss_metric_sample(tracks, quality, max_crops=18)
+    rows = loss_metric_rows(tracks, max_crops=18)
+    kept_quality = sample_quality(quality, tracks, rows)
     capped = cluster_movie(logits[rows], tracks[rows], 9, crop_quality=kept_quality, dissimilarity=metric)
     assert len(rows) == 18 and np.array_equal(capped.low_quality, before.low_quality)
     assert np.array_equal(capped.labels, before.labels)

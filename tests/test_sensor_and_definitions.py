@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from resources import ArtifactStore
+from resources import ArtifactStore, MovieRecord, MovieRegistry
 from tests.conftest import HAMILTON, REPO
 from vcn_assets.partitions import movie_slug, validate_movie_id
 from vcn_assets.sensors import inbox_sensor, new_inbox_videos
@@ -55,10 +55,60 @@ def test_inbox_sensor_adds_partitions_and_run_requests(tmp_path, monkeypatch):
         assert [r.partition_key for r in result.run_requests] == ["hamilton-white-house"]
         (request,) = result.dynamic_partitions_requests
         assert request.partitions_def_name == "movies" and list(request.partition_keys) == ["hamilton-white-house"]
-        assert store.movie_source("hamilton-white-house") == str((inbox / "Hamilton, White House.mp4").resolve())
+        video = str((inbox / "Hamilton, White House.mp4").resolve())
+        # The record `vcn process` writes, stamp included.
+        registry = MovieRegistry(store)
+        assert registry.record("hamilton-white-house") == MovieRecord("hamilton-white-house", video, registry.stamp(video))
         # A second tick finds nothing new.
         again = inbox_sensor(dg.build_sensor_context(instance=instance, resources={"store": store}))
         assert isinstance(again, dg.SkipReason)
+
+
+@pytest.mark.slow
+def test_reprocessing_an_unchanged_inbox_movie_redoes_nothing(tmp_path, monkeypatch, capsys):
+    """The sensor registers a movie as `vcn process` does, so `vcn process` of the same file keeps its run's work."""
+    from vcn_assets.artifacts import MOVIE_ASSET_NAMES
+    from vcn_assets.assets.models import base_model
+    from vcn_assets.cli import main
+    from vcn_assets.definitions import build_definitions
+    from vcn_assets.settings import Settings
+
+    home = tmp_path / "home"
+    (home / "inbox").mkdir(parents=True)
+    video = home / "inbox" / "hamilton.mp4"
+    shutil.copy(HAMILTON, video)
+    monkeypatch.setenv("VCN_HOME", str(home))
+    for variable in ("DAGSTER_HOME", "VCN_INBOX", "VCN_STORAGE"):
+        monkeypatch.delenv(variable, raising=False)
+    defs = build_definitions(Settings.from_env().prepare())
+
+    def materialisations(instance: dg.DagsterInstance) -> dict[str, int]:
+        return {
+            name: len(instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(name), asset_partitions=["hamilton"]), limit=10
+            ).records)
+            for name in MOVIE_ASSET_NAMES
+        }
+
+    with dg.DagsterInstance.get() as instance:
+        assert dg.materialize([base_model], instance=instance, resources=defs.resources).success
+        tick = inbox_sensor(dg.build_sensor_context(instance=instance, resources=defs.resources))
+        (request,) = tick.run_requests
+        assert request.partition_key == "hamilton"
+        instance.add_dynamic_partitions("movies", ["hamilton"])
+        # The run the daemon launches for the request.
+        run = defs.resolve_job_def("process_movie").execute_in_process(
+            instance=instance, partition_key=request.partition_key, tags=request.tags
+        )
+        assert run.success
+        assert materialisations(instance) == {name: 1 for name in MOVIE_ASSET_NAMES}
+
+    assert main(["process", str(video)]) == 0
+    out = capsys.readouterr().out
+    assert f"kept (current): {', '.join(MOVIE_ASSET_NAMES)}" in out and "every asset of the movie is current" in out
+    assert f"(run {run.run_id})" in out  # the summary of the sensor-launched run
+    with dg.DagsterInstance.get() as instance:
+        assert materialisations(instance) == {name: 1 for name in MOVIE_ASSET_NAMES}
 
 
 def test_definitions_load_with_every_asset_and_check():

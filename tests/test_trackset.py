@@ -19,15 +19,18 @@ import polars as pl
 import pytest
 
 from tests.conftest import HAMILTON, shared_path
-from vcn.clustering.cannot_link import on_screen_together
+from vcn.clustering.cannot_link import on_screen_together, positions_on_screen_together
 from vcn.errors import VcnError
 from vcn.faces.align import estimate_similarity, get_template, landmarks_after_alignment
 from vcn.faces.detection.base import Detections
 from vcn.faces.detection.retinaface import RetinaFaceDetector
 from vcn.faces.loose_crops import AlignedCrops, align_loose_crops
 from vcn.formats.trackset import (
+    Labels,
     TrackProblem,
     TracksetError,
+    read_labels,
+    read_predictions,
     read_trackset,
     read_trackset_labels,
     write_predictions,
@@ -114,6 +117,18 @@ def test_labels_read_separately(valid):
     _write_csv(valid / "labels.csv", "track_id,identity", ["007,alice", "007,bob"])
     with pytest.raises(TracksetError, match=r"labels\.csv, line 3: duplicate track_id '007' \(first on line 2\)"):
         read_trackset_labels(valid)
+
+
+def test_labels_and_predictions_read_as_written(tmp_path):
+    labels = tmp_path / "truth.csv"
+    labels.write_text("track_id,identity,note\n007,Alice,x\n\n10,Bob,\n", encoding="utf-8")
+    assert read_labels(labels) == Labels({"007": "Alice", "10": "Bob"}, {"007": 2, "10": 4})
+    pred = tmp_path / "pred.csv"
+    write_predictions(pred, ["007", "10", "99"], ["01", None, 2])
+    assert read_predictions(pred) == {"007": "01", "10": None, "99": "2"}
+    pred.write_text("track_id,cluster\n007,1\n007,2\n", encoding="utf-8")
+    with pytest.raises(TracksetError, match=r"pred\.csv, line 3: duplicate track_id '007' \(first on line 2\)"):
+        read_predictions(pred)
 
 
 def test_header_only_crops_leaves_every_track_without_crops(valid):
@@ -282,6 +297,15 @@ def test_on_screen_together_by_hand():
     assert on_screen_together(tracks).tolist() == [[0, 2], [0, 5], [1, 5]]
     assert on_screen_together(tracks).dtype == np.int64
     assert on_screen_together(tracks[:1]).shape == (0, 2)
+
+
+def test_pairs_on_screen_together_as_positions_in_another_order():
+    tracks = pl.DataFrame(
+        {"track_id": [5, 6, 7, 8], "shot_id": ["s", "s", "s", "t"], "start_frame": [0, 5, 50, 0], "end_frame": [10, 9, 60, 10]}
+    )
+    # Tracks 5 and 6 overlap; 9 is not in `tracks`, 7 and 8 overlap nothing of their shot.
+    assert positions_on_screen_together(tracks, np.array([9, 6, 8, 5])).tolist() == [[3, 1]]
+    assert positions_on_screen_together(tracks, np.array([6, 7])).shape == (0, 2)
 
 
 def test_on_screen_together_matches_a_naive_reference():

@@ -79,12 +79,13 @@ def ui(tmp_path_factory):
 _REGISTER = """
 import sys
 import dagster as dg
+from resources import MovieRegistry
 from vcn_assets.definitions import build_resources
 from vcn_assets.settings import Settings
 settings = Settings.from_env().prepare()
-store = build_resources(settings)["store"]
+registry = MovieRegistry(build_resources(settings)["store"])
 for movie in sys.argv[2:]:
-    store.register_movie(movie, sys.argv[1])
+    registry.register(movie, sys.argv[1])
 with dg.DagsterInstance.get() as instance:
     instance.add_dynamic_partitions("movies", sys.argv[2:])
 """

@@ -210,3 +210,27 @@ def test_readers_run_while_another_process_writes(tmp_path):
     assert writer.exitcode == 0
     assert seen and min(seen) >= 3 and seen == sorted(seen)  # every read saw a committed state, never less
     assert wh.query("SELECT count(*) FROM tracks WHERE movie_id = 'm-new'").item() == 40
+
+
+def test_an_analyst_edit_is_recorded_and_applied_to_the_latest_clustering(tmp_path):
+    wh = Warehouse(str(tmp_path / "w.duckdb"))
+    with pytest.raises(ValueError, match="no clustering to edit"):
+        wh.add_cluster_edit("a", "merge", [0, 1])
+    tracks = _tracks(4).with_columns(pl.Series("end_frame", [9, 25, 29, 39]))  # tracks 1 and 2 overlap
+    wh.replace_movie_rows("tracks", "a", tracks)
+    wh.replace_movie_rows("face_clusters", "a", _clusters([0, 1, 2, None], "r1", 0), model_version="v1")
+
+    def state():
+        return wh.query("SELECT track_id, cluster, name FROM face_clusters ORDER BY track_id").rows()
+
+    assert wh.add_cluster_edit("a", "merge", [0, 1], note="same man") == []
+    assert wh.add_cluster_edit("a", "name", [1], "Ann") == []
+    assert state() == [(0, 0, "Ann"), (1, 0, "Ann"), (2, 2, None), (3, None, None)]
+    with pytest.raises(ValueError, match="on screen together"):
+        wh.add_cluster_edit("a", "merge", [1, 2])
+    with pytest.raises(ValueError, match=r"no tracks \[7\]"):
+        wh.add_cluster_edit("a", "split", [7])
+    with pytest.raises(ValueError, match="unknown edit action"):
+        wh.add_cluster_edit("a", "rename", [1], "Bo")
+    assert [(e.action, e.tracks, e.name) for e in wh.cluster_edits("a")] == [("merge", (0, 1), None), ("name", (1,), "Ann")]
+    assert state() == [(0, 0, "Ann"), (1, 0, "Ann"), (2, 2, None), (3, None, None)]

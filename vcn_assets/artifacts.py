@@ -30,6 +30,9 @@ CROP_EMBEDDINGS = "crop_embeddings.parquet"
 #: Row ``i`` is the embedding of row ``i`` of :data:`CROP_EMBEDDINGS`.
 CROP_EMBEDDING_MATRIX = "crop_embeddings.npy"
 TRACK_EMBEDDINGS = "track_embeddings.parquet"
+#: Head logits of a bounded sample of the kept crops and the finetuned loss metric
+#: (:class:`vcn.identity.selfsup.loss_metric.LossSample`); only when clustering by the loss.
+LOSS_SAMPLE = "loss_sample.npz"
 FACE_CLUSTERS = "face_clusters.parquet"
 #: Folder of the cluster report (contact sheet, embedding plot, HTML page).
 CLUSTER_REPORT = "clusters_report"

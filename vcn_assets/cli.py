@@ -152,34 +152,34 @@ def _process(args: argparse.Namespace) -> int:
 
     import dagster as dg
 
+    from resources import MovieRegistry
     from vcn.stores.warehouse import Warehouse
-    from vcn_assets.assets.clusters import face_clusters
-    from vcn_assets.assets.models import base_model, finetuned_model, track_embeddings
-    from vcn_assets.assets.preprocess import preprocess_assets
+    from vcn_assets.assets.models import base_model
     from vcn_assets.assets.recording import CODE_VERSION
-    from vcn_assets.checks import checks
-    from vcn_assets.definitions import build_resources
+    from vcn_assets.definitions import build_definitions
+    from vcn_assets.jobs import process_movie_job
     from vcn_assets.partitions import movies
-    from vcn_assets.resume import fail_orphaned_runs, plan, process_tags, video_stamp
+    from vcn_assets.resume import fail_orphaned_runs, plan, process_tags
 
-    resources = build_resources(settings)
+    defs = build_definitions(settings)
+    resources = defs.resources
     store = resources["store"]
     store.check()  # a missing bucket or rejected credentials stop here, before anything is written
+    registry = MovieRegistry(store)
     source = args.video if remote else str(video.resolve())
     if remote:
         try:
-            info = probe_video(store.fetch_source(movie_id, source))
+            info = probe_video(registry.fetch(movie_id, source))
         except VideoError as error:  # name the object, not its copy in the cache
             raise type(error)(source, error.reason) from None
-    previous = store.read_json(movie_id, artifacts.MOVIE_RECORD)
-    if previous and previous["source"] != source:
-        raise ValueError(f"movie id {movie_id!r} is already registered for {previous['source']}; pass another --movie-id")
-    stamp = video_stamp(source, store)
-    store.register_movie(movie_id, source, stamp=stamp)
+    previous = registry.record(movie_id)
+    if previous and previous.source != source:
+        raise ValueError(f"movie id {movie_id!r} is already registered for {previous.source}; pass another --movie-id")
+    record = registry.register(movie_id, source)
 
     started = time.monotonic()
     log_config = {"loggers": {"console": {"config": {"log_level": os.environ.get("VCN_LOG_LEVEL", "WARNING")}}}}
-    with dg.DagsterInstance.get() as instance:
+    with settings.instance() as instance:
         for run_id in fail_orphaned_runs(instance, movie_id):
             print(f"run {run_id} of movie {movie_id!r} was interrupted (its process is gone): marked as failed")
         if store.read_model_json(artifacts.BASE_MODEL) is None:
@@ -190,7 +190,7 @@ def _process(args: argparse.Namespace) -> int:
         if not instance.has_dynamic_partition(movies.name, movie_id):
             instance.add_dynamic_partitions(movies.name, [movie_id])
         print(f"processing {video} as movie {movie_id!r} ({info.width}x{info.height}, {info.fps:.3f} fps, {info.duration_s:.1f} s)")
-        changed = previous is not None and previous.get("stamp") != stamp
+        changed = previous is not None and previous.stamp != record.stamp
         todo = plan(instance, store, movie_id, code_version=CODE_VERSION, video_changed=changed, force=args.force)
         if todo.kept:
             print(f"kept (current): {', '.join(todo.kept)}" + (f"; resuming at {todo.run[0]}: {todo.reason}" if todo.run else ""))
@@ -198,16 +198,13 @@ def _process(args: argparse.Namespace) -> int:
             print("every asset of the movie is current; --force recomputes them")
             run_id = Warehouse(str(settings.warehouse)).latest_clustering_run(movie_id)
         else:
-            pipeline = [*preprocess_assets, finetuned_model, track_embeddings, face_clusters]
-            selected = [a for a in pipeline if a.key.to_user_string() in todo.run]
-            own_checks = [c for c in checks if all(k.asset_key.to_user_string() in todo.run for k in c.check_keys)]
-            result = dg.materialize(
-                [*selected, *own_checks],
-                partition_key=movie_id,
-                instance=instance,
-                resources=resources,
-                raise_on_error=False,
+            # The job the inbox launches, on the assets that are not current (and their checks).
+            result = defs.resolve_job_def(process_movie_job.name).execute_in_process(
                 run_config=log_config,
+                instance=instance,
+                partition_key=movie_id,
+                raise_on_error=False,
+                asset_selection=[dg.AssetKey(name) for name in todo.run],
                 tags=process_tags(),
             )
             if not result.success:
@@ -357,12 +354,9 @@ def _cluster_tracks(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is a folder; give the path of the CSV file to write")
 
     # Nothing is written before the clustering has succeeded.
-    if args.no_finetune and args.similarity == "loss":
-        raise ValueError("--similarity loss needs the finetuned model; drop --no-finetune or use --similarity cosine")
-    similarity = args.similarity or "cosine"
     result = cluster_trackset(
         args.directory, cannot_link=not args.no_cannot_link, device=args.device, finetune=not args.no_finetune,
-        similarity=similarity, seed=args.seed,
+        similarity=args.similarity or "cosine", seed=args.seed,
     )
     for problem in result.problems:
         print(f"vcn cluster-tracks: warning: track {problem.track_id!r} left Unknown: {problem.reason}", file=sys.stderr)
@@ -380,13 +374,14 @@ def _cluster_tracks(args: argparse.Namespace) -> int:
         f"model {result.model_version}, {result.dissimilarity} dissimilarity, "
         f"cannot-link {'off' if args.no_cannot_link else 'on'}"
     )
-    if result.finetune:
-        ft = result.finetune
+    if result.finetuned:
+        ft = result.finetuned
+        final_loss = ft.collapse.final_loss if ft.collapse else float("nan")
         print(
-            f"finetuned {ft['base_version']} -> {ft['version']} ({ft['mode']}): {ft['rounds']} round(s), "
-            f"{ft['pairs_per_second']:.0f} pairs/s, final loss {ft['final_loss']:.3f}"
+            f"finetuned {ft.base_version} -> {ft.version} ({ft.mode}): {len(ft.history.rounds)} round(s), "
+            f"{ft.history.pairs_per_second:.0f} pairs/s, final loss {final_loss:.3f}"
         )
-        for problem in ft["collapse_problems"]:
+        for problem in ft.collapse.problems() if ft.collapse else []:
             print(f"vcn cluster-tracks: warning: finetuning may have collapsed: {problem}", file=sys.stderr)
     print(f"seconds: {steps} (total {sum(result.timings.values()):.2f})")
     print(f"wrote {out}")
@@ -427,13 +422,15 @@ def _model(args: argparse.Namespace) -> int:
     from resources import BackboneResource
     from vcn.stores.warehouse import Warehouse
     from vcn_assets.assets.models import base_model
-    from vcn_assets.definitions import build_resources
+    from vcn_assets.definitions import build_definitions
+    from vcn_assets.jobs import MODEL_POOL_TAG, recluster_movie_job
     from vcn_assets.partitions import movies
     from vcn_assets.sensors import stale_movies
     from vcn_assets.settings import Settings
 
     settings = Settings.from_env().prepare()
-    resources = build_resources(settings)
+    defs = build_definitions(settings)
+    resources = defs.resources
     store = resources["store"]
     if args.action == "list":
         print(Warehouse(str(settings.warehouse)).query("SELECT * FROM models ORDER BY registered_at"))
@@ -441,7 +438,7 @@ def _model(args: argparse.Namespace) -> int:
         print(f"current base model: {current['version'] if current else 'none registered'}")
         return 0
     log_config = {"loggers": {"console": {"config": {"log_level": os.environ.get("VCN_LOG_LEVEL", "WARNING")}}}}
-    with dg.DagsterInstance.get() as instance:
+    with settings.instance() as instance:
         movie_ids = instance.get_dynamic_partitions(movies.name)
         if args.action == "register":
             before = store.read_model_json(artifacts.BASE_MODEL)
@@ -460,22 +457,17 @@ def _model(args: argparse.Namespace) -> int:
             print(f"{len(stale)} movie(s) clustered with an older model: {', '.join(stale) or '-'}; the model_update "
                   "sensor re-clusters them (vcn ui), or run `vcn model recluster` now")
             return 0
-        # recluster
+        # recluster: the runs the model_update sensor would request, executed here one after the other
         version, stale = stale_movies(store, resources["warehouse"], movie_ids)
         if not stale:
             print(f"every clustered movie is on base model {version}")
             return 0
-        from vcn_assets.assets.clusters import face_clusters
-        from vcn_assets.assets.models import finetuned_model, track_embeddings
-        from vcn_assets.checks import checks
-
-        model_checks = [c for c in checks if next(iter(c.check_keys)).asset_key in {finetuned_model.key, face_clusters.key}]
+        job = defs.resolve_job_def(recluster_movie_job.name)
         for movie_id in stale:
             started = time.monotonic()
-            result = dg.materialize(
-                [finetuned_model, track_embeddings, face_clusters, *model_checks],
-                partition_key=movie_id, instance=instance, resources=resources, raise_on_error=False,
-                run_config=log_config, tags={"vcn/base_model": version, "vcn/pool": "models"},
+            result = job.execute_in_process(
+                run_config=log_config, instance=instance, partition_key=movie_id, raise_on_error=False,
+                tags={**MODEL_POOL_TAG, "vcn/base_model": version},
             )
             if not result.success:
                 return _report_failure(result)

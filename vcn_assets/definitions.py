@@ -7,6 +7,7 @@ import dagster as dg
 from resources import (
     ArtifactStore,
     BackboneResource,
+    ClusteringResource,
     DetectorResource,
     WarehouseResource,
 )
@@ -21,12 +22,14 @@ from vcn_assets.settings import Settings
 
 
 def build_resources(settings: Settings) -> dict:
+    """The resources of one environment (local folders, or S3 when ``settings.storage`` is set), by resource key."""
     store = ArtifactStore(base_dir=str(settings.artifacts), storage_uri=settings.storage)
     return {
         "store": store,
         "warehouse": WarehouseResource(path=str(settings.warehouse)),
         "detector": DetectorResource(),
         "backbone": BackboneResource(registry=store.model_uri(artifacts.BASE_MODEL)),
+        "clustering": ClusteringResource(),
     }
 
 

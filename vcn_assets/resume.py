@@ -7,10 +7,10 @@ the movie again starts at the first asset that is not current:
 
 - never materialised for this movie, or its artifact is gone from the store;
 - materialised by other code (the asset's code version changed);
-- older than the asset before it, or (``finetuned_model``) than the registered
-  base model;
-- or the video itself changed since it was registered (size and modification
-  time of a file, ETag of an S3 object): then everything is redone.
+- older than the asset before it, or (an asset of the face-ID model) than the
+  registered base model;
+- or the video itself changed since it was registered (its stamp in the movie
+  registry, :class:`resources.MovieRegistry`): then everything is redone.
 
 Runs this process starts carry their host and process id, so a later call can
 mark a run whose process is gone as failed instead of leaving it "started"
@@ -26,18 +26,6 @@ import dagster as dg
 from resources import ArtifactStore
 from vcn_assets import artifacts
 
-#: The per-movie assets in pipeline order, with the artifact that shows each is complete.
-PIPELINE: tuple[tuple[str, str], ...] = (
-    ("shots", artifacts.SHOTS),
-    ("frames", artifacts.FRAMES),
-    ("face_detections", artifacts.DETECTIONS),
-    ("face_tracks", artifacts.TRACKS),
-    ("track_crops", artifacts.CROPS),
-    ("finetuned_model", artifacts.FINETUNED_MODEL),
-    ("track_embeddings", artifacts.TRACK_EMBEDDINGS),
-    ("face_clusters", artifacts.FACE_CLUSTERS),
-)
-
 HOST_TAG, PID_TAG = "vcn/host", "vcn/pid"
 
 
@@ -52,15 +40,17 @@ class ResumePlan:
 
 def plan(instance: dg.DagsterInstance, store: ArtifactStore, movie_id: str, *, code_version: str,
          video_changed: bool = False, force: bool = False) -> ResumePlan:
-    """The assets of ``movie_id`` to materialise now so that all are current, keeping the finished ones."""
-    names = [name for name, _ in PIPELINE]
+    """The assets of ``movie_id`` (:data:`artifacts.MOVIE_ASSETS`) to materialise now so that all are current,
+    keeping the finished ones."""
+    names = list(artifacts.MOVIE_ASSET_NAMES)
     if force:
         return ResumePlan([], names, "--force")
     if video_changed:
         return ResumePlan([], names, "the video changed since it was registered")
     base = instance.get_latest_materialization_event(dg.AssetKey("base_model"))
     previous_time = 0.0
-    for i, (name, artifact) in enumerate(PIPELINE):
+    for i, asset in enumerate(artifacts.MOVIE_ASSETS):
+        name = asset.name
         record = _latest(instance, name, movie_id)
         if record is None:
             reason = f"{name} was never materialised" if i else "first run"
@@ -68,10 +58,10 @@ def plan(instance: dg.DagsterInstance, store: ArtifactStore, movie_id: str, *, c
             reason = f"{name} was made by another code version"
         elif record.timestamp < previous_time:
             reason = f"{name} is older than {names[i - 1]}"
-        elif name == "finetuned_model" and base is not None and record.timestamp < base.timestamp:
+        elif asset.model_dependent and base is not None and record.timestamp < base.timestamp:
             reason = "a new base model was registered"
-        elif not store.exists(movie_id, artifact):
-            reason = f"{store.uri(movie_id, artifact)} is missing"
+        elif not store.exists(movie_id, asset.artifact):
+            reason = f"{store.uri(movie_id, asset.artifact)} is missing"
         else:
             previous_time = record.timestamp
             continue
@@ -84,19 +74,6 @@ def _latest(instance: dg.DagsterInstance, asset: str, movie_id: str):
         dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[movie_id]), limit=1
     ).records
     return records[0].event_log_entry if records else None
-
-
-def video_stamp(source: str, store: ArtifactStore) -> dict:
-    """What identifies the content of a movie's video without reading it: size and mtime, or the S3 ETag."""
-    from vcn.stores.objectstore import S3Objects, is_s3_uri, split_s3_uri
-
-    if is_s3_uri(source):
-        from resources.artifact_store import s3_client
-
-        bucket, key = split_s3_uri(source)
-        return {"etag": S3Objects(s3_client(store.s3_endpoint_url, store.s3_region), bucket).etag(key)}
-    stat = os.stat(source)
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
 def process_tags() -> dict[str, str]:

@@ -7,8 +7,7 @@ from pathlib import Path, PurePosixPath
 import dagster as dg
 import duckdb
 
-from resources import ArtifactStore, WarehouseResource
-from resources.artifact_store import s3_client
+from resources import ArtifactStore, MovieRegistry, WarehouseResource
 from vcn.stores.objectstore import S3Objects, is_s3_uri, split_s3_uri
 from vcn_assets import artifacts
 from vcn_assets.jobs import MODEL_POOL_TAG, process_movie_job, recluster_movie_job
@@ -54,21 +53,26 @@ def _new_movies(candidates: list[tuple[str, str]], known: set[str], taken: set[s
 
 @dg.sensor(job=process_movie_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def inbox_sensor(context: dg.SensorEvaluationContext, store: ArtifactStore) -> dg.SensorResult | dg.SkipReason:
-    """Registers each new video in the inbox (a folder, or an S3 prefix) and requests its processing run."""
+    """Registers each new video in the inbox (a folder, or an S3 prefix) and requests its processing run.
+
+    The movie record is the one ``vcn process`` writes (:meth:`MovieRegistry.register`), stamp included, so
+    that processing the movie again with ``vcn process`` keeps what its run made.
+    """
     settings = Settings.from_env()
+    registry = MovieRegistry(store)
     if settings.inbox_uri:
         bucket, prefix = split_s3_uri(settings.inbox_uri)
         inbox: str | Path = settings.inbox_uri
-        found = new_s3_videos(S3Objects(s3_client(store.s3_endpoint_url, store.s3_region), bucket, prefix), store.registered_sources())
+        found = new_s3_videos(store.s3_objects(bucket, prefix), registry.sources())
     else:
         inbox = settings.inbox
         if not inbox.is_dir():
             return dg.SkipReason(f"inbox {inbox} does not exist")
-        found = new_inbox_videos(inbox, store.registered_sources())
+        found = new_inbox_videos(inbox, registry.sources())
     if not found:
         return dg.SkipReason(f"no new videos in {inbox}")
     for key, source in found:
-        store.register_movie(key, source)
+        registry.register(key, source)
         context.log.info(f"inbox: {source} -> movie {key}")
     keys = [key for key, _ in found]
     return dg.SensorResult(

@@ -13,10 +13,18 @@ AWS environment (``AWS_ENDPOINT_URL``, ``AWS_REGION``, credentials).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vcn.stores.files import atomic_path
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +85,27 @@ class Settings:
         if not template.exists():
             raise FileNotFoundError(f"{template}: the instance configuration is missing from the installation")
         if not target.exists() or target.read_bytes() != template.read_bytes():
-            shutil.copyfile(template, target)
+            with atomic_path(target) as tmp:  # a process starting beside this one never reads half a file
+                tmp.write_bytes(template.read_bytes())
         os.environ["VCN_HOME"] = str(self.home)
         os.environ["DAGSTER_HOME"] = str(self.dagster_home)
         return self
+
+    @contextlib.contextmanager
+    def instance(self) -> Iterator[dg.DagsterInstance]:
+        """The Dagster instance under ``DAGSTER_HOME`` (call :meth:`prepare` first), open for the block.
+
+        Opening an instance creates its SQLite storage on first use; two processes
+        doing that at once on a new home (two ``vcn process`` started together)
+        would race to create the same tables, so the opening holds a lock beside them.
+        """
+        import dagster as dg
+
+        with open(self.dagster_home / ".instance.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                instance = dg.DagsterInstance.get()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        with instance:
+            yield instance

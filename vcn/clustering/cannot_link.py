@@ -60,3 +60,24 @@ def on_screen_together(tracks: pl.DataFrame) -> np.ndarray:
     a, b = order[first], order[second]
     pairs = np.column_stack([np.minimum(a, b), np.maximum(a, b)]).astype(np.int64)
     return pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))]
+
+
+def positions_on_screen_together(tracks: pl.DataFrame, track_ids: np.ndarray) -> np.ndarray:
+    """:func:`on_screen_together` as positions in ``track_ids``, an assignment's own order.
+
+    An assignment read back from the warehouse lists its tracks in its own
+    order, and may lack tracks of ``tracks`` or hold some it lacks: a pair
+    counts only where both of its tracks are in both.
+
+    Args:
+        tracks: ``track_id``, ``shot_id``, ``start_frame``, ``end_frame`` per track.
+        track_ids: (T,) the track ids whose positions the pairs give.
+
+    Returns:
+        (P, 2) int64 positions in ``track_ids``.
+    """
+    position = {int(t): i for i, t in enumerate(np.asarray(track_ids).tolist())}
+    ids = tracks["track_id"].to_numpy()[on_screen_together(tracks)].tolist()
+    return np.array(
+        [[position[a], position[b]] for a, b in ids if a in position and b in position], dtype=np.int64
+    ).reshape(-1, 2)

@@ -1,4 +1,4 @@
-"""Stable cluster ids: a person keeps their cluster number when a movie is clustered again.
+"""Cluster identities: a person keeps their cluster number, and analysts' edits, when a movie is clustered again.
 
 A clustering numbers its clusters by size ("0" the largest). Re-clustering the
 same movie (a new model version, another setting) would renumber them, and the
@@ -8,6 +8,12 @@ one, maximising the number of tracks they share (the Hungarian method on the
 overlap counts), and gives each new cluster the id of its match. New clusters
 without a match take fresh ids above every id used before, largest first, so an
 id never comes back meaning someone else.
+
+Analysts then correct the clustering by tracks, not numbers (:class:`Edit`:
+name, merge, split), so their word survives every later clustering:
+:func:`apply_edits` replays a movie's edits on a fresh assignment,
+:func:`add_edit` checks a new one against them, and :func:`cluster_table` gives
+the result the columns ``face_clusters`` stores.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 
 from vcn.clustering.parameter_free import UNKNOWN
 
@@ -94,11 +101,22 @@ class Edit:
     * ``merge``: these tracks are one person (their clusters become one);
     * ``split``: these tracks are one person, apart from the rest of their
       clusters (they leave them for a cluster of their own).
+
+    Raises:
+        ValueError: An action not in :data:`ACTIONS`, or a ``name`` edit without a name.
     """
 
     action: str
     tracks: tuple[int, ...]
     name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"unknown edit action {self.action!r}; known: {', '.join(ACTIONS)}")
+        if self.action == "name" and not (self.name or "").strip():
+            raise ValueError("a name edit needs a non-empty name")
+        # Track ids as plain ints, whatever sequence (a DuckDB list, numpy) they came in.
+        object.__setattr__(self, "tracks", tuple(int(t) for t in self.tracks))
 
 
 def apply_edits(
@@ -154,10 +172,64 @@ def apply_edits(
             if np.isin(labels, np.unique(labels[rows])).sum() == len(rows):
                 continue  # the tracks are already a cluster of their own
             labels[rows] = int(labels.max()) + 1
-        elif edit.action == "name":
+        else:  # name
             values, counts = np.unique(labels[rows], return_counts=True)
             names[int(values[np.argmax(counts)])] = str(edit.name)
-        else:
-            raise ValueError(f"unknown edit action {edit.action!r}; known: {', '.join(ACTIONS)}")
     present = set(labels[labels != UNKNOWN].tolist())
     return labels, {c: n for c, n in names.items() if c in present}, skipped
+
+
+def add_edit(
+    track_ids: np.ndarray,
+    labels: np.ndarray,
+    edits: Sequence[Edit],
+    new: Edit,
+    cannot_link: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict[int, str], list[str]]:
+    """:func:`apply_edits` with an analyst's new edit after the earlier ones, refusing it if it does not apply.
+
+    An earlier edit that no longer applies (its tracks went Unknown, a later
+    merge put them on screen together) does not stop a new one: it is only
+    reported. The new edit itself must apply, or the analyst would record a
+    statement that changes nothing.
+
+    Args:
+        track_ids: (T,) track ids of the clustering.
+        labels: (T,) its automatic cluster ids (:data:`UNKNOWN` for none).
+        edits: The earlier edits, oldest first.
+        new: The edit to add.
+        cannot_link: (P, 2) positions of tracks on screen together.
+
+    Returns:
+        As :func:`apply_edits` over ``[*edits, new]``: the skipped lines are
+        the earlier edits'.
+
+    Raises:
+        ValueError: ``new`` names tracks absent from ``track_ids``, or cannot be
+            applied (a merge of tracks on screen together, tracks all Unknown).
+    """
+    absent = sorted(set(new.tracks) - set(np.asarray(track_ids).tolist()))
+    if absent:
+        raise ValueError(f"no tracks {absent[:10]} in the clustering")
+    _, _, before = apply_edits(track_ids, labels, edits, cannot_link)
+    edited, names, skipped = apply_edits(track_ids, labels, [*edits, new], cannot_link)
+    if len(skipped) > len(before):
+        raise ValueError(f"edit not applied: {skipped[-1]}")
+    return edited, names, skipped
+
+
+def cluster_table(track_ids: np.ndarray, labels: np.ndarray, names: Mapping[int, str]) -> pl.DataFrame:
+    """``track_id``, ``cluster`` (null for Unknown) and ``name`` (null for an unnamed cluster) per track.
+
+    The columns an assignment takes in ``face_clusters``, where Unknown is a
+    null rather than :data:`UNKNOWN`.
+    """
+    clusters = [None if c == UNKNOWN else int(c) for c in np.asarray(labels).tolist()]
+    return pl.DataFrame(
+        {
+            "track_id": track_ids,
+            "cluster": clusters,
+            "name": [None if c is None else names.get(c) for c in clusters],
+        },
+        schema={"track_id": pl.Int64, "cluster": pl.Int64, "name": pl.String},
+    )

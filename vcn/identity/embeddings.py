@@ -1,9 +1,14 @@
-"""Embedding the kept crops of a movie with a face-ID backbone, and per-track means."""
+"""A movie's kept crops read from its ``track_crops`` file, and the tables of their embeddings.
+
+The embedding itself is :func:`vcn.pipeline.embed`, the same for a movie and a
+track dataset; this module reads the chips it takes (in order, a chunk at a time,
+or a chosen subset) and shapes what it gives into the movie's tables.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Iterator
 
 import numpy as np
 import polars as pl
@@ -12,101 +17,36 @@ import pyarrow.parquet as pq
 
 from vcn.faces.crops import decode_jpeg
 
-if TYPE_CHECKING:
-    from vcn.identity.backbone import Backbone
-
 #: Rows of the crop-embeddings table; row ``i`` is row ``i`` of the .npy matrix.
 #: ``quality`` is the crop's SER-FIQ quality (:func:`vcn.identity.quality.embed_and_score`),
 #: null when the backbone cannot score it.
 CROP_EMBEDDINGS_SCHEMA = {"crop_id": pl.Int64, "track_id": pl.Int64, "model_version": pl.String, "quality": pl.Float32}
 
 
-class Embedder(Protocol):
-    version: str
-    template: str
-    input_size: int
-    dim: int
-
-    def embed(self, chips: np.ndarray, batch_size: int = 256) -> np.ndarray: ...
-
-
-def embed_crops(
-    crops_path: str | os.PathLike,
-    backbone: Embedder | Backbone,
-    batch_size: int = 256,
-    *,
-    quality: bool = False,
-) -> tuple[pl.DataFrame, np.ndarray]:
-    """Embeds every kept crop of a ``track_crops`` file, streaming it in row groups.
-
-    Only one batch of decoded chips is in memory at a time, so a feature-length
-    movie embeds in constant memory; the quality of a batch is scored while its
-    chips are at hand.
+def crop_embeddings_table(crops: pl.DataFrame, model_version: str, quality: np.ndarray | None) -> pl.DataFrame:
+    """The crop-embeddings table (:data:`CROP_EMBEDDINGS_SCHEMA`) of embedded kept crops.
 
     Args:
-        crops_path: A ``track_crops`` Parquet file.
-        backbone: The face-ID model; its template must match the crops'.
-        batch_size: Chips per forward pass.
-        quality: Also score each crop's SER-FIQ quality. Needs a torch backbone
-            (:func:`vcn.identity.quality.supports_quality`) and costs the stochastic head
-            runs (the trunk runs once); without it the ``quality`` column is null.
-
-    Returns:
-        The crop-embeddings table (:data:`CROP_EMBEDDINGS_SCHEMA`) and the (N, D)
-        float32 matrix of L2-normalised embeddings in the same row order.
-
-    Raises:
-        ValueError: the crops were aligned for another template than the backbone's.
-        TypeError: ``quality`` was asked of a backbone that cannot score it.
+        crops: ``crop_id`` and ``track_id`` of the crops (:func:`read_kept_crops`), in embedding order.
+        model_version: Version of the weights that embedded them.
+        quality: (N,) SER-FIQ quality of each crop, or None when not scored (a null column).
     """
-    if quality:
-        from vcn.identity.quality import embed_and_score, supports_quality
-
-        if not supports_quality(backbone):
-            raise TypeError(f"backbone {getattr(backbone, 'name', backbone)!r} cannot score crop quality")
-    ids: list[int] = []
-    tracks: list[int] = []
-    parts: list[np.ndarray] = []
-    qualities: list[np.ndarray] = []
-    pending: list[np.ndarray] = []
-
-    def flush() -> None:
-        chips = np.stack(pending)
-        if quality:
-            # One trunk pass gives both the embedding and the stochastic head runs.
-            embedded, scored = embed_and_score(backbone, chips, batch_size=min(batch_size, 128))
-            parts.append(embedded)
-            qualities.append(scored)
-        else:
-            parts.append(backbone.embed(chips, batch_size=batch_size))
-        pending.clear()
-
-    for table in _kept_batches(crops_path, backbone.template, max(batch_size, 64)):
-        ids.extend(table["crop_id"].to_list())
-        tracks.extend(table["track_id"].to_list())
-        pending.extend(decode_jpeg(b) for b in table["image"].to_list())
-        if len(pending) >= batch_size:
-            flush()
-    if pending:
-        flush()
-    matrix = np.concatenate(parts) if parts else np.zeros((0, backbone.dim), np.float32)
-    table = pl.DataFrame(
+    return pl.DataFrame(
         {
-            "crop_id": ids,
-            "track_id": tracks,
-            "model_version": [backbone.version] * len(ids),
-            "quality": np.concatenate(qualities) if quality and qualities else [None] * len(ids),
+            "crop_id": crops["crop_id"],
+            "track_id": crops["track_id"],
+            "model_version": [model_version] * crops.height,
+            "quality": quality if quality is not None else [None] * crops.height,
         },
         schema=CROP_EMBEDDINGS_SCHEMA,
     )
-    return table, matrix.astype(np.float32, copy=False)
 
 
 def read_kept_crops(crops_path: str | os.PathLike, template: str) -> pl.DataFrame:
     """``crop_id`` and ``track_id`` of the kept (not rejected) crops of a ``track_crops`` file, in file order.
 
     No image is read: a feature film's table is a few MB. The order is the one
-    :func:`embed_crops` embeds them in, so row ``i`` here is row ``i`` of its table.
+    :func:`read_kept_chip_chunks` decodes them in, so row ``i`` here is chip ``i`` there.
 
     Raises:
         ValueError: The crops were aligned for another template than ``template``.
@@ -177,15 +117,28 @@ def _check_template(crops_path: str | os.PathLike, table: pl.DataFrame, template
         )
 
 
-def _kept_batches(crops_path: str | os.PathLike, template: str, batch_size: int):
-    """Batches (polars) of the kept crops of a ``track_crops`` file, checked against ``template``."""
+def read_kept_chip_chunks(crops_path: str | os.PathLike, template: str, size: int) -> Iterator[np.ndarray]:
+    """The kept crops of a ``track_crops`` file, decoded, ``size`` at a time (the last chunk shorter), in file order.
+
+    Only one chunk of chips is in memory at a time, so a feature-length movie
+    goes through in constant memory.
+
+    Raises:
+        ValueError: The crops were aligned for another template than ``template``.
+    """
+    pending: list[np.ndarray] = []
     source = pq.ParquetFile(str(crops_path))
-    for batch in source.iter_batches(batch_size=batch_size, columns=["crop_id", "track_id", "rejected", "template", "image"]):
+    for batch in source.iter_batches(batch_size=max(size, 64), columns=["rejected", "template", "image"]):
         table = pl.from_arrow(batch).filter(~pl.col("rejected"))
         if table.is_empty():
             continue
         _check_template(crops_path, table, template)
-        yield table
+        pending.extend(decode_jpeg(data) for data in table["image"].to_list())
+        while len(pending) >= size:
+            yield np.stack(pending[:size])
+            del pending[:size]
+    if pending:
+        yield np.stack(pending)
 
 
 def track_means(crops: pl.DataFrame, matrix: np.ndarray, model_version: str) -> pl.DataFrame:

@@ -26,6 +26,8 @@ CREDENTIAL_CODES = frozenset(
 )
 #: S3 error codes (and bare HTTP statuses of HEAD requests) for a missing object.
 MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+#: Attempts per request (boto's "standard" retry mode: throttling and transient errors are retried).
+MAX_ATTEMPTS = 5
 _CHUNK = 8 << 20
 
 
@@ -44,6 +46,24 @@ class StorageNotFoundError(StorageError):
 
 def is_s3_uri(text: str | os.PathLike[str] | None) -> bool:
     return isinstance(text, str) and text.startswith("s3://")
+
+
+def s3_client(endpoint_url: str | None = None, region: str | None = None) -> Any:
+    """A boto3 S3 client: the one factory behind every S3 access of the platform.
+
+    A fresh boto3 session reads the standard AWS environment now (credentials from
+    the environment, a profile or an instance role; ``AWS_ENDPOINT_URL`` for MinIO
+    and the like), not as it was at the first call in this process.
+
+    Args:
+        endpoint_url: S3 endpoint; None: ``AWS_ENDPOINT_URL`` or AWS itself.
+        region: S3 region; None: ``AWS_REGION`` / ``AWS_DEFAULT_REGION``.
+    """
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"})
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -106,10 +126,6 @@ class S3Objects:
         with self._translated(name):
             self.client.upload_file(str(path), self.bucket, self.key(name))
             return self.client.head_object(Bucket=self.bucket, Key=self.key(name))["ETag"].strip('"')
-
-    def put_bytes(self, data: bytes, name: str) -> None:
-        with self._translated(name):
-            self.client.put_object(Bucket=self.bucket, Key=self.key(name), Body=data)
 
     def get_bytes(self, name: str) -> bytes | None:
         """The object's content, or None when there is no such object."""

@@ -15,13 +15,16 @@ import fcntl
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import polars as pl
+
+from vcn.clustering.cannot_link import positions_on_screen_together
+from vcn.clustering.identities import UNKNOWN, Edit, add_edit, cluster_table
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +320,8 @@ class Warehouse:
             ).fetchall()
         return {int(track): int(cluster) for track, cluster in rows}
 
-    def cluster_edits(self, movie_id: str) -> list:
-        """The analysts' edits of a movie (:class:`vcn.clustering.identities.Edit`), oldest first; none without a warehouse."""
+    def cluster_edits(self, movie_id: str) -> list[Edit]:
+        """The analysts' edits of a movie, oldest first; none without a warehouse."""
         if not Path(self.path).exists():
             return []
         with self.reader() as con:
@@ -329,25 +332,19 @@ class Warehouse:
         """Records an analyst's edit and applies all the movie's edits to its latest clustering, in one transaction.
 
         Pipeline runs never touch ``cluster_edits``; every later clustering applies
-        them again (``face_clusters``), so the edit lasts.
+        them again (``face_clusters``), so the edit lasts. What the edits do is
+        :func:`vcn.clustering.identities.add_edit`'s.
 
         Returns:
             Edits that could not be applied now, one line each.
 
         Raises:
-            ValueError: The movie has no clustering, a named track is not one of
-                its tracks, or the new edit itself cannot be applied (a merge of
+            ValueError: An unknown action or a name edit without a name, the
+                movie has no clustering, a named track is not one of its
+                tracks, or the new edit itself cannot be applied (a merge of
                 tracks on screen together, tracks all Unknown).
         """
-        import uuid
-
-        from vcn.clustering.cannot_link import on_screen_together
-        from vcn.clustering.identities import ACTIONS, UNKNOWN, Edit, apply_edits
-
-        if action not in ACTIONS:
-            raise ValueError(f"unknown edit action {action!r}; known: {', '.join(ACTIONS)}")
-        if action == "name" and not (name or "").strip():
-            raise ValueError("a name edit needs a non-empty name")
+        new = Edit(action, tuple(tracks), name)
         with self.writer() as con:
             latest = con.sql(
                 """
@@ -360,40 +357,22 @@ class Warehouse:
             if latest is None or latest.is_empty():
                 raise ValueError(f"movie {movie_id!r} has no clustering to edit; process it first")
             track_ids = latest["track_id"].to_numpy()
-            unknown = sorted(set(tracks) - set(track_ids.tolist()))
-            if unknown:
-                raise ValueError(f"movie {movie_id!r} has no tracks {unknown[:10]}")
             tracks_table = con.sql(
                 "SELECT track_id, shot_id, start_frame, end_frame FROM tracks WHERE movie_id = $1 ORDER BY track_id",
                 params=[movie_id],
             ).pl()
-            position = {t: i for i, t in enumerate(track_ids.tolist())}
-            pairs = on_screen_together(tracks_table)
-            pairs = np.array(
-                [[position[a], position[b]] for a, b in tracks_table["track_id"].to_numpy()[pairs].tolist()
-                 if a in position and b in position],
-                dtype=np.int64,
-            ).reshape(-1, 2)
-            edits = _edits(con, movie_id)
-            auto = latest["auto_cluster"].fill_null(UNKNOWN).to_numpy()
-            new = Edit(action, tuple(int(t) for t in tracks), name)
-            _, _, before = apply_edits(track_ids, auto, edits, pairs)
-            labels, names, skipped = apply_edits(track_ids, auto, [*edits, new], pairs)
-            if len(skipped) > len(before):
-                raise ValueError(f"edit not applied: {skipped[-1]}")
+            labels, names, skipped = add_edit(
+                track_ids,
+                latest["auto_cluster"].fill_null(UNKNOWN).to_numpy(),
+                _edits(con, movie_id),
+                new,
+                positions_on_screen_together(tracks_table, track_ids),
+            )
             con.execute(
                 "INSERT INTO cluster_edits VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [uuid.uuid4().hex, movie_id, action, list(new.tracks), name, note, utcnow()],
             )
-            update = pl.DataFrame(
-                {
-                    "track_id": track_ids,
-                    "cluster": [None if c == UNKNOWN else int(c) for c in labels.tolist()],
-                    "name": [names.get(int(c)) for c in labels.tolist()],
-                },
-                schema={"track_id": pl.Int64, "cluster": pl.Int64, "name": pl.String},
-            )
-            con.register("edited", update.to_arrow())
+            con.register("edited", cluster_table(track_ids, labels, names).to_arrow())
             con.execute(
                 """
                 UPDATE face_clusters SET cluster = edited.cluster, name = edited.name FROM edited
@@ -428,14 +407,12 @@ def _create_views(con: Any) -> None:
                 log.warning("warehouse view %s not (re)created: %s", name, exc)
 
 
-def _edits(con: Any, movie_id: str) -> list:
+def _edits(con: Any, movie_id: str) -> list[Edit]:
     """The movie's rows of ``cluster_edits`` as :class:`vcn.clustering.identities.Edit`, oldest first."""
-    from vcn.clustering.identities import Edit
-
     rows = con.execute(
         "SELECT action, tracks, name FROM cluster_edits WHERE movie_id = $1 ORDER BY created_at, edit_id", [movie_id]
     ).fetchall()
-    return [Edit(action, tuple(int(t) for t in tracks), name) for action, tracks, name in rows]
+    return [Edit(action, tuple(tracks), name) for action, tracks, name in rows]
 
 
 def _has_columns(con: Any, table: str, columns: set[str]) -> bool:

@@ -2,7 +2,6 @@
 
 import base64
 import time
-from typing import Literal
 
 import dagster as dg
 import numpy as np
@@ -12,23 +11,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from resources import ArtifactStore, BackboneResource, WarehouseResource
+from resources import ArtifactStore, ClusteringResource, WarehouseResource
 from vcn.clustering.cannot_link import on_screen_together
 from vcn.clustering.identities import apply_edits, stable_cluster_ids
-from vcn.clustering.parameter_free import UNKNOWN, cluster_movie
+from vcn.clustering.parameter_free import UNKNOWN
 from vcn.clustering.report import (
     ClusterReport,
     contact_sheet_tracks,
     write_cluster_report,
 )
 from vcn.faces.crops import decode_jpeg, encode_jpeg
-from vcn.identity.embeddings import read_kept_chips, read_kept_crops
+from vcn.pipeline import Embedded, cluster, track_rows
 from vcn.stores.warehouse import utcnow
 from vcn_assets import artifacts
-from vcn_assets.assets.models import movie_model, track_embeddings
+from vcn_assets.assets.models import read_tracks, track_embeddings
 from vcn_assets.assets.preprocess import face_tracks
-from vcn_assets.assets.recording import CODE_VERSION, preview, stage
-from vcn_assets.partitions import movies
+from vcn_assets.assets.recording import movie_asset, preview, stage
 
 #: Columns of ``face_clusters`` (Parquet and warehouse); ``cluster`` null = Unknown.
 FACE_CLUSTERS_SCHEMA = {
@@ -57,62 +55,37 @@ class ClustersConfig(dg.Config):
             "two faces in one frame are two people. Off reproduces the paper's clustering exactly."
         ),
     )
-    similarity: Literal["loss", "cosine"] = Field(
-        default="cosine",
-        description=(
-            "How crops are compared: 'cosine' between the movie's (finetuned) embeddings, or 'loss', the finetuned "
-            "model's own symmetrised loss, the paper's metric (falls back to cosine when the movie has no "
-            "finetuned model; it over-splits after CPU-budget finetuning, see the README)."
-        ),
-    )
 
 
-@dg.asset(
-    partitions_def=movies,
-    group_name="clusters",
-    code_version=CODE_VERSION,
-    deps=[track_embeddings, face_tracks],
-    kinds={"numpy", "parquet", "duckdb"},
-)
+@movie_asset(group="clusters", deps=[track_embeddings, face_tracks], kinds={"numpy", "parquet", "duckdb"})
 def face_clusters(
     context: dg.AssetExecutionContext,
     config: ClustersConfig,
-    backbone: BackboneResource,
+    clustering: ClusteringResource,
     store: ArtifactStore,
     warehouse: WarehouseResource,
 ) -> dg.MaterializeResult:
     """One cluster (identity) per track, or Unknown for low-quality tracks and tracks without kept crops.
 
-    The warehouse keeps the assignments of every model version: a run replaces
-    only the rows of its own (movie, model version).
+    Crops are compared as the ``clustering`` resource says: by cosine between
+    their embeddings, or by the finetuned loss metric on the logits that
+    ``track_embeddings`` kept. The warehouse keeps the assignments of every
+    model version: a run replaces only the rows of its own (movie, model version).
     """
     wh = warehouse.get()
     with stage(context, wh, "face_clusters") as run:
         movie_id = run.movie_id
-        tracks = store.read_parquet(movie_id, artifacts.TRACKS, columns=["track_id", "shot_id", "start_frame", "end_frame"]).sort("track_id")
-        crops = store.read_parquet(movie_id, artifacts.CROP_EMBEDDINGS)
-        matrix = np.load(store.local(movie_id, artifacts.CROP_EMBEDDING_MATRIX))
-        model_version = _model_version(store, crops)
-
+        tracks = read_tracks(store, movie_id)
         track_ids = tracks["track_id"].to_numpy()
-        crop_track = _track_rows(track_ids, crops["track_id"].to_numpy(), movie_id)
+        embedded = _stored_embeddings(store, movie_id, track_ids, clustering.similarity == "loss")
         pairs = on_screen_together(tracks)
-        quality = crops["quality"].to_numpy() if crops.height and crops["quality"].null_count() == 0 else None
-        if quality is None and crops.height:
-            context.log.warning("crop embeddings carry no quality; no track is left out as low-quality")
-
-        outputs, dissimilarity, clustered_crops = matrix, None, crop_track
-        if config.similarity == "loss" and crops.height:
-            outputs, dissimilarity, clustered_crops, quality = _loss_metric(
-                context, backbone, store, movie_id, crops, model_version, crop_track, quality
-            )
 
         started = time.perf_counter()
-        result = cluster_movie(
-            outputs, clustered_crops, len(track_ids), cannot_link=pairs if config.cannot_link else None,
-            crop_quality=quality, dissimilarity=dissimilarity,
+        result = cluster(
+            embedded, len(track_ids), similarity=clustering.similarity, cannot_link=pairs if config.cannot_link else None
         )
         cluster_seconds = time.perf_counter() - started
+        compared = len(embedded.loss.rows) if result.dissimilarity == "loss" else len(embedded.crop_track)
 
         # Keep the cluster ids of the movie's previous clustering where the clusters match.
         previous = wh.latest_clusters(movie_id)
@@ -121,6 +94,7 @@ def face_clusters(
         labels, names, skipped = apply_edits(track_ids, automatic, wh.cluster_edits(movie_id), pairs)
         for line in skipped:
             context.log.warning(f"analyst edit not applied: {line}")
+        model_version = embedded.model_version
         n = len(track_ids)
         table = pl.DataFrame(
             {
@@ -155,7 +129,7 @@ def face_clusters(
             "model_version": model_version,
             "cannot_link": config.cannot_link,
             "dissimilarity": result.dissimilarity,
-            "crops_compared": len(clustered_crops),
+            "crops_compared": compared,
             "ids_kept_from_previous_run": len(set(automatic[automatic != UNKNOWN].tolist()) & set(previous.values())),
             "analyst_edits_skipped": len(skipped),
             "n_clusters": len(sizes),
@@ -163,8 +137,8 @@ def face_clusters(
             "rounds": result.clustering.rounds,
         }
     cut = result.quality_cut if np.isfinite(result.quality_cut) else None
-    return dg.MaterializeResult(
-        metadata={
+    return run.result(
+        {
             "n_tracks": table.height,
             "n_clusters": len(sizes),
             "n_unknown": result.n_unknown,
@@ -177,11 +151,9 @@ def face_clusters(
             "cluster_sizes": dg.MetadataValue.json(sizes[:20]),
             "ids_kept_from_previous_run": run.details["ids_kept_from_previous_run"],
             "dissimilarity": result.dissimilarity,
-            "crops_compared": run.details["crops_compared"],
+            "crops_compared": compared,
             "model_version": model_version,
             "cluster_seconds": round(cluster_seconds, 3),
-            "seconds": run.details["seconds"],
-            "path": dg.MetadataValue.path(str(path)),
             "report": dg.MetadataValue.path(store.uri(movie_id, f"{artifacts.CLUSTER_REPORT}/{report.html.name}")),
             "contact_sheet": dg.MetadataValue.path(store.uri(movie_id, f"{artifacts.CLUSTER_REPORT}/{report.contact_sheet.name}")),
             "embedding_plot": dg.MetadataValue.path(store.uri(movie_id, f"{artifacts.CLUSTER_REPORT}/{report.embedding_plot.name}")),
@@ -191,46 +163,42 @@ def face_clusters(
     )
 
 
-def _loss_metric(context, backbone: BackboneResource, store: ArtifactStore, movie_id: str, crops: pl.DataFrame,
-                 model_version: str, crop_track: np.ndarray, quality: np.ndarray | None):
-    """Head logits of (a bounded sample of) the movie's crops and the finetuned loss metric.
+def _stored_embeddings(store: ArtifactStore, movie_id: str, track_ids: np.ndarray, loss: bool) -> Embedded:
+    """What ``track_embeddings`` stored, as the clustering takes it; with the loss sample when ``loss``.
 
-    Returns:
-        The clustering's outputs, dissimilarity, crop tracks and crop quality: for
-        the crops of :func:`~vcn.identity.selfsup.loss_metric.loss_metric_sample` (all of
-        a movie's crops up to its cap), or the embeddings and cosine of all crops
-        when the movie has no finetuned model.
+    The loss sample is read only when the movie has a finetuned model (without
+    one the clustering falls back to cosine, and says so).
+
+    Raises:
+        ValueError: The stored embeddings do not fit the tracks, or the loss
+            sample is missing or from another model: re-materialise track_embeddings.
     """
-    from vcn.identity.selfsup.loss_metric import loss_metric_sample
+    from vcn.identity.selfsup.loss_metric import LossSample
 
-    model, finetuned = movie_model(backbone, store, movie_id)
-    if finetuned is None:
-        context.log.warning(f"movie {movie_id} has no finetuned model: clustering with cosine, not the loss metric")
-        return np.load(store.local(movie_id, artifacts.CROP_EMBEDDING_MATRIX)), None, crop_track, quality
-    if finetuned.version != model_version:
-        raise ValueError(
-            f"the crop embeddings of movie {movie_id} come from {model_version}, the finetuned model is "
-            f"{finetuned.version}; re-materialise track_embeddings"
-        )
-    crops_path = store.local(movie_id, artifacts.CROPS)
-    if not np.array_equal(read_kept_crops(crops_path, model.template)["crop_id"].to_numpy(), crops["crop_id"].to_numpy()):
-        raise ValueError(f"the crops of movie {movie_id} changed since they were embedded; re-materialise track_embeddings")
-    # Per-crop logits and factors are K floats each: only a bounded sample of the crops gets them.
-    rows, quality = loss_metric_sample(crop_track, quality)
-    if len(rows) < len(crop_track):
-        context.log.info(f"loss metric on {len(rows)} of the movie's {len(crop_track)} crops, every track kept")
-    _, chips = read_kept_chips(crops_path, model.template, rows)
-    return finetuned.logits(chips), finetuned.loss_dissimilarity(), crop_track[rows], quality
-
-
-def _track_rows(track_ids: np.ndarray, crop_tracks: np.ndarray, movie_id: str) -> np.ndarray:
-    """Row of each crop's track in the sorted ``track_ids``."""
-    rows = np.searchsorted(track_ids, crop_tracks)
-    found = rows < len(track_ids)
-    found[found] = track_ids[rows[found]] == crop_tracks[found]
-    if not found.all():
-        raise ValueError(f"{movie_id}: crop embeddings name tracks that tracks.parquet lacks; re-materialise track_embeddings")
-    return rows
+    crops = store.read_parquet(movie_id, artifacts.CROP_EMBEDDINGS)
+    model_version = _model_version(store, crops)
+    try:
+        crop_track = track_rows(track_ids, crops["track_id"].to_numpy())
+    except ValueError as error:
+        raise ValueError(f"{movie_id}: {error}; re-materialise track_embeddings") from None
+    sample = None
+    record = store.read_json(movie_id, artifacts.FINETUNED_MODEL) or {}
+    if loss and crops.height and record.get("enabled"):
+        if not store.exists(movie_id, artifacts.LOSS_SAMPLE):
+            raise ValueError(f"{movie_id}: no loss-metric logits; re-materialise track_embeddings with similarity 'loss'")
+        sample = LossSample.load(store.local(movie_id, artifacts.LOSS_SAMPLE))
+        if sample.model_version != model_version or (len(sample.rows) and sample.rows[-1] >= crops.height):
+            raise ValueError(
+                f"{movie_id}: the loss-metric logits come from {sample.model_version}, the crop embeddings from "
+                f"{model_version}; re-materialise track_embeddings"
+            )
+    return Embedded(
+        crop_track=crop_track,
+        embeddings=np.load(store.local(movie_id, artifacts.CROP_EMBEDDING_MATRIX)),
+        quality=crops["quality"].to_numpy() if crops.height and crops["quality"].null_count() == 0 else None,
+        model_version=model_version,
+        loss=sample,
+    )
 
 
 def _model_version(store: ArtifactStore, crops: pl.DataFrame) -> str:

@@ -1,26 +1,31 @@
 """The face-ID model: the pretrained backbone, its per-movie finetuned copy, and the embeddings they produce."""
 
 import json
-import time
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import numpy as np
+import polars as pl
 from pydantic import Field
 
-from resources import ArtifactStore, BackboneResource, WarehouseResource
-from vcn.clustering.cannot_link import on_screen_together
-from vcn.identity.embeddings import (
-    embed_crops,
-    read_kept_chips,
-    read_kept_crops,
-    track_means,
+from resources import (
+    ArtifactStore,
+    BackboneResource,
+    ClusteringResource,
+    WarehouseResource,
 )
-from vcn.identity.quality import supports_quality
+from vcn.clustering.cannot_link import on_screen_together
+from vcn.identity.embeddings import crop_embeddings_table, track_means
+from vcn.pipeline import CropFile, adapt, embed
 from vcn_assets import artifacts
 from vcn_assets.assets.preprocess import face_tracks, track_crops
-from vcn_assets.assets.recording import CODE_VERSION, preview, stage
+from vcn_assets.assets.recording import CODE_VERSION, movie_asset, preview, stage
 from vcn_assets.jobs import GPU_POOL
-from vcn_assets.partitions import movies
+
+if TYPE_CHECKING:
+    from vcn.identity.selfsup.finetune import FinetunedModel
+
+GROUP = "models"
 
 
 @dg.asset(group_name="models", code_version=CODE_VERSION, kinds={"torch", "duckdb"})
@@ -55,14 +60,13 @@ class FinetuneConfig(dg.Config):
     seed: int = Field(default=0, description="Seed of the finetuning; the same seed gives the same model on a CPU.")
 
 
-@dg.asset(
-    partitions_def=movies,
-    group_name="models",
-    code_version=CODE_VERSION,
-    deps=[track_crops, face_tracks, base_model],
-    kinds={"torch", "safetensors"},
-    pool=GPU_POOL,
-)
+def read_tracks(store: ArtifactStore, movie_id: str) -> pl.DataFrame:
+    """The movie's tracks sorted by id, with what cannot-link needs: the rows that crops and clusters index."""
+    columns = ["track_id", "shot_id", "start_frame", "end_frame"]
+    return store.read_parquet(movie_id, artifacts.TRACKS, columns=columns).sort("track_id")
+
+
+@movie_asset(group=GROUP, deps=[track_crops, face_tracks, base_model], kinds={"torch", "safetensors"}, pool=GPU_POOL)
 def finetuned_model(
     context: dg.AssetExecutionContext,
     config: FinetuneConfig,
@@ -76,86 +80,77 @@ def finetuned_model(
     CPU: a budget that trains the last stage on banked views) and recorded with
     the settings, the loss curve and the collapse diagnostics.
     """
-    from vcn.identity.selfsup.finetune import compute_mode, finetune_movie
-    from vcn.identity.selfsup.sampling import spread_crops
-
     wh = warehouse.get()
     with stage(context, wh, "finetuned_model") as run:
         movie_id = run.movie_id
         base = backbone.load()
+        tracks = read_tracks(store, movie_id)
+        source = CropFile.open(store.local(movie_id, artifacts.CROPS), base.template, tracks["track_id"].to_numpy())
+        adaptation = adapt(
+            base, source, tracks.height, enabled=config.enabled, cannot_link=on_screen_together(tracks),
+            seed=config.seed, progress=lambda r, e, n, loss: context.log.info(f"round {r}, epoch {e + 1}/{n}: loss {loss:.4f}"),
+        )
         record = {"movie_id": movie_id, "base_version": base.version, "enabled": False, "version": base.version}
-        reason = None
-        if not config.enabled:
-            reason = "finetuning is turned off in the asset's config"
-        elif base.module is None:
-            reason = f"backbone {base.name} has no torch module to finetune (ONNX models only run)"
-        crops_path = store.local(movie_id, artifacts.CROPS)
-        crops = read_kept_crops(crops_path, base.template)
-        if reason is None and crops.height == 0:
-            reason = "the movie has no kept crops"
-        metadata: dict = {"base_model_version": base.version, "crops": crops.height}
-        if reason is None:
-            tracks = store.read_parquet(
-                movie_id, artifacts.TRACKS, columns=["track_id", "shot_id", "start_frame", "end_frame"]
-            ).sort("track_id")
-            track_ids = tracks["track_id"].to_numpy()
-            crop_track = np.searchsorted(track_ids, crops["track_id"].to_numpy())
-            # Memory stays bounded: only the crops finetuning uses (at most max_crops) are decoded.
-            mode = compute_mode(base.device, crops.height, config.seed)
-            rows = spread_crops(crop_track, mode.config.max_crops)
-            _, chips = read_kept_chips(crops_path, base.template, rows)
-            started = time.perf_counter()
-            model = finetune_movie(
-                base, chips, crop_track[rows], len(track_ids), cannot_link=on_screen_together(tracks), seed=config.seed,
-                mode=mode, progress=lambda r, e, n, loss: context.log.info(f"round {r}, epoch {e + 1}/{n}: loss {loss:.4f}"),
-            )
-            del chips
-            seconds = time.perf_counter() - started
+        metadata: dict = {"base_model_version": base.version, "crops": source.crops.height}
+        model = adaptation.model
+        if model is not None:
             checkpoint = artifacts.finetuned_checkpoint(movie_id, model.version)
             with store.writing_model(checkpoint) as tmp:
                 model.save(tmp)
             path = store.model_uri(checkpoint)
-            curve = [loss for r in model.history["rounds"] for loss in r["loss_curve"]]
-            problems = model.collapse.problems() if model.collapse else []
-            record.update(
-                enabled=True, version=model.version, checkpoint=path, model_store_name=checkpoint, mode=model.mode,
-                collapse=model.collapse.to_dict() if model.collapse else None, collapse_problems=problems,
-                seed=config.seed, finetune_crops=model.history["crops"], max_finetune_crops=mode.config.max_crops,
-            )
-            for problem in problems:
+            record.update(_finetuned_record(model, config.seed), checkpoint=path, model_store_name=checkpoint)
+            metadata.update(_finetuned_metadata(model, record, adaptation.seconds))
+            for problem in record["collapse_problems"]:
                 context.log.warning(f"finetuning may have collapsed: {problem}")
-            context.log.info(f"finetuned {base.version} -> {model.version} ({model.mode}) in {seconds:.1f} s")
-            metadata.update(
-                {
-                    "finetuned_version": model.version,
-                    "compute_mode": model.mode,
-                    "finetune_crops": record["finetune_crops"],
-                    "max_finetune_crops": record["max_finetune_crops"],
-                    "settings": dg.MetadataValue.json(model.settings),
-                    "loss_curve": dg.MetadataValue.json([round(v, 4) for v in curve]),
-                    "final_loss": round(curve[-1], 4) if curve else None,
-                    "rounds": len(model.history["rounds"]),
-                    "rounds_stopped": model.history["stopped"],
-                    "matched_track_pairs": model.history["n_matches"],
-                    "pairs_per_second": round(model.history["pairs_per_second"], 1),
-                    "bank_seconds": round(model.history["bank_seconds"], 1),
-                    "finetune_seconds": round(seconds, 1),
-                    "collapse": dg.MetadataValue.json(record["collapse"]),
-                    "checkpoint": dg.MetadataValue.path(str(path)),
-                }
-            )
+            context.log.info(f"finetuned {base.version} -> {model.version} ({model.mode}) in {adaptation.seconds:.1f} s")
+            run.artifact = path
         else:
-            record["reason"] = reason
-            context.log.warning(f"no finetuning for movie {movie_id}: {reason}; the pretrained model is used")
-            metadata["skipped"] = reason
+            record["reason"] = adaptation.skipped
+            context.log.warning(f"no finetuning for movie {movie_id}: {adaptation.skipped}; the pretrained model is used")
+            metadata["skipped"] = adaptation.skipped
         with store.writing(movie_id, artifacts.FINETUNED_MODEL) as tmp:
             tmp.write_text(json.dumps(record, indent=2))
-        run.items, run.row_count = crops.height, None
-        run.artifact = record.get("checkpoint")
-        run.details = {k: record[k] for k in ("base_version", "version", "enabled") if k in record}
+        run.items, run.row_count = source.crops.height, None
+        run.details = {k: record[k] for k in ("base_version", "version", "enabled")}
         run.details.update({k: record.get(k) for k in ("mode", "finetune_crops")})
-    metadata["seconds"] = run.details["seconds"]
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(record["version"]))
+    return run.result(metadata, data_version=record["version"])
+
+
+def _finetuned_record(model: "FinetunedModel", seed: int) -> dict:
+    """What ``finetuned_model.json`` keeps of a finetuned model, besides where its checkpoint is."""
+    return {
+        "enabled": True,
+        "version": model.version,
+        "mode": model.mode,
+        "collapse": model.collapse.to_dict() if model.collapse else None,
+        "collapse_problems": model.collapse.problems() if model.collapse else [],
+        "seed": seed,
+        "finetune_crops": model.history.crops,
+        "max_finetune_crops": model.settings["max_crops"],
+    }
+
+
+def _finetuned_metadata(model: "FinetunedModel", record: dict, seconds: float) -> dict:
+    """The asset metadata of a finetuning run: settings, loss curve, throughput, collapse."""
+    history = model.history
+    curve = history.loss_curve
+    return {
+        "finetuned_version": model.version,
+        "compute_mode": model.mode,
+        "finetune_crops": record["finetune_crops"],
+        "max_finetune_crops": record["max_finetune_crops"],
+        "settings": dg.MetadataValue.json(model.settings),
+        "loss_curve": dg.MetadataValue.json([round(v, 4) for v in curve]),
+        "final_loss": round(curve[-1], 4) if curve else None,
+        "rounds": len(history.rounds),
+        "rounds_stopped": history.stopped,
+        "matched_track_pairs": history.n_matches,
+        "pairs_per_second": round(history.pairs_per_second, 1),
+        "bank_seconds": round(history.bank_seconds, 1),
+        "finetune_seconds": round(seconds, 1),
+        "collapse": dg.MetadataValue.json(record["collapse"]),
+        "checkpoint": dg.MetadataValue.path(str(record["checkpoint"])),
+    }
 
 
 def movie_model(backbone: BackboneResource, store: ArtifactStore, movie_id: str):
@@ -175,48 +170,57 @@ def movie_model(backbone: BackboneResource, store: ArtifactStore, movie_id: str)
     return finetuned.backbone, finetuned
 
 
-@dg.asset(
-    partitions_def=movies,
-    group_name="models",
-    code_version=CODE_VERSION,
-    deps=[track_crops, finetuned_model],
-    kinds={"torch", "parquet", "duckdb"},
-    pool=GPU_POOL,
+@movie_asset(
+    group=GROUP, deps=[track_crops, face_tracks, finetuned_model], kinds={"torch", "parquet", "duckdb"}, pool=GPU_POOL
 )
 def track_embeddings(
-    context: dg.AssetExecutionContext, backbone: BackboneResource, store: ArtifactStore, warehouse: WarehouseResource
+    context: dg.AssetExecutionContext,
+    backbone: BackboneResource,
+    clustering: ClusteringResource,
+    store: ArtifactStore,
+    warehouse: WarehouseResource,
 ) -> dg.MaterializeResult:
-    """Embeddings and SER-FIQ quality of every kept crop (Parquet + .npy), and per-track means, with the model version on every row."""
+    """Embeddings and SER-FIQ quality of every kept crop (Parquet + .npy), and per-track means, with the model version on every row.
+
+    When the movie is clustered by the loss metric, the same pass also keeps the
+    head logits of a bounded sample of the crops (``loss_sample.npz``), so that
+    ``face_clusters`` needs neither the model nor the chips again.
+    """
     wh = warehouse.get()
     with stage(context, wh, "track_embeddings") as run:
         model, finetuned = movie_model(backbone, store, run.movie_id)
-        registered = store.read_model_json(artifacts.BASE_MODEL)
         base_version = finetuned.base_version if finetuned else model.version
+        registered = store.read_model_json(artifacts.BASE_MODEL)
         if registered and registered["version"] != base_version:
             context.log.warning(
                 f"backbone version {base_version} differs from the registered base model {registered['version']}; "
                 "re-materialise base_model to record it"
             )
-        with_quality = supports_quality(model)
-        if not with_quality:
-            context.log.warning(f"backbone {model.name} cannot score crop quality; no track will be left out for quality")
-        crops, matrix = embed_crops(
-            store.local(run.movie_id, artifacts.CROPS), model, backbone.batch_size, quality=with_quality
+        track_ids = read_tracks(store, run.movie_id)["track_id"].to_numpy()
+        source = CropFile.open(store.local(run.movie_id, artifacts.CROPS), model.template, track_ids)
+        embedded = embed(
+            model, source, loss_metric=finetuned if clustering.similarity == "loss" else None,
+            batch_size=backbone.batch_size,
         )
-        tracks = track_means(crops, matrix, model.version)
+        crops = crop_embeddings_table(source.crops, model.version, embedded.quality)
+        tracks = track_means(crops, embedded.embeddings, model.version)
         with store.writing(run.movie_id, artifacts.CROP_EMBEDDING_MATRIX) as tmp:
             with open(tmp, "wb") as f:
-                np.save(f, matrix)
+                np.save(f, embedded.embeddings)
         store.write_parquet(run.movie_id, artifacts.CROP_EMBEDDINGS, crops)
+        if embedded.loss is not None:
+            with store.writing(run.movie_id, artifacts.LOSS_SAMPLE) as tmp:
+                embedded.loss.save(tmp)
         path = store.write_parquet(run.movie_id, artifacts.TRACK_EMBEDDINGS, tracks)
         wh.replace_movie_rows("track_embeddings", run.movie_id, tracks)
+        with_quality = embedded.quality is not None
         run.items, run.row_count, run.artifact = crops.height, tracks.height, str(path)
         run.details = {
             "model_version": model.version, "base_version": base_version, "finetuned": finetuned is not None,
             "device": model.device, "dtype": model.dtype, "quality": with_quality,
         }
-    return dg.MaterializeResult(
-        metadata={
+    return run.result(
+        {
             "crops_embedded": crops.height,
             "tracks": tracks.height,
             "model": model.name,
@@ -226,9 +230,8 @@ def track_embeddings(
             "dtype": model.dtype,
             "crop_quality": "SER-FIQ" if with_quality else "unsupported by the backbone",
             "mean_crop_quality": float(crops["quality"].mean()) if with_quality and crops.height else None,
-            "crops_per_s": round(crops.height / run.details["seconds"], 1) if run.details["seconds"] else 0.0,
-            "seconds": run.details["seconds"],
-            "path": dg.MetadataValue.path(str(path)),
+            "loss_metric_crops": None if embedded.loss is None else len(embedded.loss.rows),
+            "crops_per_s": round(crops.height / run.seconds, 1) if run.seconds else 0.0,
             "preview": preview(tracks.drop("embedding")),
         }
     )

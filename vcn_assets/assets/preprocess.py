@@ -8,7 +8,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from resources import ArtifactStore, DetectorResource, WarehouseResource
+from resources import ArtifactStore, DetectorResource, MovieRegistry, WarehouseResource
 from vcn.errors import VideoError
 from vcn.faces.crops import CropConfig, write_track_crops
 from vcn.faces.detection.video import appearance_matrix, detect_video_faces
@@ -52,12 +52,12 @@ def _video(store: ArtifactStore, movie_id: str, **options) -> VideoReader:
     """A reader of the movie's video (an S3 source is read from its local copy; errors name the S3 object)."""
     from vcn.media.parallel import default_workers
 
-    source = store.local_source(movie_id)
+    source = MovieRegistry(store).local_source(movie_id)
     options.setdefault("workers", default_workers())
     try:
         return VideoReader(source, **options)
     except VideoError as error:
-        registered = store.movie_source(movie_id)
+        registered = MovieRegistry(store).source(movie_id)
         if registered == source:
             raise
         raise type(error)(registered, error.reason) from None

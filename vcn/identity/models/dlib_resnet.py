@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -49,6 +48,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vcn.identity.models import dlib_serialization as ds
+from vcn.identity.models.split import SplitNetwork
+from vcn.identity.models.weights_cache import load_cached_weights, write_cached_weights
 
 log = logging.getLogger(__name__)
 
@@ -118,18 +119,23 @@ class ResidualBlock(nn.Module):
         return F.relu(_add_zero_padded(residual, skip))
 
 
-class DlibResNet(nn.Module):
+class DlibResNet(SplitNetwork):
     """dlib's ResNet face descriptor: 150x150 RGB chip in, 128-d descriptor out.
 
     Build it with :func:`load_dlib_resnet`; a bare ``DlibResNet()`` has random
-    weights. The output is unnormalised, like dlib's (norms about 1.3-1.7);
+    weights. Chips go in as (N, 3, 150, 150) RGB on the 0..255 scale, in the
+    model's floating-point dtype (uint8 chips converted with ``.float()``, not
+    rescaled). The output is unnormalised, like dlib's (norms about 1.3-1.7);
     dlib calls two faces the same person when their descriptors lie within
-    Euclidean distance 0.6.
+    Euclidean distance 0.6. The trunk ends where dlib's alevel1 begins
+    (:data:`LAST_STAGE_START`); the head is the final linear layer ``fc``.
 
     Attributes:
         version: ``dlib-resnet-v1-<first 12 hex of the .dat file's sha256>``
             when loaded from dlib's file, else None; record it in lineage.
     """
+
+    input_size = INPUT_SIZE
 
     def __init__(self) -> None:
         super().__init__()
@@ -145,40 +151,13 @@ class DlibResNet(nn.Module):
         self.fc = nn.Linear(in_channels, DESCRIPTOR_DIM, bias=False)
         self.version: str | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Descriptors of a batch of chips.
-
-        Args:
-            x: (N, 3, 150, 150) RGB chips on the 0..255 scale, in the model's
-                floating-point dtype (uint8 chips converted with ``.float()``, not rescaled).
-
-        Returns:
-            (N, 128) descriptors.
-
-        Raises:
-            ValueError: If ``x`` is not a floating-point (N, 3, 150, 150) tensor.
-        """
-        return self.forward_head(self.forward_features(x))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 256) pooled features before the final linear layer (input as :meth:`forward`).
-
-        Quality estimation perturbs these (SER-FIQ-style dropout) and runs
-        :meth:`forward_head` many times on them without redoing the trunk.
-        """
-        return self.forward_last_stage(self.forward_trunk(x))
-
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 128, 8, 8) feature maps entering the last stage (input as :meth:`forward`).
+        """(N, 128, 8, 8) feature maps entering the last stage, dlib's alevel1 (``blocks[LAST_STAGE_START:]``).
 
-        The trunk is everything before dlib's alevel1 (``blocks[:LAST_STAGE_START]``).
         Finetuning on a CPU trains only the last stage, so it runs the trunk once per
         augmented view and keeps its output (:mod:`vcn.identity.selfsup.bank`).
         """
-        if not torch.is_floating_point(x):
-            raise ValueError(f"chips must be a floating-point tensor on the 0..255 scale, got {x.dtype}")
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE):
-            raise ValueError(f"chips must have shape (N, 3, {INPUT_SIZE}, {INPUT_SIZE}), got {tuple(x.shape)}")
+        self.check_chips(x)
         x = (x - self.input_mean.to(x.dtype).view(1, 3, 1, 1)) * _INPUT_SCALE
         x = self.stem_pool(F.relu(self.stem_affine(self.stem_conv(x))))
         return self.blocks[:LAST_STAGE_START](x)
@@ -186,10 +165,6 @@ class DlibResNet(nn.Module):
     def forward_last_stage(self, trunk: torch.Tensor) -> torch.Tensor:
         """(N, 256) pooled features from :meth:`forward_trunk`'s output."""
         return self.blocks[LAST_STAGE_START:](trunk).mean(dim=(2, 3))
-
-    def forward_tail(self, trunk: torch.Tensor) -> torch.Tensor:
-        """(N, 128) descriptors from :meth:`forward_trunk`'s output: ``forward = forward_tail(forward_trunk)``."""
-        return self.forward_head(self.forward_last_stage(trunk))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """(N, 128) descriptors from :meth:`forward_features`' output."""
@@ -208,8 +183,8 @@ def load_dlib_resnet(dat_path: str | Path | None = None, cache_dir: str | Path |
         dat_path: dlib's model file; by default the one installed with
             ``face-recognition-models``.
         cache_dir: Folder for converted weights; by default
-            ``$XDG_CACHE_HOME/vcn/models`` (``~/.cache/vcn/models``). A model
-            store passes its own folder.
+            :func:`vcn.identity.checkpoints.model_cache_dir`. A model store
+            passes its own folder.
 
     Returns:
         The model in eval mode, on the CPU, float32, with ``version`` set.
@@ -222,13 +197,16 @@ def load_dlib_resnet(dat_path: str | Path | None = None, cache_dir: str | Path |
     dat_path = Path(dat_path) if dat_path is not None else _installed_dat_path()
     digest = hashlib.sha256(dat_path.read_bytes()).hexdigest()
     version = f"dlib-resnet-v1-{digest[:12]}"
-    cache_dir = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
-    cache_path = cache_dir / f"{version}.safetensors"
+    if cache_dir is None:
+        from vcn.identity.checkpoints import model_cache_dir
+
+        cache_dir = model_cache_dir()
+    cache_path = Path(cache_dir) / f"{version}.safetensors"
 
     model = DlibResNet()
-    if not _load_cache(model, cache_path, digest):
+    if not load_cached_weights(model, cache_path, digest, _CACHE_FORMAT):
         _copy_dlib_weights(model, ds.read_dlib_net(dat_path), dat_path)
-        _write_cache(model, cache_path, digest, version)
+        write_cached_weights(model, cache_path, digest, _CACHE_FORMAT, version)
         log.info("converted %s to %s", dat_path, cache_path)
     model.version = version
     return model.eval()
@@ -260,44 +238,6 @@ def _installed_dat_path() -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: face-recognition-models is installed but its model file is missing")
     return path
-
-
-def _default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vcn" / "models"
-
-
-def _load_cache(model: DlibResNet, path: Path, digest: str) -> bool:
-    """Fill ``model`` from a cache file; False when there is none or it is unusable."""
-    if not path.is_file():
-        return False
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as cache:
-            metadata = cache.metadata() or {}
-            if metadata.get("format") != _CACHE_FORMAT or metadata.get("source_sha256") != digest:
-                log.warning("%s was written from another model file or format; rebuilding it", path)
-                return False
-            state = {key: cache.get_tensor(key) for key in cache.keys()}
-        model.load_state_dict(state, strict=True)
-    except Exception as error:  # a truncated or foreign file: rebuild rather than fail
-        log.warning("cannot use cached weights %s (%s); rebuilding them", path, error)
-        return False
-    return True
-
-
-def _write_cache(model: DlibResNet, path: Path, digest: str, version: str) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().contiguous() for key, value in model.state_dict().items()}
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    try:
-        save_file(state, str(partial), metadata={"format": _CACHE_FORMAT, "source_sha256": digest, "version": version})
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def _copy_dlib_weights(model: DlibResNet, net: ds.DlibNet, source: Path) -> None:

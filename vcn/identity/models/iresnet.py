@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vcn.identity.models.split import SplitNetwork
+
 #: Side of the square chip the networks take (:data:`vcn.faces.align.ARCFACE_112`).
 INPUT_SIZE = 112
 #: Length of the embedding.
@@ -72,13 +74,16 @@ class IBasicBlock(nn.Module):
         return out + identity
 
 
-class IResNet(nn.Module):
+class IResNet(SplitNetwork):
     """IResNet: 112x112 RGB chip in, 512-d (unnormalised) embedding out.
 
     Build it with :func:`create_iresnet`. Random weights are for tests only:
     the convolutions start He-normal so that a random network's activations
     stay finite through 100 layers in eval mode (InsightFace's own N(0, 0.1)
     start assumes training-mode batch norm); every real use loads a checkpoint.
+    Chips go in as (N, 3, 112, 112) RGB normalised to ``(x / 255 - 0.5) / 0.5``.
+    The trunk ends where ``layer4`` begins; the head is ``dropout``, ``fc`` and
+    ``features``.
 
     Args:
         layers: Blocks in each of the four stages.
@@ -86,6 +91,8 @@ class IResNet(nn.Module):
             makes it a no-op; a positive value with the module in train mode
             gives the stochastic passes of SER-FIQ-style quality estimates.
     """
+
+    input_size = INPUT_SIZE
 
     def __init__(self, layers: tuple[int, int, int, int], dropout: float = 0.0) -> None:
         super().__init__()
@@ -126,34 +133,9 @@ class IResNet(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embeddings of a batch of chips.
-
-        Args:
-            x: (N, 3, 112, 112) RGB chips normalised to ``(x / 255 - 0.5) / 0.5``.
-
-        Returns:
-            (N, 512) embeddings, not L2-normalised.
-
-        Raises:
-            ValueError: If ``x`` is not a floating-point (N, 3, 112, 112) tensor.
-        """
-        return self.forward_head(self.forward_features(x))
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Flattened features before dropout and ``fc`` (input as :meth:`forward`).
-
-        Quality estimation perturbs these (SER-FIQ-style dropout) and runs
-        :meth:`forward_head` many times on them without redoing the trunk.
-        """
-        return self.forward_last_stage(self.forward_trunk(x))
-
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 256, 14, 14) feature maps entering ``layer4`` (input as :meth:`forward`)."""
-        if not torch.is_floating_point(x):
-            raise ValueError(f"chips must be a floating-point tensor, got {x.dtype}")
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, INPUT_SIZE, INPUT_SIZE):
-            raise ValueError(f"chips must have shape (N, 3, {INPUT_SIZE}, {INPUT_SIZE}), got {tuple(x.shape)}")
+        """(N, 256, 14, 14) feature maps entering ``layer4``."""
+        self.check_chips(x)
         x = self.prelu(self.bn1(self.conv1(x)))
         return self.layer3(self.layer2(self.layer1(x)))
 
@@ -161,12 +143,8 @@ class IResNet(nn.Module):
         """Flattened features from :meth:`forward_trunk`'s output (``layer4``, ``bn2``)."""
         return torch.flatten(self.bn2(self.layer4(trunk)), 1)
 
-    def forward_tail(self, trunk: torch.Tensor) -> torch.Tensor:
-        """(N, 512) embeddings from :meth:`forward_trunk`'s output: ``forward = forward_tail(forward_trunk)``."""
-        return self.forward_head(self.forward_last_stage(trunk))
-
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, 512) embeddings from :meth:`forward_features`' output."""
+        """(N, 512) embeddings from :meth:`forward_features`' output (``dropout``, ``fc``, ``features``)."""
         return self.features(self.fc(self.dropout(features)))
 
 

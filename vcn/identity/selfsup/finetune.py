@@ -4,8 +4,8 @@
 runs the progressive rounds (:func:`vcn.identity.selfsup.adapt.adapt`) and returns a
 :class:`FinetunedModel`: the finetuned backbone (ready to embed, with its own
 version for lineage), the projection head and centre that define the loss
-metric, what was done and how it went (settings, loss curves, throughput) and
-the collapse diagnostics (:class:`CollapseStats`). :meth:`FinetunedModel.save`
+metric, what was done and how it went (settings, and a :class:`FinetuneHistory` of
+loss curves and throughput) and the collapse diagnostics (:class:`CollapseStats`). :meth:`FinetunedModel.save`
 writes it as one safetensors file; :func:`load_finetuned` reads it back on top
 of the base backbone it was trained from.
 """
@@ -18,7 +18,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,13 @@ import numpy as np
 
 from vcn.batching import map_batches
 from vcn.errors import VcnError
-from vcn.identity.selfsup.adapt import AdaptConfig, AdaptResult, adapt, with_module
+from vcn.identity.selfsup.adapt import (
+    AdaptConfig,
+    AdaptResult,
+    AdaptRound,
+    adapt,
+    with_module,
+)
 from vcn.identity.selfsup.trainer import TrainConfig
 
 if TYPE_CHECKING:
@@ -195,6 +201,45 @@ def collapse_stats(
     )
 
 
+@dataclass(frozen=True)
+class FinetuneHistory:
+    """What a finetuning run did and how fast, as stored with its checkpoint.
+
+    Attributes:
+        rounds: One entry per progressive round (loss curve, matches, precision, seconds, pairs/s).
+        stopped: Why the rounds ended: ``"stable"`` (matches unchanged) or ``"max_rounds"``.
+        n_matches: Track pairs matched in the last matching.
+        crops: Crops the rounds trained on.
+        bank_seconds: Wall time of building the view bank (0 without one).
+        seconds: Wall time of the whole adaptation.
+        pairs_per_second: Mean training throughput over the rounds.
+        device: Where it trained.
+    """
+
+    rounds: tuple[AdaptRound, ...]
+    stopped: str
+    n_matches: int
+    crops: int
+    bank_seconds: float
+    seconds: float
+    pairs_per_second: float
+    device: str
+
+    @property
+    def loss_curve(self) -> list[float]:
+        """Mean loss of every epoch, all rounds in order."""
+        return [loss for r in self.rounds for loss in r.loss_curve]
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready form, the layout of the checkpoint's ``history`` metadata."""
+        return {**asdict(self), "rounds": [asdict(r) for r in self.rounds]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FinetuneHistory:
+        """The inverse of :meth:`to_dict`."""
+        return cls(**{**data, "rounds": tuple(AdaptRound(**r) for r in data["rounds"])})
+
+
 @dataclass(eq=False)
 class FinetunedModel:
     """A backbone adapted to one movie, with the head and centre of its loss metric.
@@ -209,8 +254,7 @@ class FinetunedModel:
         version: ``<base version>-ft-<first 12 hex of the sha256 of its weights>``.
         mode: Name of the :class:`ComputeMode`.
         settings: The :class:`~vcn.identity.selfsup.adapt.AdaptConfig` used, as a dict.
-        history: Rounds (loss curves, matches, precision, seconds, pairs/s),
-            why they stopped, crops trained on, bank and total seconds, mean pairs/s.
+        history: What the rounds did and how fast; None for a model assembled by hand, not trained.
         collapse: Collapse diagnostics, when computed.
     """
 
@@ -223,7 +267,7 @@ class FinetunedModel:
     version: str
     mode: str
     settings: dict
-    history: dict = field(default_factory=dict)
+    history: FinetuneHistory | None = None
     collapse: CollapseStats | None = None
 
     def loss_dissimilarity(self) -> LossDissimilarity:
@@ -276,7 +320,7 @@ class FinetunedModel:
                                 "bottleneck_dim": self.head.mlp[-1].out_features}),
             "temperatures": json.dumps([self.student_temperature, self.teacher_temperature]),
             "settings": json.dumps(self.settings),
-            "history": json.dumps(self.history),
+            "history": json.dumps(self.history.to_dict() if self.history else None),
             "collapse": json.dumps(self.collapse.to_dict() if self.collapse else None),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -321,6 +365,7 @@ def load_finetuned(path: str | os.PathLike[str], base: Backbone) -> FinetunedMod
     except RuntimeError as error:
         raise FinetuneError(f"{path}: weights do not fit {base.name}: {error}") from error
     student_t, teacher_t = json.loads(metadata["temperatures"])
+    history = json.loads(metadata.get("history") or "null")
     collapse = json.loads(metadata.get("collapse") or "null")
     if collapse:
         collapse.pop("loss_ratio", None)
@@ -334,7 +379,7 @@ def load_finetuned(path: str | os.PathLike[str], base: Backbone) -> FinetunedMod
         version=metadata["version"],
         mode=metadata["mode"],
         settings=json.loads(metadata["settings"]),
-        history=json.loads(metadata["history"]),
+        history=FinetuneHistory.from_dict(history) if history else None,
         collapse=CollapseStats(**collapse) if collapse else None,
     )
 
@@ -399,16 +444,16 @@ def finetune_movie(
     for problem in collapse.problems():
         log.warning("finetuning may have collapsed: %s", problem)
 
-    history = {
-        "rounds": [asdict(r) for r in result.rounds],
-        "stopped": result.stopped,
-        "n_matches": len(result.matches) if result.matches is not None else 0,
-        "crops": result.crops,
-        "bank_seconds": result.bank_seconds,
-        "seconds": result.seconds,
-        "pairs_per_second": result.pairs_per_second,
-        "device": result.final.device,
-    }
+    history = FinetuneHistory(
+        rounds=tuple(result.rounds),
+        stopped=result.stopped,
+        n_matches=len(result.matches) if result.matches is not None else 0,
+        crops=result.crops,
+        bank_seconds=result.bank_seconds,
+        seconds=result.seconds,
+        pairs_per_second=result.pairs_per_second,
+        device=str(result.final.device),
+    )
     return FinetunedModel(
         backbone=tuned,
         head=head,

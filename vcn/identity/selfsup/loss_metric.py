@@ -18,7 +18,9 @@ forward pass per crop gives both factors.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,13 +32,11 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from vcn.identity.selfsup.trainer import TrainResult
-
 #: Crops the loss metric is computed on at most (more when a movie has more
 #: tracks: every track keeps one). Each costs K logits in float32 and two K-vectors
 #: of factors in float64, which the clustering copies once: 36 bytes x K, 576 KiB
 #: at K = 16384, 2.3 GiB at this cap; a movie with more crops is compared on an
-#: even subset of each track's (:func:`loss_metric_sample`). A 5-minute movie
+#: even subset of each track's (:func:`loss_metric_rows`). A 5-minute movie
 #: (~2,800 crops) is under it. (The clustering's own per-track factors, a few
 #: (tracks, K) float64 arrays, still grow with the number of tracks.)
 MAX_CROPS = 4096
@@ -74,14 +74,6 @@ class LossDissimilarity:
         self.center = center
         self.student_temperature = float(student_temperature)
         self.teacher_temperature = float(teacher_temperature)
-
-    @classmethod
-    def from_result(cls, result: TrainResult) -> LossDissimilarity:
-        """The loss metric of a finetuning round (its centre and temperatures).
-
-        For :func:`vcn.identity.selfsup.adapt.adapt`, pass ``AdaptResult.final``.
-        """
-        return cls(result.center, result.config.student_temperature, result.config.teacher_temperature)
 
     def factors(self, outputs: np.ndarray) -> Factors:
         """Factors ``u = p`` (teacher targets) and ``v = -log q`` (student) of (N, K) logits.
@@ -126,37 +118,76 @@ class LossDissimilarity:
         return mean_u, mean_v
 
 
-def loss_metric_sample(
-    crop_track: np.ndarray, crop_quality: np.ndarray | None = None, max_crops: int | None = None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """The crops a movie's loss metric is computed on, and the crop quality to cluster them with.
+def loss_metric_rows(crop_track: np.ndarray, max_crops: int | None = None) -> np.ndarray:
+    """The crops a movie's loss metric is computed on: sorted indices into ``crop_track``.
 
     All crops when there are at most ``max_crops``: the clustering is then the
     same as on all of them. Beyond, an even subset of each track's crops
     (:func:`~vcn.identity.selfsup.sampling.spread_crops`), at least one per track so that
-    no track drops out of the clustering; each kept crop then carries its track's
-    mean quality over all its crops, so the quality screen judges every track as
-    it would on all of them.
+    no track drops out of the clustering.
 
     Args:
         crop_track: (N,) track index of each crop, in ``0..T-1``.
-        crop_quality: (N,) quality of each crop, or None.
         max_crops: Most crops to keep (exceeded only by a movie with more tracks);
-            default :data:`MAX_CROPS`.
-
-    Returns:
-        Sorted indices of the kept crops, and their quality (None when
-        ``crop_quality`` is None).
+            default :data:`MAX_CROPS`, read when called.
     """
     crop_track = np.asarray(crop_track, dtype=np.int64)
     n_tracks = len(np.unique(crop_track))
-    rows = spread_crops(crop_track, max(MAX_CROPS if max_crops is None else max_crops, n_tracks, 1))
+    return spread_crops(crop_track, max(MAX_CROPS if max_crops is None else max_crops, n_tracks, 1))
+
+
+def sample_quality(crop_quality: np.ndarray | None, crop_track: np.ndarray, rows: np.ndarray) -> np.ndarray | None:
+    """The crop quality to cluster the crops at ``rows`` (of :func:`loss_metric_rows`) with.
+
+    Each kept crop carries its track's mean quality over all its crops, so that
+    the quality screen judges every track as it would on all of them; all crops
+    kept, their own quality. None when ``crop_quality`` is None.
+    """
     if crop_quality is None or len(rows) == len(crop_track):
-        return rows, crop_quality
+        return crop_quality
     from vcn.identity.quality import track_quality
 
+    crop_track = np.asarray(crop_track, dtype=np.int64)
     means = track_quality(crop_quality, crop_track, int(crop_track.max()) + 1)
-    return rows, means[crop_track[rows]]
+    return means[crop_track[rows]]
+
+
+@dataclass(frozen=True, eq=False)
+class LossSample:
+    """What clustering by the loss metric takes: head logits of a bounded sample of crops, and the metric.
+
+    Attributes:
+        rows: (M,) sorted positions of the sampled crops among all (:func:`loss_metric_rows`).
+        logits: (M, K) float32 head logits of those crops through the finetuned student.
+        metric: The finetuned model's loss between crops.
+        model_version: Version of the finetuned model that gave the logits.
+        device: Where that model ran.
+    """
+
+    rows: np.ndarray
+    logits: np.ndarray
+    metric: LossDissimilarity
+    model_version: str
+    device: str
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write it as one ``.npz`` file at ``path`` (no suffix added)."""
+        with open(path, "wb") as file:
+            np.savez(
+                file, rows=self.rows, logits=self.logits, center=self.metric.center,
+                temperatures=np.array([self.metric.student_temperature, self.metric.teacher_temperature]),
+                model_version=np.array(self.model_version), device=np.array(self.device),
+            )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LossSample:
+        """Read a file written by :meth:`save`."""
+        with np.load(path) as data:
+            student, teacher = data["temperatures"].tolist()
+            return cls(
+                rows=data["rows"], logits=data["logits"], metric=LossDissimilarity(data["center"], student, teacher),
+                model_version=str(data["model_version"]), device=str(data["device"]),
+            )
 
 
 def crop_logits(
