@@ -16,16 +16,16 @@ class BackboneResource(dg.ConfigurableResource):
 
     The model is, in order: the ``name``/``checkpoint`` set on the resource; else
     the model registered last (``vcn model register``, the ``base_model`` asset,
-    recorded in ``registry``); else dlib's ResNet descriptor (CC0), ported to
-    torch and read from the installed ``face-recognition-models`` package: no
-    download, no licence question. ArcFace-style iresnet checkpoints and ONNX
+    recorded in ``registry``); else a new install's default
+    (:data:`vcn.identity.backbone.DEFAULT_BACKBONE`), whose weights ship in an
+    installed package: no download. ArcFace-style iresnet checkpoints and ONNX
     recognisers plug in by name and checkpoint path (local or ``s3://``).
     """
 
     name: str | None = Field(
-        default=None, description="Backbone: dlib-resnet, iresnet18/34/50/100 or onnx; None: the registered model."
+        default=None, description="Backbone: dlib-resnet, sface, iresnet18/34/50/100 or onnx; None: the registered model."
     )
-    checkpoint: str | None = Field(default=None, description="Checkpoint path or s3:// URI (required except for dlib-resnet).")
+    checkpoint: str | None = Field(default=None, description="Checkpoint path or s3:// URI (optional for dlib-resnet and sface, whose weights ship in packages).")
     registry: str | None = Field(
         default=None, description="The model registry's record of the current base model (base_model.json; a path or s3:// URI)."
     )
@@ -43,7 +43,9 @@ class BackboneResource(dg.ConfigurableResource):
         record = self.registered()
         if record is not None:
             return record["name"], record.get("checkpoint")
-        return "dlib-resnet", self.checkpoint
+        from vcn.identity.backbone import DEFAULT_BACKBONE
+
+        return DEFAULT_BACKBONE, self.checkpoint
 
     def registered(self) -> dict | None:
         """The registry's record of the current base model, if one was registered."""

@@ -480,7 +480,7 @@ def test_s3_without_credentials(s3, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_unknown_backbone_name_lists_the_known_ones() -> None:
-    with pytest.raises(ValueError, match="unknown backbone 'resnet50'; known: dlib-resnet, iresnet18") as caught:
+    with pytest.raises(ValueError, match="unknown backbone 'resnet50'; known: dlib-resnet, sface, iresnet18") as caught:
         load_backbone("resnet50")
     assert all(name in str(caught.value) for name in KNOWN_BACKBONES)
 

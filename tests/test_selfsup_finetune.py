@@ -10,7 +10,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from vcn.identity.models.iresnet import create_iresnet
+from vcn.identity.models.dlib_resnet import DlibResNet
+from vcn.identity.models.iresnet import IResNet, create_iresnet
 from vcn.identity.selfsup.adapt import AdaptConfig
 from vcn.identity.selfsup.bank import ViewBank, bank_crops, build_view_bank
 from vcn.identity.selfsup.finetune import (
@@ -24,7 +25,7 @@ from vcn.identity.selfsup.finetune import (
     finetune_movie,
     load_finetuned,
 )
-from vcn.identity.selfsup.trainer import LAST_STAGE_PREFIXES, TrainConfig, train_round
+from vcn.identity.selfsup.trainer import TrainConfig, train_round
 
 
 def _chips(n: int, seed: int = 0) -> np.ndarray:
@@ -57,7 +58,7 @@ def test_iresnet_trunk_then_tail_is_the_forward_pass():
         trunk = model.forward_trunk(x)
         assert tuple(trunk.shape) == (2, 256, 14, 14)
         assert torch.equal(model.forward_tail(trunk), model(x))
-    tail_parameters = {n for n, _ in model.named_parameters() if n.startswith(LAST_STAGE_PREFIXES["IResNet"])}
+    tail_parameters = {n for n, _ in model.named_parameters() if n.startswith(IResNet.last_stage_prefixes)}
     assert any(n.startswith("layer4") for n in tail_parameters)
 
 
@@ -133,7 +134,7 @@ def bank_result(backbone, data):
 
 def test_bank_training_moves_the_last_stage_only(bank_result, backbone):
     original = backbone.module.state_dict()
-    prefixes = LAST_STAGE_PREFIXES["DlibResNet"]
+    prefixes = DlibResNet.last_stage_prefixes
     changed = {n for n, v in bank_result.backbone.state_dict().items() if not torch.equal(v, original[n])}
     assert changed and all(n.startswith(prefixes) for n in changed)
     assert bank_result.bank_seconds > 0

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+from vcn.identity.models.dlib_resnet import DlibResNet
 from vcn.identity.selfsup import trainer as trainer_module
 from vcn.identity.selfsup.trainer import (
-    LAST_STAGE_PREFIXES,
     TrainConfig,
     backbone_part,
     train_round,
@@ -28,7 +28,7 @@ CONFIG = TrainConfig(
 
 
 def _in_last_stage(name: str) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in LAST_STAGE_PREFIXES["DlibResNet"])
+    return any(name == p or name.startswith(p + ".") for p in DlibResNet.last_stage_prefixes)
 
 
 @pytest.fixture(scope="module")

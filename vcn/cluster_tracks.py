@@ -158,8 +158,8 @@ def cluster_trackset(
 
     Args:
         directory: The dataset folder (``tracks.csv``, ``crops.csv``).
-        backbone: The face-ID backbone; by default dlib's ResNet
-            (``vcn.load_backbone("dlib-resnet")``), which needs no checkpoint.
+        backbone: The face-ID backbone; by default a new install's
+            (:data:`vcn.identity.backbone.DEFAULT_BACKBONE`), which needs no checkpoint.
         cannot_link: Forbid tracks on screen together (same shot, overlapping
             frames) from sharing a cluster, and from being matched as training
             pairs. Off reproduces the paper's method.
@@ -288,7 +288,7 @@ def align_trackset(
         import vcn
 
         started = time.perf_counter()
-        backbone = vcn.load_backbone("dlib-resnet", device=device)
+        backbone = vcn.load_backbone(device=device)
         timings["load_backbone"] = time.perf_counter() - started
 
     # Find and align the face in every crop of the tracks without problems.

@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     mo = sub.add_parser("model", help="the base face-ID model: register a new one, list them, re-cluster after a change")
     mact = mo.add_subparsers(dest="action", required=True)
     reg = mact.add_parser("register", help="make a model the base model of every movie (their clusters go stale)")
-    reg.add_argument("--name", default="dlib-resnet", help="backbone: dlib-resnet (default), iresnet18/34/50/100, onnx")
+    reg.add_argument("--name", help="backbone: dlib-resnet, sface, iresnet18/34/50/100, onnx (default: a new install's)")
     reg.add_argument("--checkpoint", help="weights: a path or s3:// URI (dlib-resnet: its .dat or a state dict)")
     mact.add_parser("list", help="registered models, the current one last")
     mact.add_parser("recluster", help="re-cluster now, in this process, every movie clustered with an older base model")
@@ -442,7 +442,11 @@ def _model(args: argparse.Namespace) -> int:
         movie_ids = instance.get_dynamic_partitions(movies.name)
         if args.action == "register":
             before = store.read_model_json(artifacts.BASE_MODEL)
-            backbone = BackboneResource(name=args.name, checkpoint=args.checkpoint, registry=resources["backbone"].registry)
+            from vcn.identity.backbone import DEFAULT_BACKBONE
+
+            backbone = BackboneResource(
+                name=args.name or DEFAULT_BACKBONE, checkpoint=args.checkpoint, registry=resources["backbone"].registry
+            )
             backbone.load()  # refuse a bad checkpoint before anything is recorded
             result = dg.materialize(
                 [base_model], instance=instance, resources={**resources, "backbone": backbone}, raise_on_error=False,

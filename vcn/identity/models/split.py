@@ -34,6 +34,9 @@ class SplitNetwork(nn.Module):
 
     #: Side of the square RGB chip the network takes.
     input_size: int
+    #: Parameter-name prefixes of the last stage with the head: what CPU finetuning trains
+    #: (:func:`vcn.identity.selfsup.trainer.backbone_part`).
+    last_stage_prefixes: tuple[str, ...]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) embeddings of (N, 3, S, S) chips prepared as the architecture expects."""

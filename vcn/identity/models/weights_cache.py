@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+Module = TypeVar("Module", bound=nn.Module)
 
 
 def load_cached_weights(model: nn.Module, path: Path, digest: str, layout: str) -> bool:
@@ -71,3 +75,39 @@ def write_cached_weights(model: nn.Module, path: Path, digest: str, layout: str,
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def load_converted(
+    model: Module,
+    source: Path,
+    digest: str,
+    version: str,
+    layout: str,
+    convert: Callable[[Module], None],
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Module:
+    """``model`` with the weights of a released file: from the cache, else converted (``convert``) and cached.
+
+    Args:
+        model: A freshly built module of the right architecture.
+        source: The released file (for the log).
+        digest: Its sha256.
+        version: The model version, also the cache file's name.
+        layout: The tag of the module's state-dict layout.
+        convert: Fills ``model`` from ``source`` (only called when the cache cannot serve).
+        cache_dir: Where the cache lives; default :func:`vcn.identity.checkpoints.model_cache_dir`.
+
+    Returns:
+        ``model`` filled, with ``version`` set, in eval mode.
+    """
+    if cache_dir is None:
+        from vcn.identity.checkpoints import model_cache_dir
+
+        cache_dir = model_cache_dir()
+    cache_path = Path(cache_dir) / f"{version}.safetensors"
+    if not load_cached_weights(model, cache_path, digest, layout):
+        convert(model)
+        write_cached_weights(model, cache_path, digest, layout, version)
+        log.info("converted %s to %s", source, cache_path)
+    model.version = version
+    return model.eval()

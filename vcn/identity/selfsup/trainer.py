@@ -50,19 +50,6 @@ log = logging.getLogger(__name__)
 
 TrainablePart = Literal["none", "last_stage", "all"]
 
-#: Parameter-name prefixes of the "last stage" of each backbone architecture, by class name.
-#: DlibResNet: its 256-channel blocks, dlib's alevel1 (``blocks.9``-``blocks.11``, a
-#: downsampling block and two more) and alevel0 (``blocks.12``, one downsampling block),
-#: plus the final linear layer ``fc``: the counterpart of IResNet's layer4. They hold
-#: most of the weights (~4.4 of 5.6 M) but, on 4x4 and smaller maps, little of the
-#: compute, and the backward pass stops at ``blocks.9``.
-#: IResNet: ``layer4`` (512 channels), the batch norm after it, ``fc`` and the
-#: ``features`` batch norm.
-LAST_STAGE_PREFIXES: dict[str, tuple[str, ...]] = {
-    "DlibResNet": ("blocks.9", "blocks.10", "blocks.11", "blocks.12", "fc"),
-    "IResNet": ("layer4", "bn2", "fc", "features"),
-}
-
 
 class TrainConfig(BaseModel):
     """Settings of one finetuning round.
@@ -102,7 +89,7 @@ class TrainConfig(BaseModel):
     )
     trainable: TrainablePart = Field(
         "last_stage", description="Backbone part trained in the joint epochs: 'none' (head only throughout), "
-        "'last_stage' (see LAST_STAGE_PREFIXES) or 'all'. Parameters the model itself freezes stay frozen."
+        "'last_stage' (the architecture's last_stage_prefixes) or 'all'. Parameters the model itself freezes stay frozen."
     )
     teacher_momentum: float = Field(
         0.996, ge=0, le=1, description="EMA momentum of the teacher at the first step; it rises on a cosine to 1."
@@ -206,11 +193,11 @@ def backbone_part(module: nn.Module, part: TrainablePart) -> list[str]:
         return names
     if part != "last_stage":
         raise ValueError(f"trainable part must be 'none', 'last_stage' or 'all', got {part!r}")
-    prefixes = LAST_STAGE_PREFIXES.get(type(module).__name__)
+    prefixes = getattr(module, "last_stage_prefixes", None)
     if prefixes is None:
         raise ValueError(
             f"no known last stage for {type(module).__name__}; use trainable='all' or 'none', "
-            f"or add it to LAST_STAGE_PREFIXES"
+            "or give the architecture its last_stage_prefixes (vcn.identity.models.split.SplitNetwork)"
         )
     return [n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes)]
 
