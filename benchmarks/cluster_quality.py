@@ -51,6 +51,7 @@ from vcn.clustering.cannot_link import on_screen_together  # noqa: E402
 from vcn.clustering.metrics import evaluate  # noqa: E402
 from vcn.clustering.parameter_free import UNKNOWN, cluster_movie  # noqa: E402
 from vcn.formats.trackset import read_trackset_labels  # noqa: E402
+from vcn.identity.backbone import DEFAULT_BACKBONE, load_backbone  # noqa: E402
 from vcn.identity.embeddings import unit_track_means  # noqa: E402
 from vcn.pipeline import adapt, cluster, embed  # noqa: E402
 
@@ -89,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-finetune", action="store_true", help="pretrained rows and baselines only (minutes, not a quarter hour)")
     parser.add_argument("--name", default="cluster_quality", help="stem of the results files in benchmarks/results/")
     parser.add_argument("--dump", type=Path, help="also save the crop embeddings, qualities, tracks and labels here (.npz)")
+    parser.add_argument("--backbone", default=None, help="base model by registry name (default: a new install's)")
     args = parser.parse_args(argv)
     if not (args.trackset / "labels.csv").is_file():
         parser.error(f"{args.trackset} has no labels.csv to score against")
 
     # The same reading, alignment, embedding and quality as `vcn cluster-tracks`, once.
-    aligned = align_trackset(args.trackset, device="cpu")
+    backbone = load_backbone(args.backbone or DEFAULT_BACKBONE, device="cpu")
+    aligned = align_trackset(args.trackset, backbone=backbone)
     started = time.perf_counter()
     data = embed(aligned.backbone, aligned.chips)
     timings = {**aligned.timings, "embed": time.perf_counter() - started}

@@ -1,6 +1,6 @@
-"""Face embedding: speed and identity quality of our pipeline against dlib's own.
+"""Face embedding: speed and identity quality of our pipeline against dlib's own, and of every backbone.
 
-Two questions, one script:
+Three questions, one script:
 
 1. **Throughput.** Crops per second of dlib's ResNet descriptor ported to torch
    (through the backbone registry, ``vcn.identity.backbone.load_backbone("dlib-resnet")``)
@@ -28,17 +28,54 @@ Two questions, one script:
    same-identity and all different-identity pairs (cosine similarity), and
    leave-one-out 1-nearest-neighbour identification accuracy.
 
+3. **Every backbone** (``--backbones``; no dlib, no detector): each registry
+   backbone, and the pair of them, on the same CelebA DEV crops, each face
+   aligned from the dataset's own 5 landmarks (``faces.csv``) onto its backbone's
+   template (``dlib-resnet``: ``DLIB_150``, 150 px; ``sface``: ``ARCFACE_112``,
+   112 px). ``dlib-resnet+sface`` embeds each face with both, each on chips
+   aligned for its own template, and concatenates the two unit vectors,
+   renormalised (each half weighs the same). Two conditions:
+
+   - *clean*: the 256 px crop as stored, aligned by :func:`vcn.faces.align.align_face`;
+   - *face 24 px tall, then JPEG q30*: the crop is resized (``cv2.INTER_AREA``)
+     by ``s = 24 / h``, ``h`` the height of the dataset's face box (RetinaFace's,
+     median 128 px), to ``round(256 s)`` px a side (about 48), so that the box
+     is 24 px tall; that image is JPEG-encoded by OpenCV at quality 30 (its
+     default 4:2:0 chroma subsampling) and decoded; the landmarks are scaled
+     with the same geometry as the resize (``x' = (x + 0.5) s_x - 0.5``, pixel
+     centres on integers, ``s_x`` the exact ratio of the two widths) and the
+     face is aligned from them, upsampled by the same bilinear warp, onto the
+     same template. Only the image loses detail; the landmarks are exact.
+     This is harsh: the face spans three 8 px JPEG blocks (one and a half
+     16 px chroma blocks), and at quality 30 the blocks lose most of their
+     detail; the embedders lose more to the JPEG here than to the downscale.
+
+   Per condition and backbone: verification ROC AUC and TAR at FAR 1e-3 / 1e-4,
+   leave-one-out 1-NN accuracy, as above, on all images. Speed: crops/s of each
+   backbone through the registry's ``embed`` on real clean chips, on the CPU
+   (torch, 2 threads, batch 64, fp32) and, when torch sees a GPU, on it (bf16
+   autocast and fp32, batches of 512 and 1024); the pair runs its two networks
+   one after the other, so its rate is derived, ``1 / (1/a + 1/b)``, not timed.
+   With ``--gpu-only`` the quality passes run on the GPU instead, in its
+   default bf16 autocast and in fp32, and the two are compared.
+
 Outputs ``benchmarks/results/embed.json`` and ``embed.md`` (``embed_gpu.*``
-with ``--gpu-only``) and prints the tables.
+with ``--gpu-only``; ``embed_backbones.*`` and ``embed_backbones_gpu.*`` with
+``--backbones``) and prints the tables.
 
 Usage, from the repository root::
 
     python benchmarks/embed.py                    # CPU + dlib (+ GPU when present), all DEV images
     python benchmarks/embed.py --per-identity 10  # first 10 images (by path) of each identity
     python benchmarks/embed.py --gpu-only         # GPU machine: our pipeline on the GPU only, no dlib
+    python benchmarks/embed.py --backbones                 # every backbone, CPU (+ GPU when present)
+    python benchmarks/embed.py --backbones sface           # one, or a comma list ("dlib-resnet+sface": the pair)
+    python benchmarks/embed.py --backbones --gpu-only      # GPU machine: every backbone on the GPU only
 
-The full CPU run takes 11-15 minutes on 2 cores (more when it waits for a quiet
-machine), most of it in dlib's descriptor.
+The full CPU run of the first two questions takes 11-15 minutes on 2 cores (more
+when it waits for a quiet machine), most of it in dlib's descriptor; that of
+``--backbones`` about 10-15 minutes, most of it in the two embedding passes.
+Where the crops lie elsewhere (a GPU machine), pass their folder with ``--data``.
 """
 
 from __future__ import annotations
@@ -46,6 +83,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import inspect
 import json
 import math
@@ -54,10 +92,11 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -88,11 +127,12 @@ MIN_NEGATIVES_ABOVE = 10
 
 @dataclass(frozen=True)
 class Face:
-    """One annotated crop of the dataset: its file, identity and face box (crop pixels)."""
+    """One annotated crop of the dataset: its file, identity, face box and 5 landmarks (crop pixels)."""
 
     path: str
     identity: int
     box: tuple[float, float, float, float]
+    landmarks: tuple[tuple[float, float], ...]
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -110,7 +150,8 @@ def read_faces(data: Path, per_identity: int) -> list[Face]:
             continue
         taken[identity] = taken.get(identity, 0) + 1
         box = tuple(float(row[key]) for key in ("box_x1", "box_y1", "box_x2", "box_y2"))
-        faces.append(Face(row["path"], identity, box))
+        landmarks = tuple((float(row[f"lm_x{i}"]), float(row[f"lm_y{i}"])) for i in range(1, 6))
+        faces.append(Face(row["path"], identity, box, landmarks))
     return faces
 
 
@@ -148,50 +189,11 @@ def matching_face(boxes: np.ndarray, annotated: tuple[float, float, float, float
 # --- our pipeline ---------------------------------------------------------------------------
 
 
-class PortedDescriptor:
-    """Stand-in for the backbone registry while ``vcn.identity.backbone`` is absent: the ported model, L2-normalised.
-
-    Args:
-        device: Torch device to run on.
-    """
-
-    def __init__(self, device: str) -> None:
-        import torch
-
-        from vcn.identity.models.dlib_resnet import load_dlib_resnet
-
-        self.device = device
-        self.model = load_dlib_resnet().to(device)
-        self.version = self.model.version
-        #: "bfloat16" runs under CUDA autocast, as the registry does on a GPU; "float32" does not.
-        self.dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
-
-    def embed(self, chips: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """(N, 150, 150, 3) uint8 RGB chips -> (N, 128) float32 unit vectors."""
-        import torch
-        import torch.nn.functional as F
-
-        parts = []
-        device = torch.device(self.device)
-        bf16 = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.dtype == "bfloat16")
-        with torch.inference_mode(), bf16:
-            for start in range(0, len(chips), batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(chips[start : start + batch_size])).to(self.device)
-                descriptors = self.model(batch.permute(0, 3, 1, 2).float()).float()
-                parts.append(F.normalize(descriptors, dim=1).cpu())
-        return torch.cat(parts).numpy() if parts else np.zeros((0, 128), np.float32)
-
-
 def load_embedder(device: str) -> tuple[Any, str]:
-    """The ``dlib-resnet`` backbone from the registry when it loads, else :class:`PortedDescriptor`; and which it is."""
-    try:
-        from vcn.identity.backbone import load_backbone
+    """The ``dlib-resnet`` backbone from the registry, and how it was loaded (recorded in the report)."""
+    from vcn import load_backbone
 
-        return load_backbone("dlib-resnet", device=device), "vcn.identity.backbone.load_backbone('dlib-resnet')"
-    except Exception as error:  # absent or half-written registry: measure the same model without it
-        reason = f"{type(error).__name__}: {error}"
-        print(f"vcn.identity.backbone unusable ({reason}); using load_dlib_resnet + L2 normalisation", file=sys.stderr)
-        return PortedDescriptor(device), f"fallback: vcn.identity.models.dlib_resnet.load_dlib_resnet + L2 ({reason})"
+    return load_backbone("dlib-resnet", device=device), "vcn.identity.backbone.load_backbone('dlib-resnet')"
 
 
 def embed(embedder: Any, chips: np.ndarray, batch: int) -> np.ndarray:
@@ -244,7 +246,9 @@ def _dlib_init(with_detector: bool) -> None:
         _DLIB["predictor"] = dlib.shape_predictor(str(models / "shape_predictor_5_face_landmarks.dat"))
 
 
-def _dlib_face(task: tuple[str, tuple[float, ...], np.ndarray | None]) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None]:
+def _dlib_face(
+    task: tuple[str, tuple[float, ...], np.ndarray | None],
+) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None]:
     """dlib's pipeline on one image, plus dlib's descriptor of our chip of it.
 
     Returns:
@@ -261,7 +265,7 @@ def _dlib_face(task: tuple[str, tuple[float, ...], np.ndarray | None]) -> tuple[
     if index is not None:
         rect, source = rects[index], "hog"
     else:
-        rect, source = dlib.rectangle(*(int(round(v)) for v in box)), "annotated box"
+        rect, source = dlib.rectangle(*(round(v) for v in box)), "annotated box"
     chip = dlib.get_face_chip(image, _DLIB["predictor"](image, rect), size=CHIP_SIZE, padding=CHIP_PADDING)
     batch = [chip] if ours is None else [chip, ours]
     descriptors = np.array(_DLIB["descriptor"].compute_face_descriptor(batch), np.float32)
@@ -364,7 +368,7 @@ def quality_table(rows: dict[str, np.ndarray], identities: np.ndarray, subset: n
     ids = identities[subset]
     return {
         "images": int(subset.sum()),
-        "identities": int(len(np.unique(ids))),
+        "identities": len(np.unique(ids)),
         "rows": {name: {**verification(x[subset], ids), **identification(x[subset], ids)} for name, x in rows.items()},
     }
 
@@ -372,7 +376,11 @@ def quality_table(rows: dict[str, np.ndarray], identities: np.ndarray, subset: n
 def agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     """How close two sets of unit embeddings of the same chips are."""
     cosine = (a * b).sum(axis=1)
-    return {"max_abs_diff": float(np.abs(a - b).max()), "min_cosine": float(cosine.min()), "median_cosine": float(np.median(cosine))}
+    return {
+        "max_abs_diff": float(np.abs(a - b).max()),
+        "min_cosine": float(cosine.min()),
+        "median_cosine": float(np.median(cosine)),
+    }
 
 
 # --- throughput -----------------------------------------------------------------------------
@@ -456,7 +464,7 @@ def timed_runs(
         if best is None or measured["other_cores"] < best["other_cores"]:
             best = measured
         best["attempts"] = attempt
-        if measured["other_cores"] < CONTENDED_CORES:
+        if measured["other_cores"] < CONTENDED_CORES or attempt == ATTEMPTS:
             break
         print(f"  contended ({measured['other_cores']:.2f} other cores); waiting, then again", file=sys.stderr)
         wait_for_quiet()
@@ -472,27 +480,52 @@ def cpu_throughput(embedder: Any, chips: np.ndarray) -> list[dict[str, Any]]:
     torch_chips, dlib_chips = chips[:TORCH_CPU_CHIPS], list(chips[:DLIB_CHIPS])
     for batch in CPU_BATCHES:
         print(f"throughput: ported model, CPU, batch {batch}", file=sys.stderr)
-        measured = timed_runs(lambda: embed(embedder, torch_chips, batch), len(torch_chips))
-        results.append({"engine": "ported model (torch)", "device": "cpu", "precision": "fp32", "batch": batch,
-                        "workers": f"{torch.get_num_threads()} threads", **measured})
+        measured = timed_runs(functools.partial(embed, embedder, torch_chips, batch), len(torch_chips))
+        results.append(
+            {
+                "engine": "ported model (torch)",
+                "device": "cpu",
+                "precision": "fp32",
+                "batch": batch,
+                "workers": f"{torch.get_num_threads()} threads",
+                **measured,
+            }
+        )
 
     _dlib_init(with_detector=False)
     descriptor = _DLIB["descriptor"]
     print("throughput: dlib, batched", file=sys.stderr)
     measured = timed_runs(lambda: descriptor.compute_face_descriptor(dlib_chips), len(dlib_chips))
-    results.append({"engine": "dlib C++", "device": "cpu", "precision": "fp32", "batch": len(dlib_chips),
-                    "workers": "1 process", **measured})
+    results.append(
+        {
+            "engine": "dlib C++",
+            "device": "cpu",
+            "precision": "fp32",
+            "batch": len(dlib_chips),
+            "workers": "1 process",
+            **measured,
+        }
+    )
     print("throughput: dlib, per chip", file=sys.stderr)
     measured = timed_runs(lambda: [descriptor.compute_face_descriptor(c) for c in dlib_chips], len(dlib_chips))
-    results.append({"engine": "dlib C++", "device": "cpu", "precision": "fp32", "batch": 1,
-                    "workers": "1 process", **measured})
+    results.append(
+        {"engine": "dlib C++", "device": "cpu", "precision": "fp32", "batch": 1, "workers": "1 process", **measured}
+    )
     print(f"throughput: dlib, batched, {CPU_THREADS} processes", file=sys.stderr)
     halves = [dlib_chips[i::CPU_THREADS] for i in range(CPU_THREADS)]
     with dlib_pool(with_detector=False) as pool:
         workers = [os.getpid(), *(child.pid for child in psutil.Process().children())]
         measured = timed_runs(lambda: pool.map(_dlib_descriptors, halves), len(dlib_chips), pids=workers)
-    results.append({"engine": "dlib C++", "device": "cpu", "precision": "fp32", "batch": len(halves[0]),
-                    "workers": f"{CPU_THREADS} processes", **measured})
+    results.append(
+        {
+            "engine": "dlib C++",
+            "device": "cpu",
+            "precision": "fp32",
+            "batch": len(halves[0]),
+            "workers": f"{CPU_THREADS} processes",
+            **measured,
+        }
+    )
     return results
 
 
@@ -506,9 +539,20 @@ def gpu_throughput(embedder: Any, chips: np.ndarray) -> list[dict[str, Any]]:
         for batch in GPU_BATCHES:
             print(f"throughput: ported model, GPU, {precision}, batch {batch}", file=sys.stderr)
             with gpu_precision(embedder, precision):
-                measured = timed_runs(lambda: embed(embedder, tiled, batch), GPU_CHIPS, torch.cuda.synchronize)
-            results.append({"engine": "ported model (torch)", "device": "cuda", "precision": precision,
-                            "batch": batch, "workers": "1 GPU", **measured, "distinct_chips": len(chips)})
+                measured = timed_runs(
+                    functools.partial(embed, embedder, tiled, batch), GPU_CHIPS, torch.cuda.synchronize
+                )
+            results.append(
+                {
+                    "engine": "ported model (torch)",
+                    "device": "cuda",
+                    "precision": precision,
+                    "batch": batch,
+                    "workers": "1 GPU",
+                    **measured,
+                    "distinct_chips": len(chips),
+                }
+            )
     return results
 
 
@@ -557,7 +601,11 @@ def machine() -> dict[str, Any]:
     with contextlib.suppress(ImportError):
         import dlib
 
-        facts["dlib"] = {"version": dlib.__version__, "blas": bool(dlib.DLIB_USE_BLAS), "cuda": bool(dlib.DLIB_USE_CUDA)}
+        facts["dlib"] = {
+            "version": dlib.__version__,
+            "blas": bool(dlib.DLIB_USE_BLAS),
+            "cuda": bool(dlib.DLIB_USE_CUDA),
+        }
     if torch.cuda.is_available():
         facts["gpu"] = {
             "name": torch.cuda.get_device_name(0),
@@ -579,17 +627,53 @@ ROW_LABELS = {
 }
 
 
-def to_markdown(report: dict[str, Any]) -> str:
+def measured_on(report: dict[str, Any]) -> str:
+    """The sentence saying when, on what and how long."""
     m = report["machine"]
+    return (
+        f"Measured {report['date_utc']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
+        f"Python {m['python']}, torch {m['torch']} ({report['cpu_threads']} CPU threads)"
+        + (
+            f", dlib {m['dlib']['version']} (BLAS: {m['dlib']['blas']}, CUDA: {m['dlib']['cuda']})"
+            if "dlib" in m
+            else ""
+        )
+        + (
+            f", GPU {m['gpu']['name']} (CUDA {m['gpu']['cuda']}, cuDNN TF32 allowed: {m['gpu']['cudnn_allow_tf32']})"
+            if "gpu" in m
+            else ""
+        )
+        + f". Load average (1, 5, 15 min) at the start {m['load_average_start']}, at the end {m['load_average_end']}."
+        + f" Total {report['timings_s']['total']:.0f} s."
+    )
+
+
+def contention_note(contended: list[str]) -> str:
+    """How the timings dealt with a shared machine, and which stayed contended."""
+    return (
+        "This machine is shared with other sessions. Each timing pass measured the cores other processes kept "
+        f"busy (last column) and was repeated after a quiet wait when that reached {CONTENDED_CORES} "
+        f"(up to {ATTEMPTS} tries, least contended kept). "
+        + (
+            f"Still contended, so read as lower bounds: {'; '.join(contended)}."
+            if contended
+            else "No CPU row was contended."
+        )
+    )
+
+
+GPU_TIMING_NOTE = (
+    "GPU timings go through the registry's embed: uint8 chips in, host-to-device copy and normalised float32 out "
+    "included; precision set by the backbone's dtype (bf16 = its CUDA autocast); fp32 means cuDNN's default "
+    "(TF32 allowed, see machine facts)."
+)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Embedding benchmark" + (" (GPU)" if report["gpu_only"] else ""),
         "",
-        f"Measured {report['date_utc']} on {m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB, "
-        f"Python {m['python']}, torch {m['torch']} ({report['cpu_threads']} CPU threads)"
-        + (f", dlib {m['dlib']['version']} (BLAS: {m['dlib']['blas']}, CUDA: {m['dlib']['cuda']})" if "dlib" in m else "")
-        + (f", GPU {m['gpu']['name']} (CUDA {m['gpu']['cuda']}, cuDNN TF32 allowed: {m['gpu']['cudnn_allow_tf32']})" if "gpu" in m else "")
-        + f". Load average (1, 5, 15 min) at the start {m['load_average_start']}, at the end {m['load_average_end']}."
-        + f" Total {report['timings_s']['total']:.0f} s.",
+        measured_on(report),
         "",
         f"Command: `{report['commands']['this_run']}`. Embedder: {report['embedder']} (version {report['embedder_version']}).",
         "",
@@ -599,8 +683,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["throughput"]:
-        lines.append(f"| {r['engine']} | {r['device']} | {r['precision']} | {r['batch']} | {r['workers']} | "
-                     f"{r['chips']} | {r['crops_per_s']:.1f} | {r['own_cores']:.2f} | {r['other_cores']:.2f} |")
+        lines.append(
+            f"| {r['engine']} | {r['device']} | {r['precision']} | {r['batch']} | {r['workers']} | "
+            f"{r['chips']} | {r['crops_per_s']:.1f} | {r['own_cores']:.2f} | {r['other_cores']:.2f} |"
+        )
     q = report["quality"]
     lines += [
         "",
@@ -608,8 +694,11 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         f"Images: {q['subset']}. {q['images_total']} images of {q['identities_total']} identities; "
         f"our detector found the annotated face in {q['ours_found']}"
-        + (f"; dlib's HOG found it in {q['dlib_hog']} and used the annotated box for the other {q['dlib_box_fallback']}"
-           if "dlib_hog" in q else "")
+        + (
+            f"; dlib's HOG found it in {q['dlib_hog']} and used the annotated box for the other {q['dlib_box_fallback']}"
+            if "dlib_hog" in q
+            else ""
+        )
         + ". Pairs: all same-identity and all different-identity pairs; cosine similarity.",
         "",
     ]
@@ -628,18 +717,426 @@ def to_markdown(report: dict[str, Any]) -> str:
             tars = [r["tar_at_far"][f"{f:g}"] for f in FARS]
             tars = [f"{t['tar']:.4f}" if t else "n/a" for t in tars]
             detector, chip, descriptor = ROW_LABELS[name]
-            lines.append(f"| {name} | {detector} | {chip} | {descriptor} | {r['auc']:.4f} | {tars[0]} | {tars[1]} | "
-                         f"{r['nn1_accuracy']:.4f} | {r['same_pairs']} / {r['different_pairs']} |")
+            lines.append(
+                f"| {name} | {detector} | {chip} | {descriptor} | {r['auc']:.4f} | {tars[0]} | {tars[1]} | "
+                f"{r['nn1_accuracy']:.4f} | {r['same_pairs']} / {r['different_pairs']} |"
+            )
         lines.append("")
     if report.get("agreement"):
-        lines.append("Agreement of embeddings of the same chips (unit vectors): "
-                     + "; ".join(f"{k}: max abs diff {v['max_abs_diff']:.2g}, min cosine {v['min_cosine']:.9f}"
-                                 for k, v in report["agreement"].items()) + ".")
+        lines.append(
+            "Agreement of embeddings of the same chips (unit vectors): "
+            + "; ".join(
+                f"{k}: max abs diff {v['max_abs_diff']:.2g}, min cosine {v['min_cosine']:.9f}"
+                for k, v in report["agreement"].items()
+            )
+            + "."
+        )
         lines.append("")
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {note}" for note in report["notes"]] + [""]
     lines.append("Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()) + ".")
     return "\n".join(lines) + "\n"
+
+
+# --- every backbone (--backbones) -----------------------------------------------------------
+
+#: The study's default: each backbone with packaged weights, and the two together.
+BACKBONES = ("dlib-resnet", "sface", "dlib-resnet+sface")
+CLEAN, DEGRADED = "clean", "face 24 px tall, then JPEG q30"
+#: The degraded condition: the face box this many pixels tall, then a JPEG of this quality.
+DEGRADED_FACE_PX = 24
+DEGRADED_JPEG_QUALITY = 30
+#: Every backbone is timed on the CPU at one batch size, the one a CPU deployment would use,
+#: over this many real chips per run (4 batches; SFace runs ~25/s on 2 busy cores).
+BACKBONE_CPU_BATCH = 64
+BACKBONE_CPU_CHIPS = 256
+#: Chips per embedding call in the quality passes: the unit of their progress bar.
+QUALITY_CHUNK = 512
+#: Issue 16's table (its author's alignment): condition -> backbone -> (AUC, TAR@FAR 1e-3, 1-NN accuracy).
+ISSUE_16 = {
+    CLEAN: {
+        "dlib-resnet": (0.9954, 0.834, 0.968),
+        "sface": (0.9878, 0.916, 0.982),
+        "dlib-resnet+sface": (0.9924, 0.927, 0.982),
+    },
+    DEGRADED: {
+        "dlib-resnet": (0.9556, 0.231, 0.763),
+        "sface": (0.9656, 0.483, 0.919),
+        "dlib-resnet+sface": (0.9731, 0.501, 0.928),
+    },
+}
+
+
+def parse_backbones(text: str) -> list[list[str]]:
+    """``"dlib-resnet,sface,dlib-resnet+sface"`` -> ``[["dlib-resnet"], ["sface"], ["dlib-resnet", "sface"]]``."""
+    from vcn.identity.backbone import KNOWN_BACKBONES
+
+    combos = [[part.strip() for part in item.split("+")] for item in text.split(",") if item.strip()]
+    unknown = sorted({part for combo in combos for part in combo} - set(KNOWN_BACKBONES))
+    if not combos or unknown:
+        raise SystemExit(
+            f"--backbones: unknown {', '.join(unknown) or 'nothing given'}; known: {', '.join(KNOWN_BACKBONES)}"
+        )
+    return combos
+
+
+def degrade(image: np.ndarray, face: Face) -> tuple[np.ndarray, np.ndarray]:
+    """The crop with its face box :data:`DEGRADED_FACE_PX` tall, through JPEG; and the face's landmarks on it.
+
+    Resized with ``cv2.INTER_AREA`` (the anti-aliased downscale a camera or a video
+    scaler approximates), JPEG-encoded by OpenCV at :data:`DEGRADED_JPEG_QUALITY`
+    and decoded. The landmarks follow the resize exactly (pixel centres on
+    integers, as :mod:`vcn.faces.align` and ``cv2.resize`` both take them).
+    """
+    import cv2
+
+    height, width = image.shape[:2]
+    scale = DEGRADED_FACE_PX / (face.box[3] - face.box[1])
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    ok, encoded = cv2.imencode(".jpg", small[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, DEGRADED_JPEG_QUALITY])
+    if not ok:
+        raise RuntimeError(f"OpenCV could not JPEG-encode {face.path} at {size}")
+    degraded = np.ascontiguousarray(cv2.imdecode(encoded, cv2.IMREAD_COLOR)[:, :, ::-1])
+    ratio = np.array([size[0] / width, size[1] / height])
+    return degraded, (np.array(face.landmarks) + 0.5) * ratio - 0.5
+
+
+def landmark_chips(faces: list[Face], data: Path, templates: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Chips of every face aligned from the dataset's landmarks: condition -> template name -> (N, S, S, 3)."""
+    from tqdm import tqdm
+
+    from vcn.faces.align import align_face, get_template
+
+    shapes = {name: get_template(name) for name in templates}
+    chips = {
+        c: {n: np.zeros((len(faces), t.size, t.size, 3), np.uint8) for n, t in shapes.items()}
+        for c in (CLEAN, DEGRADED)
+    }
+    for i, face in enumerate(tqdm(faces, desc="align clean + degraded", unit="face", file=sys.stderr)):
+        image = read_rgb(data / face.path)
+        small, small_landmarks = degrade(image, face)
+        for name, template in shapes.items():
+            chips[CLEAN][name][i] = align_face(image, np.array(face.landmarks), template)
+            chips[DEGRADED][name][i] = align_face(small, small_landmarks, template)
+    return chips
+
+
+def embed_all(backbone: Any, chips: np.ndarray, batch: int, label: str) -> np.ndarray:
+    """Embeddings of many chips, with a progress bar."""
+    from tqdm import tqdm
+
+    starts = range(0, len(chips), QUALITY_CHUNK)
+    parts = [
+        embed(backbone, chips[i : i + QUALITY_CHUNK], batch)
+        for i in tqdm(starts, desc=label, unit="chunk", file=sys.stderr)
+    ]
+    return np.concatenate(parts)
+
+
+def backbone_speed(models: dict[str, Any], chips: dict[str, np.ndarray], device: str) -> list[dict[str, Any]]:
+    """Crops/s of each backbone through the registry's ``embed``: CPU fp32 at batch 64, or GPU bf16/fp32 at large batches."""
+    import torch
+
+    rows = []
+    for name, model in models.items():
+        real = chips[model.template]
+        if device == "cpu":
+            settings = [("fp32", BACKBONE_CPU_BATCH)]
+            work_chips, sync, workers = real[:BACKBONE_CPU_CHIPS], (lambda: None), f"{torch.get_num_threads()} threads"
+        else:
+            settings = [(p, b) for p in ("bf16", "fp32") for b in GPU_BATCHES]
+            work_chips, sync, workers = np.resize(real, (GPU_CHIPS, *real.shape[1:])), torch.cuda.synchronize, "1 GPU"
+        for precision, batch in settings:
+            print(f"throughput: {name}, {device}, {precision}, batch {batch}", file=sys.stderr)
+            with gpu_precision(model, precision) if device != "cpu" else contextlib.nullcontext():
+                measured = timed_runs(functools.partial(embed, model, work_chips, batch), len(work_chips), sync)
+            rows.append(
+                {
+                    "backbone": name,
+                    "chip": f"{model.template} ({model.input_size} px)",
+                    "device": device,
+                    "precision": precision,
+                    "batch": batch,
+                    "workers": workers,
+                    **measured,
+                    "distinct_chips": min(len(real), len(work_chips)),
+                }
+            )
+    return rows
+
+
+def pair_speed(rows: list[dict[str, Any]], combos: list[list[str]]) -> list[dict[str, Any]]:
+    """The rate of each combination, ``1 / sum(1 / rate)`` of its parts at the same device, precision and batch."""
+    derived = []
+    for combo in (c for c in combos if len(c) > 1):
+        for row in (r for r in rows if r["backbone"] == combo[0]):
+            same = {
+                r["backbone"]: r
+                for r in rows
+                if (r["device"], r["precision"], r["batch"]) == (row["device"], row["precision"], row["batch"])
+            }
+            rate = 1.0 / sum(1.0 / same[part]["crops_per_s"] for part in combo)
+            derived.append(
+                {
+                    "backbone": "+".join(combo),
+                    "chip": " + ".join(same[p]["chip"] for p in combo),
+                    "device": row["device"],
+                    "precision": row["precision"],
+                    "batch": row["batch"],
+                    "workers": row["workers"],
+                    "chips": None,
+                    "crops_per_s": round(rate, 1),
+                    "own_cores": None,
+                    "other_cores": max(same[p]["other_cores"] for p in combo),
+                    "derived": "1 / sum(1 / rate of each part)",
+                }
+            )
+    return derived
+
+
+def backbone_study(args: argparse.Namespace) -> None:
+    """Quality (clean and degraded) and speed of every backbone asked for; writes ``embed_backbones[_gpu].*``."""
+    import torch
+
+    from vcn import load_backbone
+
+    torch.set_num_threads(CPU_THREADS)
+    cuda = torch.cuda.is_available()
+    if args.gpu_only and not cuda:
+        sys.exit("--gpu-only: torch sees no CUDA device")
+    combos = parse_backbones(args.backbones)
+    singles = list(dict.fromkeys(part for combo in combos for part in combo))
+    started = time.perf_counter()
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        timings[name] = round(time.perf_counter() - since, 1)
+        return time.perf_counter()
+
+    # The CPU path names its device: it never touches CUDA, even on a GPU machine.
+    devices = (["cuda"] if cuda else []) if args.gpu_only else ["cpu", *(["cuda"] if cuda else [])]
+    models = {device: {name: load_backbone(name, device=device) for name in singles} for device in devices}
+    templates = list(dict.fromkeys(model.template for model in models[devices[0]].values()))
+    faces = read_faces(args.data, args.per_identity)
+    identities = np.array([f.identity for f in faces])
+    t = time.perf_counter()
+    chips = landmark_chips(faces, args.data, templates)
+    t = lap("align", t)
+
+    # Speed first: it is short, and the machine is shared.
+    speed: list[dict[str, Any]] = []
+    for device in devices:
+        speed += backbone_speed(models[device], chips[CLEAN], device)
+        t = lap(f"throughput_{device}", t)
+    speed += pair_speed(speed, combos)
+
+    # Quality on the CPU in fp32, or with --gpu-only on the GPU in its default bf16 and in fp32.
+    settings = [("cuda", "bf16"), ("cuda", "fp32")] if args.gpu_only else [("cpu", "fp32")]
+    everyone = np.ones(len(faces), bool)
+    quality: dict[str, Any] = {}
+    agreements: dict[str, Any] = {}
+    embeddings: dict[tuple[str, str, str], np.ndarray] = {}
+    for device, precision in settings:
+        setting = f"{device} {precision}"
+        batch = BACKBONE_CPU_BATCH if device == "cpu" else GPU_BATCHES[0]
+        for condition in (CLEAN, DEGRADED):
+            for name, model in models[device].items():
+                with gpu_precision(model, precision) if device != "cpu" else contextlib.nullcontext():
+                    label = f"{name}, {condition}, {setting}"
+                    embeddings[name, condition, setting] = embed_all(
+                        model, chips[condition][model.template], batch, label
+                    )
+            rows = {
+                "+".join(combo): _unit(np.concatenate([embeddings[p, condition, setting] for p in combo], axis=1))
+                for combo in combos
+            }
+            quality.setdefault(setting, {})[condition] = quality_table(rows, identities, everyone)
+        t = lap(f"quality_{device}_{precision}", t)
+    if args.gpu_only:
+        for name in singles:
+            for condition in (CLEAN, DEGRADED):
+                agreements[f"{name}, {condition}: cuda bf16 vs fp32"] = agreement(
+                    embeddings[name, condition, "cuda bf16"], embeddings[name, condition, "cuda fp32"]
+                )
+    timings["total"] = round(time.perf_counter() - started, 1)
+
+    any_models = models[devices[0]]
+    report = {
+        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "gpu_only": args.gpu_only,
+        "commands": {
+            "this_run": shlex.join(["python", "benchmarks/embed.py", *sys.argv[1:]]),
+            "python": sys.executable,
+            "cpu": "python benchmarks/embed.py --backbones",
+            "gpu": "python benchmarks/embed.py --backbones --gpu-only",
+        },
+        "machine": {
+            **machine(),
+            "load_average_start": load_start,
+            "load_average_end": [round(v, 2) for v in os.getloadavg()],
+        },
+        "cpu_threads": CPU_THREADS,
+        "backbones": {
+            name: {"version": m.version, "template": m.template, "input_size": m.input_size, "dim": m.dim}
+            for name, m in any_models.items()
+        },
+        "combinations": ["+".join(combo) for combo in combos],
+        "settings": {
+            "alignment": "vcn.faces.align.align_face from faces.csv's 5 landmarks (no detector)",
+            "combination": "each part's unit embedding on its own template's chips, concatenated, renormalised",
+            "degraded": {
+                "face_box_height_px": DEGRADED_FACE_PX,
+                "resize": "cv2.INTER_AREA, whole crop",
+                "jpeg_quality": DEGRADED_JPEG_QUALITY,
+                "jpeg_encoder": "cv2.imencode (4:2:0)",
+                "landmarks": "(x + 0.5) * s - 0.5, exact",
+                "upsampling": "align_face's bilinear warp",
+            },
+            "cpu_batch": BACKBONE_CPU_BATCH,
+            "cpu_chips_per_run": BACKBONE_CPU_CHIPS,
+            "gpu_batches": GPU_BATCHES,
+            "gpu_chips_per_run": GPU_CHIPS,
+            "runs": RUNS,
+            "fars": FARS,
+        },
+        "images": {
+            "subset": f"first {args.per_identity} per identity (by path)" if args.per_identity else "all DEV images",
+            "images": len(faces),
+            "identities": len(np.unique(identities)),
+        },
+        "throughput": speed,
+        "quality": quality,
+        "agreement": agreements,
+        "issue_16": ISSUE_16,
+        "notes": backbone_notes(args, speed),
+        "timings_s": timings,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "embed_backbones_gpu" if args.gpu_only else "embed_backbones"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = backbones_markdown(report)
+    (RESULTS / f"{stem}.md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {RESULTS / f'{stem}.json'} and {stem}.md", file=sys.stderr)
+
+
+def _tar(row: dict[str, Any], far: str) -> str:
+    return f"{row['tar_at_far'][far]['tar']:.3f}" if row["tar_at_far"][far] else "n/a"
+
+
+def backbones_markdown(report: dict[str, Any]) -> str:
+    images = report["images"]
+    lines = [
+        "# Embedding benchmark: every backbone" + (" (GPU)" if report["gpu_only"] else ""),
+        "",
+        measured_on(report),
+        "",
+        f"Command: `{report['commands']['this_run']}`. Backbones (registry): "
+        + "; ".join(
+            f"{n} {b['version']} on {b['template']} {b['input_size']} px chips" for n, b in report["backbones"].items()
+        )
+        + ".",
+        "",
+        "## Identity quality, CelebA DEV crops, aligned from the dataset's landmarks",
+        "",
+        (
+            f"Images: {images['subset']}, {images['images']} of {images['identities']} identities. All same-identity "
+            "and all different-identity pairs, cosine similarity. Degraded: the crop resized (INTER_AREA) so that the "
+            f"face box is {DEGRADED_FACE_PX} px tall, JPEG quality {DEGRADED_JPEG_QUALITY} (OpenCV), aligned up to "
+            "the chip from the exactly scaled landmarks. Each cell: AUC / TAR@FAR=1e-3 / leave-one-out 1-NN accuracy."
+        ),
+        "",
+    ]
+    for setting, by_condition in report["quality"].items():
+        lines += [f"**{setting}**", "", f"| backbone | {CLEAN} | {DEGRADED} |", "|---|---|---|"]
+        for name in by_condition[CLEAN]["rows"]:
+            cells = [by_condition[c]["rows"][name] for c in (CLEAN, DEGRADED)]
+            lines.append(
+                f"| {name} | "
+                + " | ".join(f"{r['auc']:.4f} / {_tar(r, '0.001')} / {r['nn1_accuracy']:.3f}" for r in cells)
+                + " |"
+            )
+        lines += [
+            "",
+            "| backbone | condition | AUC | TAR@FAR=1e-3 | TAR@FAR=1e-4 | 1-NN acc | same / diff pairs |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for condition, table in by_condition.items():
+            for name, r in table["rows"].items():
+                lines.append(
+                    f"| {name} | {condition} | {r['auc']:.4f} | {_tar(r, '0.001')} | {_tar(r, '0.0001')} | "
+                    f"{r['nn1_accuracy']:.4f} | {r['same_pairs']} / {r['different_pairs']} |"
+                )
+        lines.append("")
+    lines += [
+        "Issue 16's figures for comparison (its author's alignment, same images and pairs):",
+        "",
+        f"| backbone | {CLEAN} | {DEGRADED} |",
+        "|---|---|---|",
+    ]
+    for name in report["issue_16"][CLEAN]:
+        lines.append(
+            f"| {name} | "
+            + " | ".join(" / ".join(f"{v:g}" for v in report["issue_16"][c][name]) for c in (CLEAN, DEGRADED))
+            + " |"
+        )
+    lines += [
+        "",
+        f"## Throughput (crops/s through the registry's embed, median of {RUNS} runs after a warm-up, real clean chips)",
+        "",
+        "| backbone | chip | device | precision | batch | workers | chips per run | crops/s | own cores | other work, cores |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["throughput"]:
+        derived = "derived" in r
+        lines.append(
+            f"| {r['backbone']} | {r['chip']} | {r['device']} | {r['precision']} | {r['batch']} | {r['workers']} | "
+            f"{'derived' if derived else r['chips']} | {r['crops_per_s']:.1f} | "
+            f"{'' if derived else format(r['own_cores'], '.2f')} | {r['other_cores']:.2f} |"
+        )
+    lines.append("")
+    if report.get("agreement"):
+        lines.append(
+            "Agreement of embeddings of the same chips (unit vectors): "
+            + "; ".join(
+                f"{k}: max abs diff {v['max_abs_diff']:.2g}, min cosine {v['min_cosine']:.6f}"
+                for k, v in report["agreement"].items()
+            )
+            + "."
+        )
+        lines.append("")
+    lines += ["## Notes", ""] + [f"- {note}" for note in report["notes"]] + [""]
+    lines.append("Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_s"].items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def backbone_notes(args: argparse.Namespace, throughput: list[dict[str, Any]]) -> list[str]:
+    """What a reader needs to interpret the backbone figures fairly."""
+    out = [
+        (
+            "No detector runs here: every chip is aligned from faces.csv's landmarks (RetinaFace-MobileNet0.25 on the "
+            "source images). In the degraded condition the landmarks are the clean ones scaled, so the figures measure "
+            "the embedders' robustness to a small, compressed face, not a landmarker's on it; a real 24 px face would "
+            "also be aligned less well."
+        ),
+        "Some CelebA identities mix several people (e.g. 7319, see identity_qa.csv); every row sees the same labels.",
+        (
+            "A combination runs its networks one after the other on its own chips, so its crops/s is derived from its "
+            "parts' (1 / sum of 1 / rate) rather than timed; its other-work figure is the worst of its parts'."
+        ),
+    ]
+    if not args.gpu_only:
+        contended = [
+            f"{r['backbone']} batch {r['batch']}"
+            for r in throughput
+            if r["device"] == "cpu" and "derived" not in r and r["other_cores"] >= CONTENDED_CORES
+        ]
+        out.append(contention_note(contended))
+    if any(r["device"] == "cuda" for r in throughput):
+        out.append(GPU_TIMING_NOTE)
+    return out
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -648,11 +1145,27 @@ def to_markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-identity", type=int, default=0, help="first N images (by path) per identity; 0: all")
-    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU and dlib measurements; write embed_gpu.*")
+    parser.add_argument(
+        "--gpu-only",
+        action="store_true",
+        help="skip the CPU and dlib measurements; write embed_gpu.* (embed_backbones_gpu.* with --backbones)",
+    )
+    parser.add_argument(
+        "--backbones",
+        nargs="?",
+        const=",".join(BACKBONES),
+        metavar="NAMES",
+        help="instead of the dlib comparison, every backbone clean and degraded: comma-separated "
+        "registry names, 'a+b' for a concatenated pair (default with the flag: %(const)s); "
+        "write embed_backbones.*",
+    )
     parser.add_argument("--data", type=Path, default=DATA, help="the CelebA DEV crops (default: %(default)s)")
     args = parser.parse_args()
     if not (args.data / "faces.csv").is_file():
         sys.exit(f"{args.data}/faces.csv not found: the shared CelebA DEV crops are needed")
+    if args.backbones is not None:
+        backbone_study(args)
+        return
 
     import torch
 
@@ -693,7 +1206,7 @@ def main() -> None:
     quality: dict[str, Any] = {
         "subset": f"first {args.per_identity} per identity (by path)" if args.per_identity else "all DEV images",
         "images_total": len(faces),
-        "identities_total": int(len(np.unique(identities))),
+        "identities_total": len(np.unique(identities)),
         "ours_found": int(found.sum()),
         "ours_failures": int((~found).sum()),
     }
@@ -718,7 +1231,9 @@ def main() -> None:
         for precision in ("fp32", "bf16"):
             with gpu_precision(embedder_gpu, precision):
                 rows[f"ours, cuda {precision}"] = embed(embedder_gpu, chips, GPU_BATCHES[0])
-        agreements["cuda bf16 vs fp32, our chips"] = agreement(rows["ours, cuda bf16"][found], rows["ours, cuda fp32"][found])
+        agreements["cuda bf16 vs fp32, our chips"] = agreement(
+            rows["ours, cuda bf16"][found], rows["ours, cuda fp32"][found]
+        )
         t = lap("ours_embed_cuda", t)
 
     # Both pipelines handled an image when each produced a chip: ours where it found the face, dlib's always.
@@ -730,7 +1245,7 @@ def main() -> None:
 
     embedder = embedder_cpu if embedder_cpu is not None else embedder_gpu
     report = {
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "gpu_only": args.gpu_only,
         "commands": {
             "this_run": shlex.join(["python", "benchmarks/embed.py", *sys.argv[1:]]),
@@ -738,11 +1253,18 @@ def main() -> None:
             "cpu": "python benchmarks/embed.py",
             "gpu": "python benchmarks/embed.py --gpu-only",
         },
-        "machine": {**machine(), "load_average_start": load_start, "load_average_end": [round(v, 2) for v in os.getloadavg()]},
+        "machine": {
+            **machine(),
+            "load_average_start": load_start,
+            "load_average_end": [round(v, 2) for v in os.getloadavg()],
+        },
         "cpu_threads": CPU_THREADS,
         "embedder": embedder_source,
         "embedder_version": getattr(embedder, "version", None),
-        "embedder_dtype_default": {"cpu": getattr(embedder_cpu, "dtype", None), "cuda": getattr(embedder_gpu, "dtype", None)},
+        "embedder_dtype_default": {
+            "cpu": getattr(embedder_cpu, "dtype", None),
+            "cuda": getattr(embedder_gpu, "dtype", None),
+        },
         "settings": {
             "chip": {"size": CHIP_SIZE, "dlib_padding": CHIP_PADDING, "our_template": "dlib-150"},
             "hog_upsample": HOG_UPSAMPLE,
@@ -769,8 +1291,10 @@ def main() -> None:
 def notes(args: argparse.Namespace, throughput: list[dict[str, Any]]) -> list[str]:
     """What a reader needs to interpret the numbers fairly."""
     out = [
-        "The dataset's crops and boxes were made with the same RetinaFace-MobileNet0.25 weights as our detector "
-        "(on the source images, before cropping), so finding the face favours our pipeline.",
+        (
+            "The dataset's crops and boxes were made with the same RetinaFace-MobileNet0.25 weights as our detector "
+            "(on the source images, before cropping), so finding the face favours our pipeline."
+        ),
         "Some CelebA identities mix several people (e.g. 7319, see identity_qa.csv); every row sees the same labels.",
     ]
     if not args.gpu_only:
@@ -780,22 +1304,18 @@ def notes(args: argparse.Namespace, throughput: list[dict[str, Any]]) -> list[st
             "not change its results."
         )
         dlib_ = {r["workers"] + str(r["batch"]): r["crops_per_s"] for r in throughput if r["engine"] == "dlib C++"}
-        contended = [f"{r['engine']} batch {r['batch']} ({r['workers']})" for r in throughput
-                     if r["device"] == "cpu" and r["other_cores"] >= CONTENDED_CORES]
-        out.append(
-            "This machine is shared with other sessions. Each timing pass measured the cores other processes kept "
-            f"busy (last column) and was repeated after a quiet wait when that reached {CONTENDED_CORES} "
-            f"(up to {ATTEMPTS} tries, least contended kept). "
-            + (f"Still contended, so read as lower bounds: {'; '.join(contended)}." if contended else "No CPU row was contended.")
-        )
+        contended = [
+            f"{r['engine']} batch {r['batch']} ({r['workers']})"
+            for r in throughput
+            if r["device"] == "cpu" and r["other_cores"] >= CONTENDED_CORES
+        ]
+        out.append(contention_note(contended))
         out.append(
             "dlib's pip build has no BLAS and computes on one core (CPU time = wall time), hence the 2-process row; "
             f"a BLAS build of dlib would be faster. Best dlib figure here: {max(dlib_.values()):.1f} crops/s."
         )
     if any(r["device"] == "cuda" for r in throughput):
-        out.append("GPU timings go through the registry's embed: uint8 chips in, host-to-device copy and "
-                   "normalised float32 out included; precision set by the backbone's dtype (bf16 = its CUDA autocast); "
-                   "fp32 means cuDNN's default (TF32 allowed, see machine facts).")
+        out.append(GPU_TIMING_NOTE)
     return out
 
 

@@ -47,6 +47,16 @@ class BackboneResource(dg.ConfigurableResource):
 
         return DEFAULT_BACKBONE, self.checkpoint
 
+    def template(self) -> str:
+        """The alignment template of the model this resource loads, without loading it."""
+        from vcn.identity.backbone import TEMPLATES
+
+        if self.name is None:
+            record = self.registered()
+            if record is not None and record.get("template"):
+                return record["template"]
+        return TEMPLATES[self.choice()[0]]
+
     def registered(self) -> dict | None:
         """The registry's record of the current base model, if one was registered."""
         if not self.registry:

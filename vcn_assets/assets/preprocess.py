@@ -8,7 +8,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from resources import ArtifactStore, DetectorResource, MovieRegistry, WarehouseResource
+from resources import ArtifactStore, BackboneResource, DetectorResource, MovieRegistry, WarehouseResource
 from vcn.errors import VideoError
 from vcn.faces.crops import CropConfig, write_track_crops
 from vcn.faces.detection.video import appearance_matrix, detect_video_faces
@@ -41,7 +41,11 @@ class TracksConfig(dg.Config):
 
 
 class CropsConfig(dg.Config):
-    template: str = Field(default="dlib-150", description="Alignment template of the face-ID backbone.")
+    template: str | None = Field(
+        default=None,
+        description="Alignment template of the crops ('dlib-150', 'arcface-112'); None: the base model's, so that "
+        "its chips need no realignment.",
+    )
     every_s: float = Field(default=0.25, description="Seconds between two crops of a track.")
     min_face_area: float = Field(default=1600.0, description="Smallest face box area (px of the original video).")
     top_k: int = Field(default=5, description="Largest faces per frame that are kept.")
@@ -189,14 +193,19 @@ def face_tracks(
 
 @movie_asset(group=GROUP, deps=[face_tracks], kinds={"pyav", "parquet", "duckdb"})
 def track_crops(
-    context: dg.AssetExecutionContext, config: CropsConfig, store: ArtifactStore, warehouse: WarehouseResource
+    context: dg.AssetExecutionContext,
+    config: CropsConfig,
+    backbone: BackboneResource,
+    store: ArtifactStore,
+    warehouse: WarehouseResource,
 ) -> dg.MaterializeResult:
-    """Aligned face crops sampled along each track, with the crop filters' verdicts."""
+    """Aligned face crops sampled along each track (for the base model's template), with the crop filters' verdicts."""
     wh = warehouse.get()
+    template = config.template or backbone.template()
     with stage(context, wh, "track_crops") as run:
         tracked = store.read_parquet(run.movie_id, artifacts.TRACKED_DETECTIONS)
         crop_config = CropConfig(
-            template=config.template,
+            template=template,
             every_s=config.every_s,
             filters=FilterConfig(min_face_area=config.min_face_area, top_k=config.top_k, min_sharpness=config.min_sharpness),
         )
@@ -207,7 +216,7 @@ def track_crops(
         kept = int((~crops["rejected"]).sum()) if crops.height else 0
         run.items, run.row_count, run.artifact = crops.height, crops.height, str(path)
         run.frames = crops["frame"].n_unique() if crops.height else 0
-        run.details = {"kept": kept, "template": config.template}
+        run.details = {"kept": kept, "template": template}
     reasons = crops.group_by("reject_reason").len().drop_nulls() if crops.height else pl.DataFrame()
     return run.result(
         {
@@ -216,7 +225,7 @@ def track_crops(
             "rejected": crops.height - kept,
             **{f"rejected_{r}": int(n) for r, n in reasons.iter_rows()},
             "tracks_with_kept_crops": crops.filter(~pl.col("rejected"))["track_id"].n_unique() if kept else 0,
-            "template": config.template,
+            "template": template,
         }
     )
 
