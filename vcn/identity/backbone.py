@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -298,50 +298,52 @@ def load_backbone(
 
 
 def _load_dlib(path: Path | None, label: object) -> tuple[nn.Module, str, int, str, int]:
-    from vcn.identity.models.dlib_resnet import (
-        DESCRIPTOR_DIM,
-        INPUT_SIZE,
-        DlibResNet,
-        load_dlib_resnet,
-    )
+    from vcn.identity.models.dlib_resnet import DESCRIPTOR_DIM, INPUT_SIZE, DlibResNet, load_dlib_resnet
 
-    if path is None or path.suffix.lower() == ".dat":
-        try:
-            model = load_dlib_resnet(path, cache_dir=model_cache_dir())
-        except OSError as error:
-            raise CheckpointError(label, f"cannot be read: {error}") from error
-        except ValueError as error:  # DlibFormatError is a ValueError
-            raise CheckpointError(label, f"not dlib's ResNet face descriptor: {error}") from error
-    elif path.suffix.lower() in _STATE_DICT_SUFFIXES:
-        model = DlibResNet()
-        _load_state_dict(model, path, label, "dlib-resnet")
-        model.version = f"dlib-resnet-v1-{sha256_file(path)[:12]}"
-    else:
-        raise CheckpointError(
-            label, f"unsupported file type {path.suffix!r} for dlib-resnet; expected .dat, .safetensors, .pt or .pth"
-        )
+    model = _load_packaged(
+        "dlib-resnet", path, label, ".dat", load_dlib_resnet, DlibResNet, "dlib-resnet-v1",
+        "not dlib's ResNet face descriptor",  # DlibFormatError is a ValueError
+    )
     return model, model.version, INPUT_SIZE, TEMPLATES["dlib-resnet"], DESCRIPTOR_DIM
 
 
 def _load_sface(path: Path | None, label: object) -> tuple[nn.Module, str, int, str, int]:
     from vcn.identity.models.sface import EMBEDDING_DIM, INPUT_SIZE, SFace, load_sface
 
-    if path is None or path.suffix.lower() == ".onnx":
-        try:
-            model = load_sface(path, cache_dir=model_cache_dir())
-        except OSError as error:  # FileNotFoundError names the package to install
-            raise CheckpointError(label, f"cannot be read: {error}") from error
-        except ValueError as error:  # another file than SFace's export, or a graph that differs
-            raise CheckpointError(label, f"not SFace's int8 ONNX export: {error}") from error
-    elif path.suffix.lower() in _STATE_DICT_SUFFIXES:
-        model = SFace()
-        _load_state_dict(model, path, label, "sface")
-        model.version = f"sface-2021dec-{sha256_file(path)[:12]}"
-    else:
-        raise CheckpointError(
-            label, f"unsupported file type {path.suffix!r} for sface; expected .onnx, .safetensors, .pt or .pth"
-        )
+    model = _load_packaged(
+        "sface", path, label, ".onnx", load_sface, SFace, "sface-2021dec",
+        "not SFace's int8 ONNX export",  # another file than SFace's export, or a graph that differs
+    )
     return model, model.version, INPUT_SIZE, TEMPLATES["sface"], EMBEDDING_DIM
+
+
+def _load_packaged(
+    name: str,
+    path: Path | None,
+    label: object,
+    released_suffix: str,
+    convert: Callable[..., nn.Module],
+    architecture: Callable[[], nn.Module],
+    version_prefix: str,
+    not_it: str,
+) -> nn.Module:
+    """A backbone whose released weights ship in a package: that file (or ``path`` in its format),
+    converted and cached by ``convert``; or a state dict of the torch module."""
+    if path is None or path.suffix.lower() == released_suffix:
+        try:
+            return convert(path, cache_dir=model_cache_dir())
+        except OSError as error:  # a missing package's FileNotFoundError names what to install
+            raise CheckpointError(label, f"cannot be read: {error}") from error
+        except ValueError as error:
+            raise CheckpointError(label, f"{not_it}: {error}") from error
+    if path.suffix.lower() not in _STATE_DICT_SUFFIXES:
+        raise CheckpointError(
+            label, f"unsupported file type {path.suffix!r} for {name}; expected {released_suffix}, .safetensors, .pt or .pth"
+        )
+    model = architecture()
+    _load_state_dict(model, path, label, name)
+    model.version = f"{version_prefix}-{sha256_file(path)[:12]}"
+    return model
 
 
 def _load_iresnet(name: str, path: Path, label: object) -> tuple[nn.Module, str, int, str, int]:
