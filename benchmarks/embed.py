@@ -37,18 +37,22 @@ Three questions, one script:
    renormalised (each half weighs the same). Two conditions:
 
    - *clean*: the 256 px crop as stored, aligned by :func:`vcn.faces.align.align_face`;
-   - *face 24 px tall, then JPEG q30*: the crop is resized (``cv2.INTER_AREA``)
-     by ``s = 24 / h``, ``h`` the height of the dataset's face box (RetinaFace's,
-     median 128 px), to ``round(256 s)`` px a side (about 48), so that the box
-     is 24 px tall; that image is JPEG-encoded by OpenCV at quality 30 (its
-     default 4:2:0 chroma subsampling) and decoded; the landmarks are scaled
-     with the same geometry as the resize (``x' = (x + 0.5) s_x - 0.5``, pixel
-     centres on integers, ``s_x`` the exact ratio of the two widths) and the
-     face is aligned from them, upsampled by the same bilinear warp, onto the
-     same template. Only the image loses detail; the landmarks are exact.
-     This is harsh: the face spans three 8 px JPEG blocks (one and a half
-     16 px chroma blocks), and at quality 30 the blocks lose most of their
-     detail; the embedders lose more to the JPEG here than to the downscale.
+   - *face 24 px tall, then JPEG q30* (issue 16's condition): the crop is
+     downscaled (``cv2.INTER_AREA``) by ``s = 24 / h``, ``h`` the height of the
+     dataset's face box (RetinaFace's, median 128 px), to ``round(256 s)`` px a
+     side (about 48), so that the box is 24 px tall; upscaled back to 256 px
+     (``cv2.INTER_LINEAR``); JPEG-encoded by OpenCV at quality 30 (its default
+     4:2:0 chroma subsampling) and decoded; then aligned from the crop's own
+     landmarks like a clean one. The round trip keeps the landmarks where they
+     were (the two resizes' geometries, ``x' = (x + 0.5) s_x - 0.5`` with pixel
+     centres on integers, cancel), so only the image loses detail. This
+     reproduces issue 16's degraded figures to the last digit.
+   - ``--jpeg-at small``: the same, but JPEG-encoded at the small size, as a
+     video codec sees a small face in its frame, and aligned up to the chip
+     from the landmarks scaled by that geometry. Much harsher: the face spans
+     three 8 px JPEG blocks (one and a half 16 px chroma blocks), and at quality
+     30 the blocks keep little detail; the embedders lose more to the JPEG here
+     than to the downscale.
 
    Per condition and backbone: verification ROC AUC and TAR at FAR 1e-3 / 1e-4,
    leave-one-out 1-NN accuracy, as above, on all images. Speed: crops/s of each
@@ -70,11 +74,13 @@ Usage, from the repository root::
     python benchmarks/embed.py --gpu-only         # GPU machine: our pipeline on the GPU only, no dlib
     python benchmarks/embed.py --backbones                 # every backbone, CPU (+ GPU when present)
     python benchmarks/embed.py --backbones sface           # one, or a comma list ("dlib-resnet+sface": the pair)
+    python benchmarks/embed.py --backbones --jpeg-at small # JPEG at the face's small size (harsher)
     python benchmarks/embed.py --backbones --gpu-only      # GPU machine: every backbone on the GPU only
 
 The full CPU run of the first two questions takes 11-15 minutes on 2 cores (more
 when it waits for a quiet machine), most of it in dlib's descriptor; that of
-``--backbones`` about 10-15 minutes, most of it in the two embedding passes.
+``--backbones`` 12-14 minutes on 2 cores shared with other work (5 of them
+timing, which retries when contended), the rest in the two embedding passes.
 Where the crops lie elsewhere (a GPU machine), pass their folder with ``--data``.
 """
 
@@ -746,10 +752,25 @@ CLEAN, DEGRADED = "clean", "face 24 px tall, then JPEG q30"
 #: The degraded condition: the face box this many pixels tall, then a JPEG of this quality.
 DEGRADED_FACE_PX = 24
 DEGRADED_JPEG_QUALITY = 30
+#: Where the degraded image is JPEG-encoded (``--jpeg-at``): "crop" (issue 16's condition) upscales
+#: the small image back to the crop's 256 px first; "small" encodes it at its ~48 px, as a video
+#: codec sees a small face in a frame.
+JPEG_AT = {
+    "crop": (
+        f"the crop downscaled (INTER_AREA) so that its face box is {DEGRADED_FACE_PX} px tall, upscaled back to "
+        f"256 px (INTER_LINEAR), JPEG quality {DEGRADED_JPEG_QUALITY} (OpenCV, 4:2:0) at that size, aligned from "
+        "the crop's landmarks"
+    ),
+    "small": (
+        f"the crop downscaled (INTER_AREA) so that its face box is {DEGRADED_FACE_PX} px tall (about 48 px a side), "
+        f"JPEG quality {DEGRADED_JPEG_QUALITY} (OpenCV, 4:2:0) at that size, aligned up to the chip from the "
+        "exactly scaled landmarks"
+    ),
+}
 #: Every backbone is timed on the CPU at one batch size, the one a CPU deployment would use,
-#: over this many real chips per run (4 batches; SFace runs ~25/s on 2 busy cores).
+#: over this many real chips per run (2 batches; SFace runs ~17-25/s on 2 busy cores).
 BACKBONE_CPU_BATCH = 64
-BACKBONE_CPU_CHIPS = 256
+BACKBONE_CPU_CHIPS = 128
 #: Chips per embedding call in the quality passes: the unit of their progress bar.
 QUALITY_CHUNK = 512
 #: Issue 16's table (its author's alignment): condition -> backbone -> (AUC, TAR@FAR 1e-3, 1-NN accuracy).
@@ -780,13 +801,15 @@ def parse_backbones(text: str) -> list[list[str]]:
     return combos
 
 
-def degrade(image: np.ndarray, face: Face) -> tuple[np.ndarray, np.ndarray]:
+def degrade(image: np.ndarray, face: Face, jpeg_at: str = "crop") -> tuple[np.ndarray, np.ndarray]:
     """The crop with its face box :data:`DEGRADED_FACE_PX` tall, through JPEG; and the face's landmarks on it.
 
-    Resized with ``cv2.INTER_AREA`` (the anti-aliased downscale a camera or a video
-    scaler approximates), JPEG-encoded by OpenCV at :data:`DEGRADED_JPEG_QUALITY`
-    and decoded. The landmarks follow the resize exactly (pixel centres on
-    integers, as :mod:`vcn.faces.align` and ``cv2.resize`` both take them).
+    Downscaled with ``cv2.INTER_AREA`` (the anti-aliased downscale a camera or a
+    video scaler approximates); with ``jpeg_at="crop"`` upscaled back to the
+    crop's size (``cv2.INTER_LINEAR``); JPEG-encoded by OpenCV at
+    :data:`DEGRADED_JPEG_QUALITY` and decoded. The landmarks follow the resizes
+    exactly (pixel centres on integers, as :mod:`vcn.faces.align` and
+    ``cv2.resize`` both take them), so after the round trip they are the crop's own.
     """
     import cv2
 
@@ -794,6 +817,8 @@ def degrade(image: np.ndarray, face: Face) -> tuple[np.ndarray, np.ndarray]:
     scale = DEGRADED_FACE_PX / (face.box[3] - face.box[1])
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     small = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    if jpeg_at == "crop":
+        small, size = cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR), (width, height)
     ok, encoded = cv2.imencode(".jpg", small[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, DEGRADED_JPEG_QUALITY])
     if not ok:
         raise RuntimeError(f"OpenCV could not JPEG-encode {face.path} at {size}")
@@ -802,7 +827,9 @@ def degrade(image: np.ndarray, face: Face) -> tuple[np.ndarray, np.ndarray]:
     return degraded, (np.array(face.landmarks) + 0.5) * ratio - 0.5
 
 
-def landmark_chips(faces: list[Face], data: Path, templates: list[str]) -> dict[str, dict[str, np.ndarray]]:
+def landmark_chips(
+    faces: list[Face], data: Path, templates: list[str], jpeg_at: str
+) -> dict[str, dict[str, np.ndarray]]:
     """Chips of every face aligned from the dataset's landmarks: condition -> template name -> (N, S, S, 3)."""
     from tqdm import tqdm
 
@@ -815,7 +842,7 @@ def landmark_chips(faces: list[Face], data: Path, templates: list[str]) -> dict[
     }
     for i, face in enumerate(tqdm(faces, desc="align clean + degraded", unit="face", file=sys.stderr)):
         image = read_rgb(data / face.path)
-        small, small_landmarks = degrade(image, face)
+        small, small_landmarks = degrade(image, face, jpeg_at)
         for name, template in shapes.items():
             chips[CLEAN][name][i] = align_face(image, np.array(face.landmarks), template)
             chips[DEGRADED][name][i] = align_face(small, small_landmarks, template)
@@ -922,7 +949,7 @@ def backbone_study(args: argparse.Namespace) -> None:
     faces = read_faces(args.data, args.per_identity)
     identities = np.array([f.identity for f in faces])
     t = time.perf_counter()
-    chips = landmark_chips(faces, args.data, templates)
+    chips = landmark_chips(faces, args.data, templates, args.jpeg_at)
     t = lap("align", t)
 
     # Speed first: it is short, and the machine is shared.
@@ -969,8 +996,9 @@ def backbone_study(args: argparse.Namespace) -> None:
         "commands": {
             "this_run": shlex.join(["python", "benchmarks/embed.py", *sys.argv[1:]]),
             "python": sys.executable,
-            "cpu": "python benchmarks/embed.py --backbones",
-            "gpu": "python benchmarks/embed.py --backbones --gpu-only",
+            "cpu": "python benchmarks/embed.py --backbones" + (" --jpeg-at small" if args.jpeg_at == "small" else ""),
+            "gpu": "python benchmarks/embed.py --backbones --gpu-only"
+            + (" --jpeg-at small" if args.jpeg_at == "small" else ""),
         },
         "machine": {
             **machine(),
@@ -988,11 +1016,9 @@ def backbone_study(args: argparse.Namespace) -> None:
             "combination": "each part's unit embedding on its own template's chips, concatenated, renormalised",
             "degraded": {
                 "face_box_height_px": DEGRADED_FACE_PX,
-                "resize": "cv2.INTER_AREA, whole crop",
                 "jpeg_quality": DEGRADED_JPEG_QUALITY,
-                "jpeg_encoder": "cv2.imencode (4:2:0)",
-                "landmarks": "(x + 0.5) * s - 0.5, exact",
-                "upsampling": "align_face's bilinear warp",
+                "jpeg_at": args.jpeg_at,
+                "how": JPEG_AT[args.jpeg_at],
             },
             "cpu_batch": BACKBONE_CPU_BATCH,
             "cpu_chips_per_run": BACKBONE_CPU_CHIPS,
@@ -1014,7 +1040,7 @@ def backbone_study(args: argparse.Namespace) -> None:
         "timings_s": timings,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "embed_backbones_gpu" if args.gpu_only else "embed_backbones"
+    stem = "embed_backbones" + ("_jpeg_small" if args.jpeg_at == "small" else "") + ("_gpu" if args.gpu_only else "")
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = backbones_markdown(report)
     (RESULTS / f"{stem}.md").write_text(markdown)
@@ -1043,9 +1069,8 @@ def backbones_markdown(report: dict[str, Any]) -> str:
         "",
         (
             f"Images: {images['subset']}, {images['images']} of {images['identities']} identities. All same-identity "
-            "and all different-identity pairs, cosine similarity. Degraded: the crop resized (INTER_AREA) so that the "
-            f"face box is {DEGRADED_FACE_PX} px tall, JPEG quality {DEGRADED_JPEG_QUALITY} (OpenCV), aligned up to "
-            "the chip from the exactly scaled landmarks. Each cell: AUC / TAR@FAR=1e-3 / leave-one-out 1-NN accuracy."
+            f"and all different-identity pairs, cosine similarity. Degraded: {report['settings']['degraded']['how']}. "
+            "Each cell: AUC / TAR@FAR=1e-3 / leave-one-out 1-NN accuracy."
         ),
         "",
     ]
@@ -1071,7 +1096,7 @@ def backbones_markdown(report: dict[str, Any]) -> str:
                 )
         lines.append("")
     lines += [
-        "Issue 16's figures for comparison (its author's alignment, same images and pairs):",
+        "Issue 16's figures for comparison (same images and pairs; its degraded condition is `--jpeg-at crop`):",
         "",
         f"| backbone | {CLEAN} | {DEGRADED} |",
         "|---|---|---|",
@@ -1117,9 +1142,9 @@ def backbone_notes(args: argparse.Namespace, throughput: list[dict[str, Any]]) -
     out = [
         (
             "No detector runs here: every chip is aligned from faces.csv's landmarks (RetinaFace-MobileNet0.25 on the "
-            "source images). In the degraded condition the landmarks are the clean ones scaled, so the figures measure "
-            "the embedders' robustness to a small, compressed face, not a landmarker's on it; a real 24 px face would "
-            "also be aligned less well."
+            "source images). Degraded chips are aligned from the same landmarks (scaled with the image where it stays "
+            "small), so the figures measure the embedders' robustness to a small, compressed face, not a landmarker's "
+            "on it; a real 24 px face would also be aligned less well."
         ),
         "Some CelebA identities mix several people (e.g. 7319, see identity_qa.csv); every row sees the same labels.",
         (
@@ -1127,6 +1152,11 @@ def backbone_notes(args: argparse.Namespace, throughput: list[dict[str, Any]]) -
             "parts' (1 / sum of 1 / rate) rather than timed; its other-work figure is the worst of its parts'."
         ),
     ]
+    if args.jpeg_at == "small":
+        out.append(
+            "JPEG at the small size is harsher than issue 16's condition (--jpeg-at crop, JPEG after upscaling back to "
+            "256 px): a 24 px face spans three 8 px JPEG blocks, and quality 30 keeps little detail in each."
+        )
     if not args.gpu_only:
         contended = [
             f"{r['backbone']} batch {r['batch']}"
@@ -1159,10 +1189,19 @@ def main() -> None:
         "registry names, 'a+b' for a concatenated pair (default with the flag: %(const)s); "
         "write embed_backbones.*",
     )
+    parser.add_argument(
+        "--jpeg-at",
+        choices=tuple(JPEG_AT),
+        default="crop",
+        help="--backbones: JPEG the degraded image at the crop's size (issue 16's condition) or at its small size "
+        "(harsher; writes embed_backbones_jpeg_small*)",
+    )
     parser.add_argument("--data", type=Path, default=DATA, help="the CelebA DEV crops (default: %(default)s)")
     args = parser.parse_args()
     if not (args.data / "faces.csv").is_file():
         sys.exit(f"{args.data}/faces.csv not found: the shared CelebA DEV crops are needed")
+    if args.per_identity == 1:
+        sys.exit("--per-identity 1 leaves no same-identity pairs: use 0 (all) or at least 2")
     if args.backbones is not None:
         backbone_study(args)
         return
