@@ -29,4 +29,6 @@ EOF
 started=$(date +%s)
 "$PY" benchmarks/movie.py --minutes "$MINUTES" --height 1080 --base-minutes 10
 "$PY" benchmarks/gpu_check.py
+# Every backbone's GPU throughput and bf16/fp32 identity quality (needs the CelebA DEV crops beside the repository).
+if [ -d ../shared/data/celeba-faces ]; then "$PY" benchmarks/embed.py --backbones --gpu-only; fi
 echo "benchmarks/gpu.sh: done in $(( $(date +%s) - started )) s"
