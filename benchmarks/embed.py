@@ -37,7 +37,7 @@ Three questions, one script:
    renormalised (each half weighs the same). Two conditions:
 
    - *clean*: the 256 px crop as stored, aligned by :func:`vcn.faces.align.align_face`;
-   - *face 24 px tall, then JPEG q30* (issue 16's condition): the crop is
+   - *face 24 px tall, then JPEG q30* (the default condition): the crop is
      downscaled (``cv2.INTER_AREA``) by ``s = 24 / h``, ``h`` the height of the
      dataset's face box (RetinaFace's, median 128 px), to ``round(256 s)`` px a
      side (about 48), so that the box is 24 px tall; upscaled back to 256 px
@@ -46,7 +46,7 @@ Three questions, one script:
      landmarks like a clean one. The round trip keeps the landmarks where they
      were (the two resizes' geometries, ``x' = (x + 0.5) s_x - 0.5`` with pixel
      centres on integers, cancel), so only the image loses detail. This
-     reproduces issue 16's degraded figures to the last digit.
+     reproduces the reference measurement's degraded figures to the last digit.
    - ``--jpeg-at small``: the same, but JPEG-encoded at the small size, as a
      video codec sees a small face in its frame, and aligned up to the chip
      from the landmarks scaled by that geometry. Much harsher: the face spans
@@ -752,7 +752,7 @@ CLEAN, DEGRADED = "clean", "face 24 px tall, then JPEG q30"
 #: The degraded condition: the face box this many pixels tall, then a JPEG of this quality.
 DEGRADED_FACE_PX = 24
 DEGRADED_JPEG_QUALITY = 30
-#: Where the degraded image is JPEG-encoded (``--jpeg-at``): "crop" (issue 16's condition) upscales
+#: Where the degraded image is JPEG-encoded (``--jpeg-at``): "crop" (the default condition) upscales
 #: the small image back to the crop's 256 px first; "small" encodes it at its ~48 px, as a video
 #: codec sees a small face in a frame.
 JPEG_AT = {
@@ -773,8 +773,8 @@ BACKBONE_CPU_BATCH = 64
 BACKBONE_CPU_CHIPS = 128
 #: Chips per embedding call in the quality passes: the unit of their progress bar.
 QUALITY_CHUNK = 512
-#: Issue 16's table (its author's alignment): condition -> backbone -> (AUC, TAR@FAR 1e-3, 1-NN accuracy).
-ISSUE_16 = {
+#: The reference measurement's table (made with ONNX Runtime before the port): condition -> backbone -> (AUC, TAR@FAR 1e-3, 1-NN accuracy).
+REFERENCE = {
     CLEAN: {
         "dlib-resnet": (0.9954, 0.834, 0.968),
         "sface": (0.9878, 0.916, 0.982),
@@ -1035,7 +1035,7 @@ def backbone_study(args: argparse.Namespace) -> None:
         "throughput": speed,
         "quality": quality,
         "agreement": agreements,
-        "issue_16": ISSUE_16,
+        "reference": REFERENCE,
         "notes": backbone_notes(args, speed),
         "timings_s": timings,
     }
@@ -1096,15 +1096,15 @@ def backbones_markdown(report: dict[str, Any]) -> str:
                 )
         lines.append("")
     lines += [
-        "Issue 16's figures for comparison (same images and pairs; its degraded condition is `--jpeg-at crop`):",
+        "Reference figures for comparison (measured earlier with ONNX Runtime) (same images and pairs; its degraded condition is `--jpeg-at crop`):",
         "",
         f"| backbone | {CLEAN} | {DEGRADED} |",
         "|---|---|---|",
     ]
-    for name in report["issue_16"][CLEAN]:
+    for name in report["reference"][CLEAN]:
         lines.append(
             f"| {name} | "
-            + " | ".join(" / ".join(f"{v:g}" for v in report["issue_16"][c][name]) for c in (CLEAN, DEGRADED))
+            + " | ".join(" / ".join(f"{v:g}" for v in report["reference"][c][name]) for c in (CLEAN, DEGRADED))
             + " |"
         )
     lines += [
@@ -1154,7 +1154,7 @@ def backbone_notes(args: argparse.Namespace, throughput: list[dict[str, Any]]) -
     ]
     if args.jpeg_at == "small":
         out.append(
-            "JPEG at the small size is harsher than issue 16's condition (--jpeg-at crop, JPEG after upscaling back to "
+            "JPEG at the small size is harsher than the default condition (--jpeg-at crop, JPEG after upscaling back to "
             "256 px): a 24 px face spans three 8 px JPEG blocks, and quality 30 keeps little detail in each."
         )
     if not args.gpu_only:
@@ -1193,7 +1193,7 @@ def main() -> None:
         "--jpeg-at",
         choices=tuple(JPEG_AT),
         default="crop",
-        help="--backbones: JPEG the degraded image at the crop's size (issue 16's condition) or at its small size "
+        help="--backbones: JPEG the degraded image at the crop's size (the default condition) or at its small size "
         "(harsher; writes embed_backbones_jpeg_small*)",
     )
     parser.add_argument("--data", type=Path, default=DATA, help="the CelebA DEV crops (default: %(default)s)")
