@@ -8,7 +8,7 @@ from resources import ArtifactStore, WarehouseResource
 from vcn.clustering.cannot_link import on_screen_together
 from vcn_assets import artifacts
 from vcn_assets.assets.clusters import face_clusters
-from vcn_assets.assets.models import finetuned_model
+from vcn_assets.assets.models import finetuned_model, read_tracks
 from vcn_assets.assets.preprocess import face_tracks, track_crops
 
 
@@ -54,7 +54,7 @@ def crop_coverage(tracks: pl.DataFrame, crops_path, batch_rows: int = 4096) -> t
 )
 def clusters_respect_cannot_link(context: dg.AssetCheckExecutionContext, store: ArtifactStore) -> dg.AssetCheckResult:
     movie_id = context.partition_key
-    tracks = store.read_parquet(movie_id, artifacts.TRACKS, columns=["track_id", "shot_id", "start_frame", "end_frame"])
+    tracks = read_tracks(store, movie_id)
     clusters = store.read_parquet(movie_id, artifacts.FACE_CLUSTERS, columns=["track_id", "cluster"])
     cluster = tracks.join(clusters, on="track_id", how="left")["cluster"].to_numpy()
     pairs = on_screen_together(tracks)
