@@ -115,9 +115,11 @@ def embed_and_score(
                 noise = torch.empty((len(chunk), passes, d), device=device)
                 for row in noise:
                     row.uniform_(generator=generator)
-                keep = noise >= dropout
+                # The masked, rescaled copies built in place in the noise buffer (no temporaries: with
+                # SFace's 50,176 features they would cost more than the head): keep * (x / (1 - p)) is
+                # bit for bit x * keep / (1 - p), since keep is 0 or 1.
+                perturbed = noise.ge_(dropout).mul_((chunk.float() / (1.0 - dropout))[:, None, :]).reshape(-1, d)
                 # One head run on all passes of these chips: (m * passes, d) masked copies.
-                perturbed = (chunk[:, None, :] * keep / (1.0 - dropout)).reshape(-1, d)
                 stochastic = torch.nn.functional.normalize(module.forward_head(perturbed).float(), dim=1)
                 stochastic = stochastic.reshape(len(chunk), passes, -1)
                 mean_distance = torch.cdist(stochastic, stochastic).sum(dim=(1, 2)) / (passes * (passes - 1))
