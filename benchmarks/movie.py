@@ -20,6 +20,8 @@ Usage::
 
     python benchmarks/movie.py --minutes 5 20                 # 720p24, this machine
     python benchmarks/movie.py --minutes 120 --height 1080    # a feature film (benchmarks/gpu.sh)
+    python benchmarks/movie.py --minutes 5 --backbone sface   # another base model, registered first
+                                                              # (results: movie_cpu_sface.*)
 """
 
 from __future__ import annotations
@@ -101,8 +103,12 @@ def loop_movie(source: Path, out: Path, seconds: float) -> Path:
     return out
 
 
-def run_one(video: Path) -> dict:
-    """``vcn process`` of ``video`` in this process, on a fresh data folder; the measurements."""
+def run_one(video: Path, backbone: str | None = None) -> dict:
+    """``vcn process`` of ``video`` in this process, on a fresh data folder; the measurements.
+
+    ``backbone`` is registered first (``vcn model register --name``), as a user picks a base model;
+    None keeps a new install's default.
+    """
     home = Path(tempfile.mkdtemp(prefix="vcn-movie-bench-"))
     os.environ["VCN_HOME"] = str(home)
     os.environ.pop("DAGSTER_HOME", None)
@@ -111,6 +117,8 @@ def run_one(video: Path) -> dict:
     from vcn_assets.cli import main
 
     info = probe_video(video)
+    if backbone is not None and main(["model", "register", "--name", backbone]) != 0:
+        raise SystemExit(f"vcn model register --name {backbone} failed")
     sampler = _PeakSampler()
     started = time.perf_counter()
     code = main(["process", str(video), "--movie-id", "bench"])
@@ -132,6 +140,7 @@ def run_one(video: Path) -> dict:
     shutil.rmtree(home, ignore_errors=True)
     return {
         "video": video.name,
+        "backbone": backbone,
         "resolution": f"{info.width}x{info.height}",
         "fps": round(info.fps, 3),
         "duration_s": round(info.duration_s, 1),
@@ -229,10 +238,11 @@ def main() -> None:
     parser.add_argument("--minutes", nargs="+", type=float, default=[5, 20], help="movie lengths in minutes")
     parser.add_argument("--height", type=int, default=720, help="frame height (16:9, 24 fps)")
     parser.add_argument("--base-minutes", type=float, default=20, help="longest edit encoded; longer movies loop it")
+    parser.add_argument("--backbone", help="base model registered before processing (default: a new install's)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(Path(args.one))))
+        print(json.dumps(run_one(Path(args.one), args.backbone)))
         return
 
     import torch
@@ -242,7 +252,8 @@ def main() -> None:
     for minutes in args.minutes:
         video = movie_path(minutes, args.height, args.base_minutes)
         print(f"== {video.name}", flush=True)
-        child = subprocess.run([sys.executable, __file__, "--one", str(video)], capture_output=True, text=True, cwd=REPO)
+        command = [sys.executable, __file__, "--one", str(video), *(["--backbone", args.backbone] if args.backbone else [])]
+        child = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         if child.returncode != 0:
             sys.exit(f"benchmark of {video} failed:\n{child.stdout[-2000:]}\n{child.stderr[-4000:]}")
         result = json.loads(child.stdout.strip().splitlines()[-1])
@@ -256,10 +267,18 @@ def main() -> None:
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
     }
-    report = {"measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine, "runs": runs}
+    from vcn.identity.backbone import DEFAULT_BACKBONE
+
+    report = {
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine,
+        "backbone": args.backbone or DEFAULT_BACKBONE,
+        "runs": runs,
+    }
+    stem = f"movie_{kind}" + (f"_{args.backbone}" if args.backbone else "")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"movie_{kind}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / f"movie_{kind}.md").write_text(_markdown(report))
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(_markdown(report))
     print(_markdown(report))
 
 
@@ -270,7 +289,8 @@ def _markdown(report: dict) -> str:
         f"# End-to-end movie benchmark ({m['kind'].upper()})",
         "",
         f"Measured {report['measured_at']} on {where}, {m['cpu_count']} cores, {m['memory_gb']} GiB, Python {m['python']}: "
-        "`vcn process` with default settings (finetuning included) on a fresh instance and warehouse.",
+        f"`vcn process` with default settings (finetuning included) on a fresh instance and warehouse; base model "
+        f"`{report.get('backbone', 'dlib-resnet')}`.",
         "",
         "| movie | resolution | duration s | tracks | kept crops | clusters | finetune mode | finetune crops | wall s | "
         "realtime factor | peak RSS MB | peak GPU MB |",
