@@ -15,7 +15,13 @@ padding inside the pasted region). The movie is cut like a TV episode:
 - **Faces.** Every appearance (one person in one shot) shows one of the person's photos,
   never the one of their previous appearance, so the same person changes photo (pose,
   expression, lighting, hairstyle, age) at every cut, also between the shots of one scene.
-  The photo is pasted through a feathered elliptical mask around its face box, mirrored
+  With ``--photos-per-appearance LO HI`` an appearance shows ``k`` different photos
+  instead (``k`` uniform in ``[LO, HI]``, fewer when the person has fewer photos or the
+  shot is too short for each to hold 0.5 s), in consecutive segments joined by 0.3-0.5 s
+  crossfades at the same face box, as a track of a real person turning and talking
+  changes pose and expression (the ``dev-mv`` trackset models the same). These draws
+  have a random stream of their own: the option changes the photos shown and nothing
+  else, and the default (``1 1``) renders the movie it always did. The photo is pasted through a feathered elliptical mask around its face box, mirrored
   half of the time, turned by up to 8 degrees, and moves and zooms smoothly over the shot
   (eased path, a slight bob and sway). Faces are 40-200 px tall at 720p (scaled with the
   height): close-ups, medium shots, and wide shots with small faces. Some appearances are
@@ -27,10 +33,12 @@ padding inside the pasted region). The movie is cut like a TV episode:
 
 The video is H.264 (libx264 ``veryfast``, CRF 23, yuv420p, constant frame rate) with no
 audio, encoded as frames are rendered. The JSON beside it holds the plan (cast with
-their photos, shots with their appearances) and the ground truth: for every frame, every
-visible face's ``identity``, ``box`` (``x1, y1, x2, y2`` in pixels: the photo's RetinaFace
-face box carried through the paste) and ``shot`` (index into ``shots``). The same
-``--seed`` gives the same plan and frames.
+their photos, shots with their appearances, each with the ``photos`` it shows and the
+``fades`` between them) and the ground truth: for every frame, every visible face's
+``identity``, ``box`` (``x1, y1, x2, y2`` in pixels: the photo's RetinaFace face box
+carried through the paste; during a crossfade, the two photos' boxes blended by the same
+weight) and ``shot`` (index into ``shots``). The same ``--seed`` gives the same plan and
+frames.
 
 CelebA is for non-commercial research only and shows real, identifiable people (see
 ``PROVENANCE.md`` beside the crops): write the movies under ``benchmarks/work/``, which
@@ -39,6 +47,7 @@ git ignores.
 Usage::
 
     python benchmarks/make_cast_movie.py --out benchmarks/work/cast_6p.mp4   # 6 people, 150 s, 720p24
+    python benchmarks/make_cast_movie.py --out benchmarks/work/cast_6p_mv.mp4 --photos-per-appearance 1 4
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ import csv
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -96,6 +106,13 @@ MIN_PHOTOS = 8
 MIN_COHERENCE = 0.55
 EXCLUDED_IDENTITIES = {"7393"}
 """7393 is the same person as held-out 7392 (PROVENANCE.md); kept out so that no one is cast twice."""
+FADE_SECONDS = (0.3, 0.5)
+"""Length of the crossfade from one photo of an appearance to the next, at the same face box: a head turning."""
+MIN_HOLD_SECONDS = 0.5
+"""Each photo of an appearance is on screen alone at least this long; short shots show fewer photos."""
+PHOTO_STREAM = 1
+"""Seeds the random stream of the photos beyond an appearance's first (with the movie's seed), apart from the
+main stream, so that ``photos_per_appearance`` changes which photos are shown and nothing else."""
 
 
 @dataclass(frozen=True)
@@ -123,14 +140,17 @@ class Person:
 
 @dataclass(frozen=True)
 class Appearance:
-    """One person in one shot: which photo, how it is shown, where it moves.
+    """One person in one shot: which photos, how they are shown, where the face moves.
 
     Positions and heights are in output pixels; the path runs from ``start`` to ``end``
-    over the shot with an ease-in-out, plus a bob of ``bob`` pixels.
+    over the shot with an ease-in-out, plus a bob of ``bob`` pixels. ``photos`` follow one
+    another at the same face box: ``fades[i]`` is ``(first frame, frames)``, counted from the
+    shot's start, of the crossfade from ``photos[i]`` to ``photos[i + 1]``.
     """
 
     identity: str
-    photo: str
+    photos: tuple[str, ...]
+    fades: tuple[tuple[int, int], ...]
     mirrored: bool
     rotation: float
     blur: float
@@ -141,6 +161,18 @@ class Appearance:
     bob: float
     bob_period: float
     phase: float
+
+    def photo_at(self, k: int) -> tuple[int, float]:
+        """The photo on screen at frame ``k`` of the shot (index into ``photos``), and the weight of the next one.
+
+        The weight is 0 outside a crossfade and eases from 0 to 1 across it.
+        """
+        for index, (first, frames) in enumerate(self.fades):
+            if k < first:
+                return index, 0.0
+            if k < first + frames:
+                return index, 0.5 - 0.5 * math.cos(math.pi * (k - first + 1) / (frames + 1))
+        return len(self.fades), 0.0
 
 
 @dataclass(frozen=True)
@@ -171,6 +203,7 @@ class MoviePlan:
     fps: int
     frames: int
     seed: int
+    photos_per_appearance: tuple[int, int]
     cast: tuple[Person, ...]
     shots: tuple[Shot, ...]
 
@@ -254,7 +287,14 @@ def choose_cast(people: int, rng: np.random.Generator) -> tuple[tuple[Person, ..
 # --------------------------------------------------------------------------- the plan
 
 
-def plan_movie(people: int = 6, seconds: float = 150.0, height: int = 720, fps: int = 24, seed: int = 0) -> MoviePlan:
+def plan_movie(
+    people: int = 6,
+    seconds: float = 150.0,
+    height: int = 720,
+    fps: int = 24,
+    seed: int = 0,
+    photos_per_appearance: tuple[int, int] = (1, 1),
+) -> MoviePlan:
     """Draws the cast, the edit and every appearance of a movie.
 
     Args:
@@ -263,6 +303,10 @@ def plan_movie(people: int = 6, seconds: float = 150.0, height: int = 720, fps: 
         height: Frame height (even); the width is 16:9 of it.
         fps: Constant frame rate.
         seed: Seed of every random choice; the same seed gives the same plan.
+        photos_per_appearance: ``(lo, hi)``: each appearance shows a uniform number of different photos in
+            ``[lo, hi]``, one after the other; ``(1, 1)``, one still photo per appearance, is the original
+            movie. Another range changes only the photos: the same seed gives the same edit, the same
+            people in each shot and the same paths.
 
     Returns:
         The plan; :class:`Renderer` turns it into frames.
@@ -271,11 +315,15 @@ def plan_movie(people: int = 6, seconds: float = 150.0, height: int = 720, fps: 
         raise ValueError(f"height must be even for yuv420p, got {height}")
     if people < 1:
         raise ValueError(f"people must be at least 1, got {people}")
+    lo, hi = photos_per_appearance
+    if not 1 <= lo <= hi:
+        raise ValueError(f"photos_per_appearance must be 1 <= lo <= hi, got {photos_per_appearance}")
     width = round(height * 16 / 9 / 2) * 2
     total = round(seconds * fps)
     if total < 1:
         raise ValueError(f"seconds must give at least one frame, got {seconds}")
     rng = np.random.default_rng(seed)
+    photo_rng = np.random.default_rng((seed, PHOTO_STREAM))
     cast, others = choose_cast(people, rng)
 
     # The edit: shot lengths, grouped into scenes.
@@ -315,7 +363,9 @@ def plan_movie(people: int = 6, seconds: float = 150.0, height: int = 720, fps: 
     last_photo: dict[str, str] = {}
     start = 0
     for index, (frames, scene, who) in enumerate(zip(lengths, scenes, members)):
-        appearances = _appearances([cast[i] for i in who], frames, fps, width, height, rng, last_photo)
+        appearances = _appearances(
+            [cast[i] for i in who], frames, fps, width, height, rng, last_photo, photos_per_appearance, photo_rng
+        )
         kind = "photo" if rng.random() < 0.5 else "gradient"
         background_photo = others[int(rng.integers(len(others)))].path if kind == "photo" else None
         lighting = str(rng.choice(["dim", "warm", "cool"])) if rng.random() < LIGHTING_PROBABILITY else None
@@ -338,7 +388,7 @@ def plan_movie(people: int = 6, seconds: float = 150.0, height: int = 720, fps: 
             )
         )
         start += frames
-    return MoviePlan(width, height, fps, total, seed, cast, tuple(shots))
+    return MoviePlan(width, height, fps, total, seed, (lo, hi), cast, tuple(shots))
 
 
 def _appearances(
@@ -349,8 +399,14 @@ def _appearances(
     height: int,
     rng: np.random.Generator,
     last_photo: dict[str, str],
+    photos_per_appearance: tuple[int, int],
+    photo_rng: np.random.Generator,
 ) -> list[Appearance]:
-    """Where and how each person of a shot is shown; each keeps to a slot of the frame's width."""
+    """Where and how each person of a shot is shown; each keeps to a slot of the frame's width.
+
+    ``rng`` draws everything of the original movie; ``photo_rng`` only the photos after each appearance's
+    first and their timing.
+    """
     n = len(people)
     names = list(FRAMINGS)
     framing = names[int(rng.choice(len(names), p=[FRAMINGS[f][1][n - 1] for f in names]))]
@@ -371,14 +427,16 @@ def _appearances(
         )
         choices = [p for p in person.photos if p.path != last_photo.get(person.identity)]
         photo = choices[int(rng.integers(len(choices)))]
-        last_photo[person.identity] = photo.path
+        photos, fades = _photo_segments(person, photo, frames, fps, photos_per_appearance, photo_rng)
+        last_photo[person.identity] = photos[-1]
         colour = (1.0, 1.0, 1.0)
         if rng.random() < COLOUR_PROBABILITY:
             colour = tuple(round(float(rng.uniform(0.75, 1.2) * rng.uniform(0.88, 1.12)), 3) for _ in range(3))
         out.append(
             Appearance(
                 identity=person.identity,
-                photo=photo.path,
+                photos=photos,
+                fades=fades,
                 mirrored=bool(rng.random() < MIRROR_PROBABILITY),
                 rotation=round(float(rng.uniform(-MAX_ROTATION, MAX_ROTATION)), 2),
                 blur=round(float(rng.uniform(*BLUR_SIGMA) * height / 720), 2)
@@ -394,6 +452,38 @@ def _appearances(
             )
         )
     return out
+
+
+def _photo_segments(
+    person: Person,
+    first: Photo,
+    frames: int,
+    fps: int,
+    photos_per_appearance: tuple[int, int],
+    rng: np.random.Generator,
+) -> tuple[tuple[str, ...], tuple[tuple[int, int], ...]]:
+    """The photos of one appearance, ``first`` and then others of the person, and the crossfades between them.
+
+    Each photo holds alone at least MIN_HOLD_SECONDS, each crossfade lasts FADE_SECONDS; the time left over
+    goes to the photos in random shares, so segments differ in length.
+    """
+    hold = max(round(MIN_HOLD_SECONDS * fps), 1)
+    fade_lo, fade_hi = (max(round(s * fps), 1) for s in FADE_SECONDS)
+    fits = 1 + max(frames - hold, 0) // (hold + fade_hi)
+    k = min(int(rng.integers(photos_per_appearance[0], photos_per_appearance[1] + 1)), len(person.photos), fits)
+    others = [p for p in person.photos if p.path != first.path]
+    photos = (first.path, *(others[int(i)].path for i in rng.choice(len(others), size=k - 1, replace=False)))
+    if k == 1:
+        return photos, ()
+    fade_frames = [int(rng.integers(fade_lo, fade_hi + 1)) for _ in range(k - 1)]
+    spare = frames - k * hold - sum(fade_frames)
+    holds = [hold + int(spare * share) for share in rng.dirichlet(np.ones(k))]
+    fades, first_frame = [], 0
+    for length, fade in zip(holds, fade_frames):
+        first_frame += length
+        fades.append((first_frame, fade))
+        first_frame += fade
+    return photos, tuple(fades)
 
 
 def _uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -430,10 +520,10 @@ def _mask(shape: tuple[int, int], box: tuple[float, float, float, float], feathe
 
 
 class _Sprite:
-    """An appearance's photo prepared once: mirrored, recoloured, scaled near its on-screen size, blurred, masked."""
+    """A photo of an appearance prepared once: mirrored, recoloured, scaled near its on-screen size, blurred, masked."""
 
-    def __init__(self, appearance: Appearance, box: tuple[float, float, float, float]) -> None:
-        image = cv2.cvtColor(cv2.imread(str(CELEBA / appearance.photo)), cv2.COLOR_BGR2RGB)
+    def __init__(self, appearance: Appearance, photo: str, box: tuple[float, float, float, float]) -> None:
+        image = cv2.cvtColor(cv2.imread(str(CELEBA / photo)), cv2.COLOR_BGR2RGB)
         x1, y1, x2, y2 = box
         if appearance.mirrored:
             image = image[:, ::-1]
@@ -447,6 +537,16 @@ class _Sprite:
         if appearance.blur > 0:
             image = cv2.GaussianBlur(image, (0, 0), appearance.blur)
         self.mask = _mask(image.shape[:2], self.box)
+        rows, cols = np.nonzero(self.mask > 1e-3)
+        self.corners = np.array(
+            [
+                [cols.min(), rows.min()],
+                [cols.max() + 1, rows.min()],
+                [cols.min(), rows.max() + 1],
+                [cols.max() + 1, rows.max() + 1],
+            ],
+            np.float64,
+        )
         self.image = image
         self.appearance = appearance
 
@@ -467,31 +567,54 @@ class _Sprite:
         w = (x2 - x1) * r
         return matrix, (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
 
-    def paste(self, frame: np.ndarray, matrix: np.ndarray) -> None:
-        """Alpha-blends the sprite into ``frame`` (float32 RGB) in place."""
-        rows, cols = np.nonzero(self.mask > 1e-3)
-        corners = np.array(
-            [
-                [cols.min(), rows.min()],
-                [cols.max() + 1, rows.min()],
-                [cols.min(), rows.max() + 1],
-                [cols.max() + 1, rows.max() + 1],
-            ],
-            np.float64,
-        )
-        mapped = corners @ matrix[:, :2].T + matrix[:, 2]
+    def region(self, matrix: np.ndarray, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """The frame pixels ``x0, y0, x1, y1`` that the mask covers under ``matrix``, inside a frame of ``shape``."""
+        mapped = self.corners @ matrix[:, :2].T + matrix[:, 2]
         x0, y0 = np.floor(mapped.min(axis=0)).astype(int)
         x1, y1 = np.ceil(mapped.max(axis=0)).astype(int)
-        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, frame.shape[1]), min(y1, frame.shape[0])
-        if x1 <= x0 or y1 <= y0:
-            return
+        return max(x0, 0), max(y0, 0), min(x1, shape[1]), min(y1, shape[0])
+
+    def warp(self, matrix: np.ndarray, region: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The sprite and its alpha (float32, ``(h, w, 3)`` and ``(h, w, 1)``) on the frame pixels of ``region``."""
+        x0, y0, x1, y1 = region
         local = matrix.copy()
         local[:, 2] -= (x0, y0)
         size = (x1 - x0, y1 - y0)
         image = cv2.warpAffine(self.image, local, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         alpha = cv2.warpAffine(self.mask, local, size, flags=cv2.INTER_LINEAR, borderValue=0)[..., None]
+        return image, alpha
+
+    def paste(self, frame: np.ndarray, matrix: np.ndarray) -> None:
+        """Alpha-blends the sprite into ``frame`` (float32 RGB) in place."""
+        x0, y0, x1, y1 = region = self.region(matrix, frame.shape)
+        if x1 <= x0 or y1 <= y0:
+            return
+        image, alpha = self.warp(matrix, region)
         roi = frame[y0:y1, x0:x1]
         roi += alpha * (image - roi)
+
+
+def _crossfade(frame: np.ndarray, layers: list[tuple[_Sprite, np.ndarray, float]]) -> None:
+    """Pastes the weighted mix of sprites (sprite, matrix, weight; weights summing to 1) into ``frame`` in place.
+
+    Colours and alphas mix premultiplied, so that where both photos cover the frame it shows their mix
+    alone, without the background showing through half way.
+    """
+    regions = [sprite.region(matrix, frame.shape) for sprite, matrix, _ in layers]
+    regions = [r for r in regions if r[2] > r[0] and r[3] > r[1]]
+    if not regions:
+        return
+    x0, y0 = min(r[0] for r in regions), min(r[1] for r in regions)
+    x1, y1 = max(r[2] for r in regions), max(r[3] for r in regions)
+    colour = np.zeros((y1 - y0, x1 - x0, 3), np.float32)
+    cover = np.zeros((y1 - y0, x1 - x0, 1), np.float32)
+    for sprite, matrix, weight in layers:
+        image, alpha = sprite.warp(matrix, (x0, y0, x1, y1))
+        colour += weight * alpha * image
+        cover += weight * alpha
+    roi = frame[y0:y1, x0:x1]
+    roi *= 1 - cover
+    roi += colour
 
 
 class Renderer:
@@ -502,7 +625,7 @@ class Renderer:
         self._boxes = {photo.path: photo.box for person in plan.cast for photo in person.photos}
         self._shot: int | None = None
         self._background: np.ndarray | None = None
-        self._sprites: list[_Sprite] = []
+        self._sprites: list[list[_Sprite]] = []
         self._lut: np.ndarray | None = None
         self._grain: list[np.ndarray] = []
 
@@ -511,7 +634,7 @@ class Renderer:
             return
         self._shot = shot.index
         self._background = self.background(shot)
-        self._sprites = [_Sprite(a, self._boxes[a.photo]) for a in shot.appearances]
+        self._sprites = [[_Sprite(a, photo, self._boxes[photo]) for photo in a.photos] for a in shot.appearances]
         levels = np.arange(256, dtype=np.float64) / 255
         self._lut = np.stack(
             [np.clip(255 * gain * levels**shot.gamma, 0, 255) for gain in shot.lighting_gains], axis=1
@@ -566,12 +689,17 @@ class Renderer:
         offset = round(abs(shot.pan) * (t if shot.pan > 0 else 1 - t))
         frame = self._background[:, offset : offset + self.plan.width].copy()
         faces = []
-        for sprite in self._sprites:
-            matrix, box = sprite.pose(t, k)
-            sprite.paste(frame, matrix)
-            faces.append(
-                {"identity": sprite.appearance.identity, "box": [round(v, 1) for v in box], "shot": shot.index}
-            )
+        for appearance, sprites in zip(shot.appearances, self._sprites):
+            photo, weight = appearance.photo_at(k)
+            matrix, box = sprites[photo].pose(t, k)
+            if weight:
+                # A crossfade to the next photo, at the same face box; the truth box blends by the same weight.
+                matrix_next, box_next = sprites[photo + 1].pose(t, k)
+                _crossfade(frame, [(sprites[photo], matrix, 1 - weight), (sprites[photo + 1], matrix_next, weight)])
+                box = tuple((1 - weight) * a + weight * b for a, b in zip(box, box_next))
+            else:
+                sprites[photo].paste(frame, matrix)
+            faces.append({"identity": appearance.identity, "box": [round(v, 1) for v in box], "shot": shot.index})
         if self._grain:
             frame += self._grain[k % len(self._grain)]
         out = np.clip(frame, 0, 255).astype(np.uint8)
@@ -584,19 +712,25 @@ class Renderer:
 
 
 def build_cast_movie(
-    out: Path, people: int = 6, seconds: float = 150.0, height: int = 720, fps: int = 24, seed: int = 0
+    out: Path,
+    people: int = 6,
+    seconds: float = 150.0,
+    height: int = 720,
+    fps: int = 24,
+    seed: int = 0,
+    photos_per_appearance: tuple[int, int] = (1, 1),
 ) -> Path:
     """Renders the movie of :func:`plan_movie` to ``out`` and its ground truth to ``out.with_suffix(".json")``.
 
     Args:
         out: Output ``.mp4``.
-        people, seconds, height, fps, seed: As in :func:`plan_movie`.
+        people, seconds, height, fps, seed, photos_per_appearance: As in :func:`plan_movie`.
 
     Returns:
         ``out``.
     """
     out = Path(out)
-    plan = plan_movie(people, seconds, height, fps, seed)
+    plan = plan_movie(people, seconds, height, fps, seed, photos_per_appearance)
     renderer = Renderer(plan)
     truth: list[list[dict]] = []
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -619,6 +753,7 @@ def build_cast_movie(
         "fps": fps,
         "frames": plan.frames,
         "seed": seed,
+        "photos_per_appearance": list(plan.photos_per_appearance),
         "cuts": [shot.start_frame for shot in plan.shots[1:]],
         "cast": [
             {
@@ -649,16 +784,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--height", type=int, default=720, help="frame height; width is 16:9")
     parser.add_argument("--fps", type=int, default=24, help="frame rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the cast, the edit and every appearance")
+    parser.add_argument(
+        "--photos-per-appearance",
+        type=int,
+        nargs=2,
+        default=(1, 1),
+        metavar=("LO", "HI"),
+        help="each appearance shows LO to HI different photos of its person, crossfading at the same box (default 1 1)",
+    )
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    out = build_cast_movie(args.out, args.people, args.seconds, args.height, args.fps, args.seed)
+    out = build_cast_movie(
+        args.out, args.people, args.seconds, args.height, args.fps, args.seed, tuple(args.photos_per_appearance)
+    )
     record = json.loads(out.with_suffix(".json").read_text())
     faces = sum(len(f) for f in record["faces"])
     cast = ", ".join(f"{p['identity']} ({p['shots']} shots)" for p in record["cast"])
+    shown = Counter(len(a["photos"]) for shot in record["shots"] for a in shot["appearances"])
+    photos = ", ".join(f"{n} with {k}" for k, n in sorted(shown.items()))
     print(
         f"{out}: {record['frames']} frames {record['width']}x{record['height']} at {record['fps']} fps, "
-        f"{len(record['shots'])} shots, {faces} faces; cast {cast}; "
+        f"{len(record['shots'])} shots, {faces} faces; cast {cast}; appearances by photos shown: {photos}; "
         f"{out.stat().st_size / 1e6:.1f} MB, built in {time.perf_counter() - started:.0f} s"
     )
 

@@ -579,6 +579,8 @@ def _stock_rows(work: Path, truth: Truth) -> list[dict]:
 
 def markdown(report: dict) -> str:
     movie = report["movie"]
+    lo, hi = movie["photos_per_appearance"]
+    photos = "one still photo per appearance" if hi == 1 else f"{lo}-{hi} photos per appearance, crossfading"
     lines = [
         "# End-to-end clustering quality on a movie with a known cast",
         "",
@@ -586,7 +588,7 @@ def markdown(report: dict) -> str:
             f"`benchmarks/movie_quality.py` on `{movie['video']}` ({movie['width']}x{movie['height']} at {movie['fps']} fps, "
             f"{movie['seconds']:g} s, {movie['shots']} shots, {movie['people']} people, "
             f"{movie['appearances']} appearances (person x shot), {movie['faces']} face boxes; rendered by "
-            f"`benchmarks/make_cast_movie.py`, seed {movie['seed']}). Measured {report['measured_at']} on "
+            f"`benchmarks/make_cast_movie.py`, seed {movie['seed']}, {photos}). Measured {report['measured_at']} on "
             f"{report['machine']}. Tracks are identified by majority vote of their detections' ground-truth matches "
             f"(IoU >= {MATCH_IOU}); tracks matching nothing are false tracks, left out of the clustering scores; "
             "Unknown tracks count as singletons in every figure but PCR."
@@ -681,6 +683,8 @@ def main(argv: list[str] | None = None) -> None:
             "fps": record["fps"],
             "seconds": record["frames"] / record["fps"],
             "seed": record["seed"],
+            # Movies rendered before the option existed show one photo per appearance.
+            "photos_per_appearance": record.get("photos_per_appearance", [1, 1]),
             "shots": len(record["shots"]),
             "people": len(record["cast"]),
             "appearances": len(truth.appearances),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 
 import av
@@ -21,6 +22,10 @@ from benchmarks.movie_quality import (
 )
 from tests.conftest import shared_path
 
+TINY = {"people": 2, "seconds": 4, "height": 180, "seed": 3}
+TINY_FACES_SHA256 = "9a313e5d45a6f535f9e1588912690c3a071104938e9349018a265a980797787b"
+"""The tiny movie's ground truth (``faces``, compact JSON) as rendered before ``photos_per_appearance`` existed."""
+
 
 @pytest.fixture(scope="module")
 def celeba():
@@ -32,7 +37,16 @@ def tiny_movie(celeba, tmp_path_factory):
     """A 4 s, 320x180 movie of 2 people, and its ground truth record."""
     from benchmarks.make_cast_movie import build_cast_movie
 
-    out = build_cast_movie(tmp_path_factory.mktemp("cast") / "tiny.mp4", people=2, seconds=4, height=180, seed=3)
+    out = build_cast_movie(tmp_path_factory.mktemp("cast") / "tiny.mp4", **TINY)
+    return out, json.loads(out.with_suffix(".json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_mv_movie(celeba, tmp_path_factory):
+    """The tiny movie with 2-4 photos per appearance, and its ground truth record."""
+    from benchmarks.make_cast_movie import build_cast_movie
+
+    out = build_cast_movie(tmp_path_factory.mktemp("cast") / "tiny_mv.mp4", **TINY, photos_per_appearance=(2, 4))
     return out, json.loads(out.with_suffix(".json").read_text())
 
 
@@ -260,3 +274,124 @@ def test_embedding_spread_compares_crops_within_tracks_and_tracks_between_people
     assert spread["within_track"] == pytest.approx(1 - np.cos(0.02), abs=1e-6)
     assert spread["same_person"] == pytest.approx(1 - np.cos(0.3), abs=1e-6)
     assert spread["different_people"] == pytest.approx(np.median([1 - np.cos(1.19), 1 - np.cos(0.89)]), abs=1e-6)
+
+
+def test_default_movie_is_the_one_rendered_before_photos_per_appearance(tiny_movie):
+    _, record = tiny_movie
+    faces = json.dumps(record["faces"], separators=(",", ":")).encode()
+    assert hashlib.sha256(faces).hexdigest() == TINY_FACES_SHA256
+    assert record["photos_per_appearance"] == [1, 1]
+    assert all(len(a["photos"]) == 1 and a["fades"] == [] for s in record["shots"] for a in s["appearances"])
+
+
+def test_photos_per_appearance_changes_the_photos_and_nothing_else(celeba):
+    from benchmarks.make_cast_movie import plan_movie
+
+    def without_photos(plan):
+        shots = tuple(
+            dataclasses.replace(
+                s, appearances=tuple(dataclasses.replace(a, photos=(), fades=()) for a in s.appearances)
+            )
+            for s in plan.shots
+        )
+        return dataclasses.replace(plan, photos_per_appearance=(1, 1), shots=shots)
+
+    one = plan_movie(**TINY)
+    assert plan_movie(**TINY, photos_per_appearance=(1, 1)) == one
+    several = plan_movie(**TINY, photos_per_appearance=(2, 4))
+    assert several.photos_per_appearance == (2, 4)
+    # The same edit, people, paths, looks and backgrounds; only the photos and their fades differ.
+    assert without_photos(several) == without_photos(one)
+    assert any(len(a.photos) > 1 for s in several.shots for a in s.appearances)
+    for bad in ((0, 2), (3, 2)):
+        with pytest.raises(ValueError, match="photos_per_appearance"):
+            plan_movie(**TINY, photos_per_appearance=bad)
+
+
+def test_photo_at_steps_through_the_photos_and_eases_across_each_fade():
+    from benchmarks.make_cast_movie import Appearance
+
+    a = Appearance(
+        identity="A",
+        photos=("p", "q", "r"),
+        fades=((10, 4), (20, 3)),
+        mirrored=False,
+        rotation=0.0,
+        blur=0.0,
+        colour=(1.0, 1.0, 1.0),
+        start=(0.0, 0.0),
+        end=(0.0, 0.0),
+        heights=(50.0, 50.0),
+        bob=0.0,
+        bob_period=24.0,
+        phase=0.0,
+    )
+    photos, weights = zip(*(a.photo_at(k) for k in range(30)))
+    assert photos == (0,) * 14 + (1,) * 9 + (2,) * 7
+    assert weights[:10] == (0.0,) * 10 and weights[14:20] == (0.0,) * 6 and weights[23:] == (0.0,) * 7
+    fade = weights[10:14]
+    assert all(0 < w < 1 for w in fade) and list(fade) == sorted(fade) and fade[1] + fade[2] == pytest.approx(1)
+    assert 0 < weights[20] < weights[21] < weights[22] < 1
+
+
+def test_several_photos_per_appearance_change_the_face_at_the_box_not_its_identity(tiny_mv_movie):
+    from benchmarks.make_cast_movie import Renderer, plan_movie
+
+    video, record = tiny_mv_movie
+    with av.open(str(video)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == record["frames"]
+    assert record["photos_per_appearance"] == [2, 4]
+    photos_of = {p["identity"]: set(p["photos"]) for p in record["cast"]}
+    fades = 0
+    for shot in record["shots"]:
+        start, stop = shot["start_frame"], shot["start_frame"] + shot["frames"]
+        identities = [a["identity"] for a in shot["appearances"]]
+        # One face per appearance on every frame of the shot, in its order: the identity never changes.
+        assert all([f["identity"] for f in faces] == identities for faces in record["faces"][start:stop])
+        for a in shot["appearances"]:
+            assert len(set(a["photos"])) == len(a["photos"]) == len(a["fades"]) + 1
+            assert set(a["photos"]) <= photos_of[a["identity"]]
+            fades += len(a["fades"])
+    assert fades >= 2
+
+    # The box moves smoothly across the fades, as a tracker needs to keep one track.
+    for previous, faces in zip(record["faces"], record["faces"][1:]):
+        for p, f in zip(previous, faces):
+            if p["shot"] == f["shot"]:
+                assert box_iou(np.array([p["box"]]), np.array([f["box"]]))[0, 0] > 0.9
+
+    # Around each fade, compare with the same movie showing one photo in that appearance throughout: up to the
+    # fade the frame is the one of the photo before it, half way the face at the box is the mix of both photos
+    # (without the background showing through), after it another face is at the box.
+    plan = plan_movie(**TINY, photos_per_appearance=(2, 4))
+    renderer = Renderer(plan)
+
+    def showing_only(shot, appearance, photo):
+        still = dataclasses.replace(appearance, photos=(photo,), fades=())
+        changed = dataclasses.replace(
+            shot, appearances=tuple(still if b is appearance else b for b in shot.appearances)
+        )
+        return Renderer(dataclasses.replace(plan, shots=tuple(changed if s is shot else s for s in plan.shots)))
+
+    for shot in plan.shots:
+        for i, a in enumerate(shot.appearances):
+            for j, (first, frames) in enumerate(a.fades):
+                old, new = showing_only(shot, a, a.photos[j]), showing_only(shot, a, a.photos[j + 1])
+                before = shot.start_frame + first - 1
+                rgb, faces = renderer.frame(before)
+                ref, ref_faces = old.frame(before)
+                assert np.array_equal(rgb, ref) and faces == ref_faces
+
+                middle = shot.start_frame + first + frames // 2
+                _, weight = a.photo_at(middle - shot.start_frame)
+                rgb, faces = renderer.frame(middle)
+                x1, y1, x2, y2 = (round(v) for v in faces[i]["box"])
+                mix = (1 - weight) * old.frame(middle)[0] + weight * new.frame(middle)[0]
+                assert 0.2 < weight < 0.8 and np.abs(rgb - mix)[y1:y2, x1:x2].mean() < 2, (shot.index, i, j)
+
+                after = shot.start_frame + first + frames
+                rgb, faces = renderer.frame(after)
+                ref, ref_faces = old.frame(after)
+                x1, y1, x2, y2 = (round(v) for v in ref_faces[i]["box"])
+                assert faces[i]["identity"] == a.identity
+                assert np.abs(rgb.astype(int) - ref.astype(int))[y1:y2, x1:x2].mean() > 10, (shot.index, i, j)
