@@ -1,10 +1,14 @@
 """Baseline clusterings the benchmark compares our own clustering against.
 
-Every baseline takes an ``(N, D)`` float matrix of L2-normalised track
-embeddings (dlib's ResNet 128-d face descriptors, where two tracks of one
-person are typically less than 0.6 apart in Euclidean distance) and returns an
-``int64`` array of ``N`` labels: ``0..K-1`` numbered in order of first
-appearance, ``-1`` for noise (DBSCAN and HDBSCAN only).
+Every baseline takes an ``(N, D)`` float matrix of track embeddings, any
+scale, and returns an ``int64`` array of ``N`` labels: ``0..K-1`` numbered in
+order of first appearance, ``-1`` for noise (DBSCAN and HDBSCAN only). The
+customary thresholds below are meant for dlib's ResNet 128-d face descriptors
+as dlib and ``face_recognition`` return them, raw (not L2-normalised), where
+two faces of one person are typically less than 0.6 apart in Euclidean
+distance. ``benchmarks/peers.py`` gives them such raw descriptors;
+``benchmarks/cluster_quality.py`` gives them our unit-length track means, on
+which the same thresholds are looser.
 
 - **Chinese Whispers** is dlib's own C++ implementation,
   ``dlib.chinese_whispers`` (what ``face_recognition`` users and dlib's
@@ -105,7 +109,7 @@ def chinese_whispers(x: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     of a distance exactly at the threshold).
 
     Args:
-        x: ``(N, D)`` L2-normalised embeddings.
+        x: ``(N, D)`` embeddings.
         threshold: Edge distance. dlib's ``face_clustering.py`` example uses
             0.5 for its ResNet descriptors; ``face_recognition`` uses 0.6 as a
             same-person tolerance. Larger values chain identities together.
@@ -136,7 +140,7 @@ def agglomerative(x: np.ndarray, distance: float = 0.6, linkage: str = "average"
     ``distance`` (scipy's ``fcluster(..., criterion="distance")``).
 
     Args:
-        x: ``(N, D)`` L2-normalised embeddings.
+        x: ``(N, D)`` embeddings.
         distance: Cut height. 0.6 is ``face_recognition``'s same-person
             tolerance for dlib's descriptors; with average linkage it bounds
             the mean distance between the members of two merged clusters.
@@ -168,7 +172,7 @@ def agglomerative_k(x: np.ndarray, k: int, linkage: str = "average") -> np.ndarr
     when merge heights tie (where ``fcluster(..., "maxclust")`` can give fewer).
 
     Args:
-        x: ``(N, D)`` L2-normalised embeddings.
+        x: ``(N, D)`` embeddings.
         k: Number of clusters, ``1 <= k <= N``.
         linkage: scipy linkage method.
 
@@ -205,7 +209,7 @@ def dbscan(x: np.ndarray, eps: float = 0.5, min_samples: int = 5) -> np.ndarray:
     """scikit-learn's DBSCAN on Euclidean distance.
 
     Args:
-        x: ``(N, D)`` L2-normalised embeddings.
+        x: ``(N, D)`` embeddings.
         eps: Neighbourhood radius; 0.5 sits inside dlib's 0.6 same-person tolerance.
         min_samples: Points (itself included) within ``eps`` for a core point;
             5 is scikit-learn's default. Identities seen in fewer tracks become noise.
@@ -228,7 +232,7 @@ def hdbscan(x: np.ndarray, min_cluster_size: int = 2) -> np.ndarray:
     """scikit-learn's HDBSCAN on Euclidean distance, other parameters at their defaults.
 
     Args:
-        x: ``(N, D)`` L2-normalised embeddings.
+        x: ``(N, D)`` embeddings.
         min_cluster_size: Smallest cluster kept; 2 lets an identity seen in
             two tracks form a cluster. ``min_samples`` defaults to it.
 
