@@ -7,7 +7,7 @@ import pytest
 
 from vcn.clustering.dissimilarity import CosineDissimilarity, Factors
 from vcn.clustering.parameter_free import UNKNOWN, cluster_movie, cluster_tracks
-from vcn.identity.quality import embed_and_score, low_quality_tracks, track_quality
+from vcn.identity.quality import embed_and_score, low_quality_tracks, track_quality, within_track_scatter
 
 
 def _movie(rng: np.random.Generator, people: int = 4, tracks_per_person: int = 6, crops: int = 8, dim: int = 32,
@@ -195,8 +195,9 @@ def test_quality_screen_leaves_low_side_outliers_unknown() -> None:
     assert 0.2 < cut < 0.78
     # No spread to judge by: nothing is cut.
     assert not low_quality_tracks(np.array([0.5, 0.1]))[0].any()
-    np.testing.assert_allclose(track_quality(np.array([1.0, 0.0, 0.5]), np.array([0, 0, 2]), 4),
-                               [0.5, np.nan, 0.5, np.nan])
+    np.testing.assert_allclose(
+        track_quality(np.array([1.0, 0.0, 0.5]), np.array([0, 0, 2]), 4), [0.5, np.nan, 0.5, np.nan]
+    )
 
 
 def test_cluster_movie_uses_crop_quality() -> None:
@@ -207,6 +208,52 @@ def test_cluster_movie_uses_crop_quality() -> None:
     result = cluster_movie(x, crop_track, len(person), crop_quality=q)
     assert result.labels[3] == UNKNOWN and result.low_quality[3]
     assert result.n_unknown == 1 and result.n_clusters == 2
+
+
+def test_quality_screen_ignores_differences_within_the_scatter_of_one_track_s_crops() -> None:
+    """A small movie of near-equal tracks: MAD alone makes an outlier of a track 0.005 below, the crop scatter does not."""
+    means = np.array([0.4803, 0.4803, 0.4825, 0.4819, 0.4807, 0.4798, 0.4791, 0.4785, 0.4755, 0.46])
+    pattern = np.array([-0.004, -0.002, 0.0, 0.0, 0.002, 0.004])  # one track's crops: standard deviation 0.0028
+    crop_track = np.repeat(np.arange(len(means)), len(pattern))
+    crop_quality = means[crop_track] + np.tile(pattern, len(means))
+    quality = track_quality(crop_quality, crop_track, len(means))
+    scatter = within_track_scatter(crop_quality, crop_track)
+    assert scatter == pytest.approx(np.sqrt(8e-6))
+    # The median absolute deviation alone (0.00125 here): 0.4755 is an outlier.
+    assert list(np.flatnonzero(low_quality_tracks(quality)[0])) == [8, 9]
+    # Floored by the crops' scatter, only the track below every crop of the others is.
+    low, cut = low_quality_tracks(quality, crop_scatter=scatter)
+    assert list(np.flatnonzero(low)) == [9]
+    assert cut == pytest.approx(np.median(quality) - 3 * 0.6745 * scatter)
+    # Nine near-equal tracks and nothing else: nothing is dropped.
+    assert not low_quality_tracks(quality[:9], crop_scatter=scatter)[0].any()
+
+
+def test_within_track_scatter_is_the_pooled_standard_deviation() -> None:
+    rng = np.random.default_rng(8)
+    crop_track = rng.integers(0, 12, 200)
+    crop_track[crop_track == 5] = 6  # a track without crops
+    crop_track[:1] = 11
+    crop_quality = rng.normal(0.48, 0.003, 200) + 0.01 * (crop_track % 3)
+    squares, dof = 0.0, 0
+    for t in np.unique(crop_track):
+        q = crop_quality[crop_track == t]
+        squares += ((q - q.mean()) ** 2).sum()
+        dof += len(q) - 1
+    assert within_track_scatter(crop_quality, crop_track) == pytest.approx(np.sqrt(squares / dof), rel=1e-12)
+    assert within_track_scatter(np.array([0.5, 0.4]), np.array([0, 1])) == 0.0  # one crop per track: no scatter
+
+
+def test_every_unknown_track_says_why() -> None:
+    rng = np.random.default_rng(9)
+    x, crop_track, person = _movie(rng, people=2, tracks_per_person=6)
+    q = np.full(len(x), 0.8) + rng.normal(scale=0.005, size=len(x))
+    q[crop_track == 3] = 0.1
+    keep = crop_track != 7  # track 7: no kept crops
+    result = cluster_movie(x[keep], crop_track[keep], len(person), crop_quality=q[keep])
+    assert result.unknown_reason[3] == "low_quality" and result.unknown_reason[7] == "no_kept_crops"
+    unknown = result.labels == UNKNOWN
+    assert all(r is None for r in result.unknown_reason[~unknown]) and unknown.sum() == 2
 
 
 def test_serfiq_quality_prefers_a_face_to_noise(backbone) -> None:

@@ -134,13 +134,14 @@ def test_export_writes_detections_and_clusters_csv(env, tmp_path):
 
     with open(tmp_path / "clusters.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["track_id", "cluster"]
+    assert rows[0] == ["track_id", "cluster", "unknown_reason"]
     expected = _warehouse(env).query(
-        "SELECT track_id, cluster FROM face_clusters WHERE movie_id = 'hamilton' AND model_version = $1 ORDER BY track_id",
+        "SELECT track_id, cluster, unknown_reason FROM face_clusters WHERE movie_id = 'hamilton' AND model_version = $1 "
+        "ORDER BY track_id",
         [_model_version(env)],
     )
-    assert [(int(t), int(c) if c else None) for t, c in rows[1:]] == expected.rows()
-    assert any(c == "" for _, c in rows[1:])  # this clip has tracks without kept crops: Unknown
+    assert [(int(t), int(c) if c else None, r or None) for t, c, r in rows[1:]] == expected.rows()
+    assert any(c == "" and r for _, c, r in rows[1:])  # this clip has tracks without kept crops: Unknown, and why
 
 
 def test_sql_is_read_only(env, capsys):
@@ -347,8 +348,8 @@ def test_every_track_has_one_cluster_row_with_model_version_and_run(env):
     tracks = pl.read_parquet(_movie(env, "tracks.parquet")).sort("track_id")
     clusters = pl.read_parquet(_movie(env, "face_clusters.parquet"))
     assert clusters.columns == [
-        "movie_id", "track_id", "cluster", "name", "auto_cluster", "quality", "low_quality", "model_version", "run_id",
-        "clustered_at", "thumbnail",
+        "movie_id", "track_id", "cluster", "name", "auto_cluster", "quality", "low_quality", "unknown_reason",
+        "model_version", "run_id", "clustered_at", "thumbnail",
     ]
     # Without analysts' edits the clusters are the automatic ones.
     assert clusters["cluster"].equals(clusters["auto_cluster"]) and clusters["name"].null_count() == clusters.height
@@ -441,7 +442,12 @@ def test_finetune_check_passed(env):
     }
     assert verdicts["finetune_not_collapsed"].passed
     metadata = verdicts["finetune_not_collapsed"].metadata
-    assert metadata["problems"].value == "none" and metadata["loss_ratio"].value < 0.98
+    assert metadata["problems"].value == "none"
+    # A 10-second clip trains a handful of steps: too few for the stuck-loss rule to judge (its loss is
+    # still near ln K), and the record says so.
+    from vcn.identity.selfsup.finetune import MIN_STEPS_TO_JUDGE_LOSS, STUCK_LOSS_RATIO
+
+    assert metadata["steps"].value < MIN_STEPS_TO_JUDGE_LOSS or metadata["loss_ratio"].value < STUCK_LOSS_RATIO
 
 
 def test_cluster_checks_passed_in_the_run_that_clustered(env):

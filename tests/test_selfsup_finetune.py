@@ -197,6 +197,18 @@ def test_collapse_problems_name_each_failure():
     assert any("variance" in p for p in collapsed.problems())
     line = np.outer(rng.normal(size=200), rng.normal(size=16)) + 1e-3 * rng.normal(size=(200, 16))
     assert any("rank" in p for p in collapse_stats(3.0, 4096, line, healthy).problems())
+
+
+def test_a_loss_near_ln_k_after_a_few_steps_is_not_judged_stuck():
+    """A clip of a few tracks trains a handful of steps: its loss cannot have left ln K yet, healthy or not."""
+    from vcn.identity.selfsup.finetune import MIN_STEPS_TO_JUDGE_LOSS
+
+    healthy = np.random.default_rng(0).normal(size=(200, 16))
+    near = math.log(4096) * 0.985
+    assert collapse_stats(near, 4096, healthy, healthy, steps=6).problems() == []
+    assert len(collapse_stats(near, 4096, healthy, healthy, steps=MIN_STEPS_TO_JUDGE_LOSS).problems()) == 1
+    assert len(collapse_stats(near, 4096, healthy, healthy).problems()) == 1  # steps unknown: judged
+    assert collapse_stats(float("nan"), 4096, healthy, healthy, steps=6).problems()  # diverged: always a problem
     assert COLLAPSE_RATIO == 0.5
 
 

@@ -24,16 +24,24 @@ def test_replace_movie_rows_is_idempotent_and_per_movie(tmp_path):
 
 def test_versioned_table_replaces_only_its_model_version(tmp_path):
     wh = Warehouse(str(tmp_path / "w.duckdb"))
-    rows = pl.DataFrame({"track_id": [0, 1, 2], "cluster": [0, 0, None]}, schema={"track_id": pl.Int64, "cluster": pl.Int64})
+    rows = pl.DataFrame(
+        {"track_id": [0, 1, 2], "cluster": [0, 0, None]}, schema={"track_id": pl.Int64, "cluster": pl.Int64}
+    )
     wh.replace_movie_rows("face_clusters", "a", rows, model_version="v1")
     wh.replace_movie_rows("face_clusters", "a", rows.head(2), model_version="v2")
     wh.replace_movie_rows("face_clusters", "b", rows, model_version="v1")
     # Re-clustering movie a with v1 replaces a's v1 rows only.
-    wh.replace_movie_rows("face_clusters", "a", rows.with_columns(pl.lit(1, pl.Int64).alias("cluster")), model_version="v1")
-    counts = wh.query("SELECT movie_id, model_version, count(*), sum(cluster) FROM face_clusters GROUP BY 1, 2 ORDER BY 1, 2")
+    wh.replace_movie_rows(
+        "face_clusters", "a", rows.with_columns(pl.lit(1, pl.Int64).alias("cluster")), model_version="v1"
+    )
+    counts = wh.query(
+        "SELECT movie_id, model_version, count(*), sum(cluster) FROM face_clusters GROUP BY 1, 2 ORDER BY 1, 2"
+    )
     assert counts.rows() == [("a", "v1", 3, 3), ("a", "v2", 2, 0), ("b", "v1", 3, 0)]
     # The version is stamped on the rows, whatever they said.
-    wh.replace_movie_rows("face_clusters", "c", rows.with_columns(pl.lit("other").alias("model_version")), model_version="v3")
+    wh.replace_movie_rows(
+        "face_clusters", "c", rows.with_columns(pl.lit("other").alias("model_version")), model_version="v3"
+    )
     assert wh.query("SELECT DISTINCT model_version FROM face_clusters WHERE movie_id = 'c'").item() == "v3"
 
 
@@ -48,7 +56,11 @@ def test_model_version_is_required_exactly_for_versioned_tables(tmp_path):
 def test_new_columns_are_added_to_an_existing_table(tmp_path):
     wh = Warehouse(str(tmp_path / "w.duckdb"))
     wh.replace_movie_rows("track_embeddings", "old", pl.DataFrame({"track_id": [0, 1]}))
-    wh.replace_movie_rows("track_embeddings", "new", pl.DataFrame({"track_id": [0], "quality": [0.5]}, schema={"track_id": pl.Int64, "quality": pl.Float32}))
+    wh.replace_movie_rows(
+        "track_embeddings",
+        "new",
+        pl.DataFrame({"track_id": [0], "quality": [0.5]}, schema={"track_id": pl.Int64, "quality": pl.Float32}),
+    )
     rows = wh.query("SELECT movie_id, track_id, quality FROM track_embeddings ORDER BY movie_id, track_id")
     assert rows.rows() == [("new", 0, 0.5), ("old", 0, None), ("old", 1, None)]
     assert rows.schema["quality"] == pl.Float32
@@ -62,10 +74,9 @@ def test_unknown_table_is_refused(tmp_path):
 def test_a_failed_write_changes_nothing(tmp_path):
     wh = Warehouse(str(tmp_path / "w.duckdb"))
     wh.replace_movie_rows("shots", "a", pl.DataFrame({"shot_id": [0, 1]}))
-    with pytest.raises(RuntimeError):
-        with wh.writer() as con:
-            con.execute("DELETE FROM shots")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), wh.writer() as con:
+        con.execute("DELETE FROM shots")
+        raise RuntimeError("crash mid-write")
     assert wh.query("SELECT count(*) FROM shots").item() == 2
 
 
@@ -73,8 +84,17 @@ def test_record_stage_writes_lineage_and_metrics(tmp_path):
     wh = Warehouse(str(tmp_path / "w.duckdb"))
     t0 = utcnow()
     wh.record_stage(
-        asset="frames", movie_id="a", run_id="r1", code_version="0.1.0", artifact="/x.parquet", row_count=100,
-        started_at=t0, finished_at=t0 + timedelta(seconds=2), frames=100, items=25, video_seconds=4.0,
+        asset="frames",
+        movie_id="a",
+        run_id="r1",
+        code_version="0.1.0",
+        artifact="/x.parquet",
+        row_count=100,
+        started_at=t0,
+        finished_at=t0 + timedelta(seconds=2),
+        frames=100,
+        items=25,
+        video_seconds=4.0,
     )
     lineage = wh.query("SELECT asset, movie_id, run_id, code_version, row_count FROM lineage")
     assert lineage.rows() == [("frames", "a", "r1", "0.1.0", 100)]
@@ -162,22 +182,30 @@ def _clusters(clusters: list[int | None], run_id: str, at_minutes: int) -> pl.Da
 
 def test_views_give_people_tracks_and_lineage_of_the_latest_clustering(tmp_path):
     wh = Warehouse(str(tmp_path / "w.duckdb"))
-    wh.record_model(version="base-v1", name="dlib-resnet", checkpoint=None, dim=128, input_size=150, template="dlib-150")
+    wh.record_model(
+        version="base-v1", name="dlib-resnet", checkpoint=None, dim=128, input_size=150, template="dlib-150"
+    )
     wh.replace_movie_rows("tracks", "a", _tracks(4))
     # An older clustering by the base model, then a newer one by its finetuned version.
     wh.replace_movie_rows("face_clusters", "a", _clusters([0, 0, 0, 0], "r1", 0), model_version="base-v1")
-    wh.replace_movie_rows("face_clusters", "a", _clusters([0, 1, 0, None], "r2", 5), model_version="base-v1-ft-0123456789ab")
+    wh.replace_movie_rows(
+        "face_clusters", "a", _clusters([0, 1, 0, None], "r2", 5), model_version="base-v1-ft-0123456789ab"
+    )
 
     tracks = wh.query("SELECT track_id, cluster, duration_s, thumbnail, run_id FROM track_clusters ORDER BY track_id")
     assert tracks["cluster"].to_list() == [0, 1, 0, None] and set(tracks["run_id"]) == {"r2"}
     assert tracks["duration_s"].to_list() == pytest.approx([0.4] * 4)
-    people = wh.query("SELECT cluster, tracks, screen_time_s, first_seen_s, last_seen_s, thumbnail FROM people ORDER BY cluster")
+    people = wh.query(
+        "SELECT cluster, tracks, screen_time_s, first_seen_s, last_seen_s, thumbnail FROM people ORDER BY cluster"
+    )
     assert people["cluster"].to_list() == [0, 1] and people["tracks"].to_list() == [2, 1]
     assert people["screen_time_s"].to_list() == pytest.approx([0.8, 0.4])
     assert people["first_seen_s"].to_list() == pytest.approx([0.0, 0.4])
     assert people["last_seen_s"].to_list() == pytest.approx([1.2, 0.8])
     assert people["thumbnail"].to_list() == ["/thumbs/2.jpg", "/thumbs/1.jpg"]  # the best-quality track's
-    lineage = wh.query("SELECT model_version, base_model_version, finetuned, run_id, tracks, clusters, unknown FROM clustering_lineage")
+    lineage = wh.query(
+        "SELECT model_version, base_model_version, finetuned, run_id, tracks, clusters, unknown FROM clustering_lineage"
+    )
     assert lineage.rows() == [
         ("base-v1-ft-0123456789ab", "base-v1", True, "r2", 4, 2, 1),
         ("base-v1", "base-v1", False, "r1", 4, 1, 0),
@@ -188,12 +216,42 @@ def test_views_give_people_tracks_and_lineage_of_the_latest_clustering(tmp_path)
 def test_views_wait_for_their_tables_and_never_cost_a_write(tmp_path):
     wh = Warehouse(str(tmp_path / "w.duckdb"))
     wh.replace_movie_rows("tracks", "a", _tracks(2))  # no face_clusters yet: no cluster views, no error
-    views = wh.query("SELECT table_name FROM information_schema.tables WHERE table_type = 'VIEW'")["table_name"].to_list()
+    views = wh.query("SELECT table_name FROM information_schema.tables WHERE table_type = 'VIEW'")[
+        "table_name"
+    ].to_list()
     assert "people" not in views and "stage_runs" in views
     # A face_clusters table from an older release (no thumbnail column): the write still lands.
     old = pl.DataFrame({"track_id": [0], "cluster": [0], "run_id": ["r"], "clustered_at": [utcnow()]})
     wh.replace_movie_rows("face_clusters", "a", old, model_version="v0")
     assert wh.query("SELECT count(*) FROM face_clusters").item() == 1
+
+
+def test_a_warehouse_without_unknown_reasons_gains_the_column_at_its_next_write(tmp_path):
+    """A DuckDB file written before ``unknown_reason`` existed: any write adds it, and the track view shows it."""
+    import duckdb
+
+    path = str(tmp_path / "w.duckdb")
+    wh = Warehouse(path)
+    wh.replace_movie_rows("tracks", "old", _tracks(2))
+    old = _clusters([0, None], "r0", 0)
+    wh.replace_movie_rows("face_clusters", "old", old, model_version="v0")
+    with duckdb.connect(path) as con:  # as an older release left it: no unknown_reason column
+        con.execute("DROP VIEW IF EXISTS people")
+        con.execute("DROP VIEW IF EXISTS track_clusters")
+        con.execute("ALTER TABLE face_clusters DROP COLUMN unknown_reason")
+    # A write that does not touch face_clusters (another movie's tracks) adds the column, so the views bind.
+    wh.replace_movie_rows("tracks", "new", _tracks(1))
+    rows = wh.query(
+        "SELECT track_id, cluster, unknown_reason FROM track_clusters WHERE movie_id = 'old' ORDER BY track_id"
+    )
+    assert rows.rows() == [(0, 0, None), (1, None, None)]
+    assert wh.query("SELECT count(*) FROM people").item() == 1
+    # A new clustering writes its reasons beside the old rows.
+    new = _clusters([0, None], "r1", 5).with_columns(pl.Series("unknown_reason", [None, "low_quality"], pl.String))
+    wh.replace_movie_rows("face_clusters", "old", new, model_version="v1")
+    rows = wh.query("SELECT track_id, unknown_reason FROM track_clusters WHERE movie_id = 'old' ORDER BY track_id")
+    assert rows.rows() == [(0, None), (1, "low_quality")]
+    assert wh.query("SELECT count(*) FROM face_clusters WHERE unknown_reason IS NULL").item() == 3
 
 
 def test_readers_run_while_another_process_writes(tmp_path):
@@ -232,5 +290,8 @@ def test_an_analyst_edit_is_recorded_and_applied_to_the_latest_clustering(tmp_pa
         wh.add_cluster_edit("a", "split", [7])
     with pytest.raises(ValueError, match="unknown edit action"):
         wh.add_cluster_edit("a", "rename", [1], "Bo")
-    assert [(e.action, e.tracks, e.name) for e in wh.cluster_edits("a")] == [("merge", (0, 1), None), ("name", (1,), "Ann")]
+    assert [(e.action, e.tracks, e.name) for e in wh.cluster_edits("a")] == [
+        ("merge", (0, 1), None),
+        ("name", (1,), "Ann"),
+    ]
     assert state() == [(0, 0, "Ann"), (1, 0, "Ann"), (2, 2, None), (3, None, None)]

@@ -395,14 +395,17 @@ def cluster(
         ValueError: An unknown ``similarity``.
     """
     from vcn.clustering.parameter_free import cluster_movie
+    from vcn.identity.quality import within_track_scatter
     from vcn.identity.selfsup.loss_metric import sample_quality
 
     check_similarity(similarity, finetune=True)
-    outputs, crop_track, dissimilarity, device = embedded.embeddings, embedded.crop_track, None, None
+    outputs, crop_track, dissimilarity, device, scatter = embedded.embeddings, embedded.crop_track, None, None, None
     quality = embedded.quality if quality_screen else None
     if similarity == "loss" and embedded.loss is not None:
         sample = embedded.loss
         outputs, crop_track, dissimilarity = sample.logits, embedded.crop_track[sample.rows], sample.metric
+        # The screen's noise floor from every crop's own quality, not the track means the sample carries.
+        scatter = None if quality is None else within_track_scatter(quality, embedded.crop_track)
         quality = sample_quality(quality, embedded.crop_track, sample.rows)
         device = _cuda_if_there(sample.device)
         if len(sample.rows) < len(embedded.crop_track):
@@ -410,7 +413,13 @@ def cluster(
     elif similarity == "loss" and len(embedded.crop_track):
         logger.warning("no finetuned model's logits: clustering by cosine, not the loss metric")
     return cluster_movie(
-        outputs, crop_track, n_tracks, cannot_link=cannot_link, crop_quality=quality, dissimilarity=dissimilarity,
+        outputs,
+        crop_track,
+        n_tracks,
+        cannot_link=cannot_link,
+        crop_quality=quality,
+        quality_scatter=scatter,
+        dissimilarity=dissimilarity,
         device=device,
     )
 

@@ -114,7 +114,7 @@ def collapse_verdict(record: dict) -> tuple[bool, dict]:
     if not stats:
         return False, {"finetuned": True, "problems": "no collapse diagnostics were recorded"}
     problems = record.get("collapse_problems") or []
-    metadata = {"finetuned": True, **{k: round(float(v), 4) for k, v in stats.items()}}
+    metadata = {"finetuned": True, **{k: round(float(v), 4) for k, v in stats.items() if v is not None}}
     return not problems, {**metadata, "problems": "; ".join(problems) or "none"}
 
 

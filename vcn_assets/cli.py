@@ -327,8 +327,12 @@ def _export(args: argparse.Namespace) -> int:
 
     store = build_resources(Settings.from_env())["store"]
     tracked = store.read_parquet(args.movie_id, artifacts.TRACKED_DETECTIONS)
-    # The latest clustering of the movie (its current model version); an empty cluster is Unknown.
-    clusters = store.read_parquet(args.movie_id, artifacts.FACE_CLUSTERS, columns=["track_id", "cluster"]).sort("track_id")
+    # The latest clustering of the movie (its current model version); an empty cluster is Unknown, and
+    # unknown_reason says why (empty for a clustering made before the column existed).
+    clusters = store.read_parquet(args.movie_id, artifacts.FACE_CLUSTERS)
+    if "unknown_reason" not in clusters.columns:
+        clusters = clusters.with_columns(pl.lit(None, pl.String).alias("unknown_reason"))
+    clusters = clusters.select("track_id", "cluster", "unknown_reason").sort("track_id")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     detections = tracked.sort("frame", "detection_id").select(

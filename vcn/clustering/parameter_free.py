@@ -93,6 +93,10 @@ class ClusteringResult:
         clusters_per_round: Number of clusters after each round.
         blocked_merges: Matches refused, summed over rounds, because the two
             clusters hold tracks that are on screen together.
+        rule: ``"negative-cut"`` (average linkage cut at the movie's own
+            different-person distances, :mod:`vcn.clustering.linkage`) or
+            ``"adaptive-threshold"`` (the paper's per-cluster thresholds, this module).
+        cut: The distance cut of ``"negative-cut"``; None for the other rule.
     """
 
     labels: np.ndarray
@@ -100,6 +104,8 @@ class ClusteringResult:
     rounds: int
     clusters_per_round: list[int] = field(default_factory=list)
     blocked_merges: int = 0
+    rule: str = "adaptive-threshold"
+    cut: float | None = None
 
 
 def cluster_tracks(
@@ -113,6 +119,7 @@ def cluster_tracks(
     max_rounds: int = 100_000,
     device: str | None = None,
     block_rows: int | None = None,
+    theta_floor: float | None = None,
 ) -> ClusteringResult:
     """Clusters tracks by the adaptive-threshold merge rule until a fixed point.
 
@@ -195,6 +202,8 @@ def cluster_tracks(
         mean_u, mean_v = sum_u / counts[:, None], sum_v / counts[:, None]
         theta = _cross_track_dissimilarity(factors.offset, sum_u, sum_v, track_terms, counts, track_squares)
         theta = np.where(track_squares == counts**2, own_theta, theta).astype(np.float32)
+        if theta_floor is not None:
+            theta = np.maximum(theta, np.float32(theta_floor))
         rep_u, rep_v = (mean_u, mean_v) if representatives is None else representatives(mean_u, mean_v)
         best, refused = _closest_matches(rep_u, rep_v, factors.offset, theta, conflicts, block, device)
         blocked += refused
@@ -374,6 +383,8 @@ class MovieClusters:
         quality_cut: The movie's quality cut (-inf when quality was not used).
         clustering: What the merge procedure did.
         dissimilarity: Name of the dissimilarity used.
+        unknown_reason: (T,) object array, why each Unknown track is Unknown
+            (one of :data:`UNKNOWN_REASONS`), None for a clustered track.
     """
 
     labels: np.ndarray
@@ -382,6 +393,7 @@ class MovieClusters:
     quality_cut: float
     clustering: ClusteringResult
     dissimilarity: str
+    unknown_reason: np.ndarray
 
     @property
     def n_clusters(self) -> int:
@@ -392,6 +404,12 @@ class MovieClusters:
         return int((self.labels == UNKNOWN).sum())
 
 
+#: Why a track is Unknown: no crop of it reached the clustering (none kept by the crop filters,
+#: or none readable), its quality is a low-side outlier of the movie, or the merge procedure left
+#: it out for another reason.
+UNKNOWN_REASONS = ("no_kept_crops", "low_quality", "not_clustered")
+
+
 def cluster_movie(
     outputs: np.ndarray,
     crop_track: np.ndarray,
@@ -399,6 +417,7 @@ def cluster_movie(
     *,
     cannot_link: np.ndarray | None = None,
     crop_quality: np.ndarray | None = None,
+    quality_scatter: float | None = None,
     dissimilarity: Dissimilarity | None = None,
     device: str | None = None,
 ) -> MovieClusters:
@@ -412,33 +431,56 @@ def cluster_movie(
             the constraint off (a faithful reproduction of the paper).
         crop_quality: (N,) per-crop quality (:func:`vcn.identity.quality.embed_and_score`);
             None skips the quality screen.
+        quality_scatter: The within-track scatter of crop quality that floors
+            the screen's spread (:func:`vcn.identity.quality.within_track_scatter`);
+            None measures it on ``crop_quality`` (pass it when these are not the
+            crops' own qualities, e.g. track means given to a sample of crops).
         dissimilarity: Default :class:`~vcn.clustering.dissimilarity.CosineDissimilarity`.
         device: Where the merge rounds' matrix products run (:func:`cluster_tracks`).
 
     Returns:
-        Labels per track and what led to them.
+        Labels per track, why each Unknown track is, and what led to them.
     """
     from vcn.clustering.dissimilarity import CosineDissimilarity
-    from vcn.identity.quality import low_quality_tracks, track_quality
+    from vcn.clustering.linkage import cluster_by_negative_cut
+    from vcn.identity.quality import low_quality_tracks, track_quality, within_track_scatter
 
     dissimilarity = dissimilarity or CosineDissimilarity()
     if crop_quality is not None:
         if len(crop_quality) != len(outputs):
             raise ValueError(f"crop_quality has {len(crop_quality)} entries for {len(outputs)} crops")
         quality = track_quality(crop_quality, crop_track, n_tracks)
-        low, cut = low_quality_tracks(quality)
+        if quality_scatter is None:
+            quality_scatter = within_track_scatter(crop_quality, crop_track)
+        low, cut = low_quality_tracks(quality, crop_scatter=quality_scatter)
     else:
         quality = np.full(n_tracks, np.nan)
         low, cut = np.zeros(n_tracks, dtype=bool), float("-inf")
-    result = cluster_tracks(
-        dissimilarity.factors(outputs),
-        crop_track,
-        n_tracks,
-        cannot_link=cannot_link,
-        exclude=low,
-        representatives=dissimilarity.representative,
-        device=device,
-    )
+    factors = dissimilarity.factors(outputs)
+    result = None
+    if cannot_link is not None:
+        # The movie's tracks on screen together give its cut (vcn.clustering.linkage); without
+        # enough of them, or with cannot-link off (the paper's setting), the adaptive thresholds decide.
+        result = cluster_by_negative_cut(
+            factors, crop_track, n_tracks, cannot_link=cannot_link, exclude=low,
+            representatives=dissimilarity.representative,
+        )
+    if result is None:
+        result = cluster_tracks(
+            factors,
+            crop_track,
+            n_tracks,
+            cannot_link=cannot_link,
+            exclude=low,
+            representatives=dissimilarity.representative,
+            device=device,
+        )
+    has_crops = np.bincount(np.asarray(crop_track, dtype=np.int64), minlength=n_tracks) > 0
+    reason = np.full(n_tracks, None, dtype=object)
+    unknown = result.labels == UNKNOWN
+    reason[unknown] = "not_clustered"
+    reason[unknown & low] = "low_quality"
+    reason[unknown & ~has_crops] = "no_kept_crops"
     return MovieClusters(
         labels=result.labels,
         track_quality=quality,
@@ -446,4 +488,5 @@ def cluster_movie(
         quality_cut=cut,
         clustering=result,
         dissimilarity=dissimilarity.name,
+        unknown_reason=reason,
     )

@@ -5,13 +5,18 @@ full-resolution frame and aligned to the backbone's input template with a
 similarity transform of the five landmarks. Pixels go into the same Parquet
 file as their metadata (JPEG bytes in the ``image`` column), written in row
 groups as the video streams by, so memory stays flat in movie length and one
-file per movie travels to S3 as well as to a local disk.
+file per movie travels to S3 as well as to a local disk. The filters judge
+every crop against the whole movie's (:func:`vcn.faces.filters.judge_crops`),
+so their verdicts are written once the video has streamed by: the images go to
+a file beside the output first, which is then copied row group by row group
+with the verdicts filled in.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -22,7 +27,7 @@ import pyarrow.parquet as pq
 
 from vcn.faces.align import align_face, get_template
 from vcn.faces.detection.video import LANDMARK_COLUMNS
-from vcn.faces.filters import FilterConfig, face_rank_in_frame, reject_reason, sharpness
+from vcn.faces.filters import FilterConfig, face_rank_in_frame, judge_crops, sharpness
 from vcn.media import VideoReader
 
 #: Schema of the ``track_crops`` table; ``image`` holds the aligned crop as JPEG.
@@ -75,10 +80,14 @@ def select_crops(tracked: pl.DataFrame, every_s: float) -> pl.DataFrame:
         return tracked.with_columns(
             pl.lit(None, pl.Float32).alias("face_area"), pl.lit(None, pl.Int32).alias("frame_rank")
         )
-    with_rank = tracked.with_columns(
-        ((pl.col("x2") - pl.col("x1")) * (pl.col("y2") - pl.col("y1"))).cast(pl.Float32).alias("face_area"),
-        face_rank_in_frame(tracked).alias("frame_rank"),
-    ).filter(pl.col("track_id").is_not_null()).sort("track_id", "frame")
+    with_rank = (
+        tracked.with_columns(
+            ((pl.col("x2") - pl.col("x1")) * (pl.col("y2") - pl.col("y1"))).cast(pl.Float32).alias("face_area"),
+            face_rank_in_frame(tracked).alias("frame_rank"),
+        )
+        .filter(pl.col("track_id").is_not_null())
+        .sort("track_id", "frame")
+    )
     keep = np.zeros(with_rank.height, dtype=bool)
     tracks = with_rank["track_id"].to_numpy()
     times = with_rank["time_s"].to_numpy()
@@ -117,52 +126,80 @@ def write_track_crops(
     for i, f in enumerate(chosen["frame"].to_list()):
         by_frame.setdefault(f, []).append(i)
     landmarks = chosen.select(LANDMARK_COLUMNS).to_numpy().reshape(-1, 5, 2)
-    cols = {c: chosen[c].to_numpy() for c in ("track_id", "detection_id", "shot_id", "time_s", "face_area", "frame_rank")}
+    cols = {
+        c: chosen[c].to_numpy() for c in ("track_id", "detection_id", "shot_id", "time_s", "face_area", "frame_rank")
+    }
 
     meta: dict[str, list] = {name: [] for name in CROPS_SCHEMA if name != "image"}
     buffer: dict[str, list] = {name: [] for name in CROPS_SCHEMA}
-    writer = pq.ParquetWriter(str(out_path), _ARROW_SCHEMA, compression="zstd")
+    out_path = Path(out_path)
+    unjudged = out_path.with_name(out_path.name + ".unjudged")
+    writer = pq.ParquetWriter(str(unjudged), _ARROW_SCHEMA, compression="zstd")
     try:
-        if by_frame:
-            for frame in reader.frames(want=by_frame.__contains__):
-                if frame.image is None:
-                    continue
-                for i in by_frame[frame.index]:
-                    area = float(cols["face_area"][i])
-                    rank = int(cols["frame_rank"][i])
-                    try:
-                        chip = align_face(frame.image, landmarks[i], template)
-                    except ValueError:
-                        # Degenerate landmarks (all five at one spot): keep the row, visibly.
-                        chip = np.zeros((template.size, template.size, 3), np.uint8)
-                        reason, sharp = "unalignable", 0.0
-                    else:
-                        sharp = sharpness(chip)
-                        reason = reject_reason(area, rank, sharp, config.filters)
-                    row = {
-                        "crop_id": len(meta["crop_id"]),
-                        "track_id": int(cols["track_id"][i]),
-                        "detection_id": int(cols["detection_id"][i]),
-                        "frame": frame.index,
-                        "shot_id": int(cols["shot_id"][i]),
-                        "time_s": float(cols["time_s"][i]),
-                        "face_area": area,
-                        "frame_rank": rank,
-                        "sharpness": sharp,
-                        "rejected": reason is not None,
-                        "reject_reason": reason,
-                        "template": template.name,
-                    }
-                    for k, v in row.items():
-                        meta[k].append(v)
-                        buffer[k].append(v)
-                    buffer["image"].append(encode_jpeg(chip, config.jpeg_quality))
-                if len(buffer["crop_id"]) >= config.row_group:
-                    _flush(writer, buffer)
-        _flush(writer, buffer)
+        try:
+            if by_frame:
+                for frame in reader.frames(want=by_frame.__contains__):
+                    if frame.image is None:
+                        continue
+                    for i in by_frame[frame.index]:
+                        try:
+                            chip = align_face(frame.image, landmarks[i], template)
+                        except ValueError:
+                            # Degenerate landmarks (all five at one spot): keep the row, visibly.
+                            chip = np.zeros((template.size, template.size, 3), np.uint8)
+                            reason, sharp = "unalignable", 0.0
+                        else:
+                            reason, sharp = None, sharpness(chip)
+                        row = {
+                            "crop_id": len(meta["crop_id"]),
+                            "track_id": int(cols["track_id"][i]),
+                            "detection_id": int(cols["detection_id"][i]),
+                            "frame": frame.index,
+                            "shot_id": int(cols["shot_id"][i]),
+                            "time_s": float(cols["time_s"][i]),
+                            "face_area": float(cols["face_area"][i]),
+                            "frame_rank": int(cols["frame_rank"][i]),
+                            "sharpness": sharp,
+                            "rejected": reason is not None,
+                            "reject_reason": reason,
+                            "template": template.name,
+                        }
+                        for k, v in row.items():
+                            meta[k].append(v)
+                            buffer[k].append(v)
+                        buffer["image"].append(encode_jpeg(chip, config.jpeg_quality))
+                    if len(buffer["crop_id"]) >= config.row_group:
+                        _flush(writer, buffer)
+            _flush(writer, buffer)
+        finally:
+            writer.close()
+        # Judge every crop against the movie's, then write the verdicts beside the images.
+        table = pl.DataFrame(meta, schema={k: v for k, v in CROPS_SCHEMA.items() if k != "image"})
+        reasons = judge_crops(table, config.filters)
+        table = table.with_columns(
+            pl.Series("reject_reason", reasons, dtype=pl.String),
+            pl.Series("rejected", [r is not None for r in reasons], dtype=pl.Boolean),
+        )
+        _write_verdicts(unjudged, out_path, table, config.row_group)
     finally:
-        writer.close()
-    return pl.DataFrame(meta, schema={k: v for k, v in CROPS_SCHEMA.items() if k != "image"})
+        unjudged.unlink(missing_ok=True)
+    return table
+
+
+def _write_verdicts(source: Path, out_path: Path, table: pl.DataFrame, row_group: int) -> None:
+    """Copies ``source`` (written in crop id order) to ``out_path`` with ``table``'s verdict columns."""
+    rejected = table["rejected"].to_arrow()
+    reasons = table["reject_reason"].to_arrow()
+    names = _ARROW_SCHEMA.names
+    with pq.ParquetWriter(str(out_path), _ARROW_SCHEMA, compression="zstd") as writer:
+        done = 0
+        for batch in pq.ParquetFile(str(source)).iter_batches(batch_size=row_group):
+            part = pa.Table.from_batches([batch])
+            n = part.num_rows
+            part = part.set_column(names.index("rejected"), "rejected", rejected.slice(done, n))
+            part = part.set_column(names.index("reject_reason"), "reject_reason", reasons.slice(done, n))
+            writer.write_table(part.cast(_ARROW_SCHEMA))
+            done += n
 
 
 def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:

@@ -16,10 +16,11 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import polars as pl
 
@@ -29,7 +30,16 @@ from vcn.clustering.identities import UNKNOWN, Edit, add_edit, cluster_table
 log = logging.getLogger(__name__)
 
 #: Per-movie result tables the pipeline maintains (rows keyed by ``movie_id``).
-RESULT_TABLES = ("movies", "shots", "frames", "detections", "tracks", "track_crops", "track_embeddings", "face_clusters")
+RESULT_TABLES = (
+    "movies",
+    "shots",
+    "frames",
+    "detections",
+    "tracks",
+    "track_crops",
+    "track_embeddings",
+    "face_clusters",
+)
 
 #: Result tables keyed by ``(movie_id, model_version)``: a run replaces the rows of
 #: its own model version only, so the results of earlier models stay queryable.
@@ -96,7 +106,7 @@ VIEWS: dict[str, tuple[tuple[str, ...], str]] = {
         ("tracks", "face_clusters"),
         """
         SELECT t.movie_id, t.track_id, c.cluster, c.name, t.shot_id, t.start_frame, t.end_frame, t.start_s, t.end_s,
-               t.end_s - t.start_s AS duration_s, t.n_detections, c.quality, c.low_quality, c.thumbnail,
+               t.end_s - t.start_s AS duration_s, t.n_detections, c.quality, c.low_quality, c.unknown_reason, c.thumbnail,
                c.model_version, c.run_id, c.clustered_at
         FROM tracks t LEFT JOIN latest_clusters c ON c.movie_id = t.movie_id AND c.track_id = t.track_id
         """,
@@ -135,6 +145,13 @@ VIEWS: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+#: Columns a release added to a result table, as (table, column, SQL type): added (null in the
+#: existing rows) after every write that finds them missing (a warehouse written by an older
+#: release), whatever it wrote, so that the views that read them bind before the asset that
+#: fills them runs again.
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("face_clusters", "unknown_reason", "VARCHAR"),)
+
+
 class WarehouseBusyError(RuntimeError):
     """The database stayed locked by another process for longer than the timeout."""
 
@@ -165,7 +182,9 @@ class Warehouse:
                     break
                 except BlockingIOError:
                     if time.monotonic() > deadline:
-                        raise WarehouseBusyError(f"{self.path}: another writer held the warehouse for {self.lock_timeout_s:.0f} s")
+                        raise WarehouseBusyError(
+                            f"{self.path}: another writer held the warehouse for {self.lock_timeout_s:.0f} s"
+                        )
                     time.sleep(0.05)
             try:
                 con = self._connect(duckdb, deadline, read_only=False)
@@ -178,6 +197,7 @@ class Warehouse:
                         con.execute("ROLLBACK")
                         raise
                     con.execute("COMMIT")
+                    _add_release_columns(con)
                     _create_views(con)
                 finally:
                     con.close()
@@ -208,7 +228,9 @@ class Warehouse:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    def replace_movie_rows(self, table: str, movie_id: str, rows: pl.DataFrame, *, model_version: str | None = None) -> None:
+    def replace_movie_rows(
+        self, table: str, movie_id: str, rows: pl.DataFrame, *, model_version: str | None = None
+    ) -> None:
         """Replaces ``table``'s rows of one movie with ``rows`` in one transaction.
 
         Columns that ``rows`` has and the table lacks (a newer release's output in
@@ -232,7 +254,9 @@ class Warehouse:
         if versioned and not model_version:
             raise ValueError(f"table {table!r} is kept per model version; pass model_version")
         if not versioned and model_version is not None:
-            raise ValueError(f"table {table!r} is not kept per model version; model_version applies to {sorted(VERSIONED_TABLES)}")
+            raise ValueError(
+                f"table {table!r} is not kept per model version; model_version applies to {sorted(VERSIONED_TABLES)}"
+            )
         stamped = [pl.lit(movie_id, pl.String).alias("movie_id")]
         if versioned:
             stamped.append(pl.lit(model_version, pl.String).alias("model_version"))
@@ -276,10 +300,23 @@ class Warehouse:
             )
             con.execute(
                 "INSERT INTO stage_metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [movie_id, asset, run_id, seconds, frames, fps, items, realtime, json.dumps(details or {}), finished_at],
+                [
+                    movie_id,
+                    asset,
+                    run_id,
+                    seconds,
+                    frames,
+                    fps,
+                    items,
+                    realtime,
+                    json.dumps(details or {}),
+                    finished_at,
+                ],
             )
 
-    def record_model(self, *, version: str, name: str, checkpoint: str | None, dim: int, input_size: int, template: str) -> None:
+    def record_model(
+        self, *, version: str, name: str, checkpoint: str | None, dim: int, input_size: int, template: str
+    ) -> None:
         """Adds a face-ID model version to the ``models`` table (first registration time is kept)."""
         with self.writer() as con:
             con.execute(
@@ -294,7 +331,9 @@ class Warehouse:
         with self.reader() as con:
             if not _has_columns(con, "face_clusters", set()):
                 return None
-            row = con.execute("SELECT arg_max(run_id, clustered_at) FROM face_clusters WHERE movie_id = $1", [movie_id]).fetchone()
+            row = con.execute(
+                "SELECT arg_max(run_id, clustered_at) FROM face_clusters WHERE movie_id = $1", [movie_id]
+            ).fetchone()
         return row[0] if row else None
 
     def latest_clusters(self, movie_id: str) -> dict[int, int]:
@@ -327,8 +366,9 @@ class Warehouse:
         with self.reader() as con:
             return _edits(con, movie_id) if _has_columns(con, "cluster_edits", set()) else []
 
-    def add_cluster_edit(self, movie_id: str, action: str, tracks: list[int], name: str | None = None,
-                         note: str | None = None) -> list[str]:
+    def add_cluster_edit(
+        self, movie_id: str, action: str, tracks: list[int], name: str | None = None, note: str | None = None
+    ) -> list[str]:
         """Records an analyst's edit and applies all the movie's edits to its latest clustering, in one transaction.
 
         Pipeline runs never touch ``cluster_edits``; every later clustering applies
@@ -346,14 +386,18 @@ class Warehouse:
         """
         new = Edit(action, tuple(tracks), name)
         with self.writer() as con:
-            latest = con.sql(
-                """
+            latest = (
+                con.sql(
+                    """
                 SELECT track_id, auto_cluster, run_id FROM face_clusters
                 WHERE movie_id = $1 AND run_id = (SELECT arg_max(run_id, clustered_at) FROM face_clusters WHERE movie_id = $1)
                 ORDER BY track_id
                 """,
-                params=[movie_id],
-            ).pl() if _has_columns(con, "face_clusters", {"auto_cluster"}) else None
+                    params=[movie_id],
+                ).pl()
+                if _has_columns(con, "face_clusters", {"auto_cluster"})
+                else None
+            )
             if latest is None or latest.is_empty():
                 raise ValueError(f"movie {movie_id!r} has no clustering to edit; process it first")
             track_ids = latest["track_id"].to_numpy()
@@ -398,7 +442,12 @@ def _create_views(con: Any) -> None:
     """
     import duckdb
 
-    tables = {row[0] for row in con.execute("SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'").fetchall()}
+    tables = {
+        row[0]
+        for row in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE'"
+        ).fetchall()
+    }
     for name, (needs, select) in VIEWS.items():
         if set(needs) <= tables:
             try:
@@ -419,9 +468,18 @@ def _has_columns(con: Any, table: str, columns: set[str]) -> bool:
     """Whether ``table`` exists with (at least) ``columns``; an empty set asks only whether it exists."""
     found = {
         row[0]
-        for row in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]).fetchall()
+        for row in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table]
+        ).fetchall()
     }
     return bool(found) and columns <= found
+
+
+def _add_release_columns(con: Any) -> None:
+    """Adds :data:`ADDED_COLUMNS` to those of their tables that exist and lack them."""
+    for table, column, kind in ADDED_COLUMNS:
+        if _has_columns(con, table, set()) and not _has_columns(con, table, {column}):
+            con.execute(f'ALTER TABLE {table} ADD COLUMN "{column}" {kind}')
 
 
 def _add_missing_columns(con: Any, table: str, source: str) -> None:
@@ -433,4 +491,4 @@ def _add_missing_columns(con: Any, table: str, source: str) -> None:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

@@ -21,6 +21,7 @@ from vcn.clustering.report import (
     write_cluster_report,
 )
 from vcn.faces.crops import decode_jpeg, encode_jpeg
+from vcn.faces.filters import track_reject_reason
 from vcn.pipeline import Embedded, cluster, track_rows
 from vcn.stores.warehouse import utcnow
 from vcn_assets import artifacts
@@ -28,7 +29,8 @@ from vcn_assets.assets.models import read_tracks, track_embeddings
 from vcn_assets.assets.preprocess import face_tracks
 from vcn_assets.assets.recording import movie_asset, preview, stage
 
-#: Columns of ``face_clusters`` (Parquet and warehouse); ``cluster`` null = Unknown.
+#: Columns of ``face_clusters`` (Parquet and warehouse); ``cluster`` null = Unknown, and then
+#: ``unknown_reason`` says why (:func:`unknown_reasons`).
 FACE_CLUSTERS_SCHEMA = {
     "movie_id": pl.String,
     "track_id": pl.Int64,
@@ -37,6 +39,7 @@ FACE_CLUSTERS_SCHEMA = {
     "auto_cluster": pl.Int64,
     "quality": pl.Float32,
     "low_quality": pl.Boolean,
+    "unknown_reason": pl.String,
     "model_version": pl.String,
     "run_id": pl.String,
     "clustered_at": pl.Datetime("us", "UTC"),
@@ -67,6 +70,9 @@ def face_clusters(
 ) -> dg.MaterializeResult:
     """One cluster (identity) per track, or Unknown for low-quality tracks and tracks without kept crops.
 
+    Every Unknown track says why in ``unknown_reason`` (:func:`unknown_reasons`),
+    and the metadata counts the Unknown tracks per reason.
+
     Crops are compared as the ``clustering`` resource says: by cosine between
     their embeddings, or by the finetuned loss metric on the logits that
     ``track_embeddings`` kept. The warehouse keeps the assignments of every
@@ -82,7 +88,10 @@ def face_clusters(
 
         started = time.perf_counter()
         result = cluster(
-            embedded, len(track_ids), similarity=clustering.similarity, cannot_link=pairs if config.cannot_link else None
+            embedded,
+            len(track_ids),
+            similarity=clustering.similarity,
+            cannot_link=pairs if config.cannot_link else None,
         )
         cluster_seconds = time.perf_counter() - started
         compared = len(embedded.loss.rows) if result.dissimilarity == "loss" else len(embedded.crop_track)
@@ -105,6 +114,7 @@ def face_clusters(
                 "auto_cluster": automatic,
                 "quality": result.track_quality.astype(np.float32),
                 "low_quality": result.low_quality,
+                "unknown_reason": unknown_reasons(result.unknown_reason, track_ids, _crop_verdicts(store, movie_id)),
                 "model_version": [model_version] * n,
                 "run_id": [context.run.run_id] * n,
                 "clustered_at": [utcnow()] * n,
@@ -124,6 +134,7 @@ def face_clusters(
         wh.replace_movie_rows("face_clusters", movie_id, table, model_version=model_version)
 
         sizes = table["cluster"].drop_nulls().value_counts(sort=True)["count"].to_list()
+        why = table["unknown_reason"].drop_nulls().value_counts(sort=True).rows()
         run.items, run.row_count, run.artifact = table.height, table.height, str(path)
         run.details = {
             "model_version": model_version,
@@ -134,6 +145,9 @@ def face_clusters(
             "analyst_edits_skipped": len(skipped),
             "n_clusters": len(sizes),
             "n_unknown": result.n_unknown,
+            "unknown_reasons": dict(why),
+            "rule": result.clustering.rule,
+            "cut": result.clustering.cut,
             "rounds": result.clustering.rounds,
         }
     cut = result.quality_cut if np.isfinite(result.quality_cut) else None
@@ -143,7 +157,10 @@ def face_clusters(
             "n_clusters": len(sizes),
             "n_unknown": result.n_unknown,
             "n_low_quality": int(result.low_quality.sum()),
+            "unknown_reasons": dg.MetadataValue.json(dict(why)),
             "quality_cut": cut,
+            "rule": result.clustering.rule,
+            "cut": result.clustering.cut,
             "rounds": result.clustering.rounds,
             "blocked_merges": result.clustering.blocked_merges,
             "cannot_link": config.cannot_link,
@@ -155,12 +172,47 @@ def face_clusters(
             "model_version": model_version,
             "cluster_seconds": round(cluster_seconds, 3),
             "report": dg.MetadataValue.path(store.uri(movie_id, f"{artifacts.CLUSTER_REPORT}/{report.html.name}")),
-            "contact_sheet": dg.MetadataValue.path(store.uri(movie_id, f"{artifacts.CLUSTER_REPORT}/{report.contact_sheet.name}")),
-            "embedding_plot": dg.MetadataValue.path(store.uri(movie_id, f"{artifacts.CLUSTER_REPORT}/{report.embedding_plot.name}")),
+            "contact_sheet": dg.MetadataValue.path(
+                store.uri(movie_id, f"{artifacts.CLUSTER_REPORT}/{report.contact_sheet.name}")
+            ),
+            "embedding_plot": dg.MetadataValue.path(
+                store.uri(movie_id, f"{artifacts.CLUSTER_REPORT}/{report.embedding_plot.name}")
+            ),
             "report_preview": _report_preview(report),
-            "preview": preview(table.select("track_id", "cluster", "quality", "low_quality")),
+            "preview": preview(table.select("track_id", "cluster", "quality", "unknown_reason")),
         }
     )
+
+
+def unknown_reasons(reasons: np.ndarray, track_ids: np.ndarray, crops: pl.DataFrame) -> list[str | None]:
+    """Why each Unknown track is Unknown, for analysts; None for a clustered track.
+
+    ``low_quality``: a low-side quality outlier of the movie
+    (:func:`vcn.identity.quality.low_quality_tracks`). ``no_kept_crops: <reason>``:
+    the crop filters kept none of its crops, with the reason most of them got
+    (``small_face``, ``not_top_k``, ``blurry``, ``unalignable``;
+    :func:`vcn.faces.filters.track_reject_reason`), or ``no_crops`` when it has
+    none (``not_embedded``: kept crops that were not embedded, which a current
+    ``track_embeddings`` never leaves). ``not_clustered``: left out by the merge
+    procedure otherwise.
+
+    Args:
+        reasons: (T,) :attr:`vcn.clustering.parameter_free.MovieClusters.unknown_reason`.
+        track_ids: (T,) the tracks' ids.
+        crops: ``track_id, reject_reason`` of the movie's crops.
+    """
+    per_track = dict(crops.group_by("track_id").agg(pl.col("reject_reason")).iter_rows())
+    out: list[str | None] = []
+    for track, reason in zip(np.asarray(track_ids).tolist(), np.asarray(reasons, dtype=object).tolist()):
+        if reason == "no_kept_crops":
+            reason = f"no_kept_crops: {track_reject_reason(per_track.get(track, [])) or 'not_embedded'}"
+        out.append(reason)
+    return out
+
+
+def _crop_verdicts(store: ArtifactStore, movie_id: str) -> pl.DataFrame:
+    """``track_id, reject_reason`` of every crop of the movie."""
+    return store.read_parquet(movie_id, artifacts.CROPS, columns=["track_id", "reject_reason"])
 
 
 def _stored_embeddings(store: ArtifactStore, movie_id: str, track_ids: np.ndarray, loss: bool) -> Embedded:
@@ -185,7 +237,9 @@ def _stored_embeddings(store: ArtifactStore, movie_id: str, track_ids: np.ndarra
     record = store.read_json(movie_id, artifacts.FINETUNED_MODEL) or {}
     if loss and crops.height and record.get("enabled"):
         if not store.exists(movie_id, artifacts.LOSS_SAMPLE):
-            raise ValueError(f"{movie_id}: no loss-metric logits; re-materialise track_embeddings with similarity 'loss'")
+            raise ValueError(
+                f"{movie_id}: no loss-metric logits; re-materialise track_embeddings with similarity 'loss'"
+            )
         sample = LossSample.load(store.local(movie_id, artifacts.LOSS_SAMPLE))
         if sample.model_version != model_version or (len(sample.rows) and sample.rows[-1] >= crops.height):
             raise ValueError(
@@ -269,7 +323,9 @@ def _report_preview(report: ClusterReport) -> dg.MetadataValue:
     """The contact sheet inline when small enough to embed, else where it is."""
     data = report.contact_sheet.read_bytes()
     if len(data) > _INLINE_PREVIEW_BYTES:
-        return dg.MetadataValue.md(f"Contact sheet: `{report.contact_sheet}` ({len(data) // 1000} KB); report: `{report.html}`")
+        return dg.MetadataValue.md(
+            f"Contact sheet: `{report.contact_sheet}` ({len(data) // 1000} KB); report: `{report.html}`"
+        )
     encoded = base64.b64encode(data).decode("ascii")
     return dg.MetadataValue.md(f"![contact sheet](data:image/png;base64,{encoded})\n\nReport: `{report.html}`")
 

@@ -12,7 +12,7 @@ from resources import ArtifactStore, BackboneResource, DetectorResource, MovieRe
 from vcn.errors import VideoError
 from vcn.faces.crops import CropConfig, write_track_crops
 from vcn.faces.detection.video import appearance_matrix, detect_video_faces
-from vcn.faces.filters import FilterConfig
+from vcn.faces.filters import FilterConfig, movie_cuts, track_reject_reason
 from vcn.faces.tracking import TrackerConfig, summarise_tracks, track_detections
 from vcn.media import VideoReader
 from vcn.media.frames import DEFAULT_DETECT_FPS, build_frame_index, sample_stride
@@ -25,13 +25,17 @@ GROUP = "preprocess"
 
 
 class ShotsConfig(dg.Config):
-    detector: str = Field(default="content", description="PySceneDetect detector: 'content' (HSV change) or 'adaptive'.")
+    detector: str = Field(
+        default="content", description="PySceneDetect detector: 'content' (HSV change) or 'adaptive'."
+    )
     threshold: float | None = Field(default=None, description="Detector threshold; None uses PySceneDetect's default.")
     min_shot_s: float = Field(default=0.4, description="Shortest shot in seconds; closer cuts merge.")
 
 
 class FramesConfig(dg.Config):
-    detect_fps: float = Field(default=DEFAULT_DETECT_FPS, description="Frames per second of video on which faces are detected.")
+    detect_fps: float = Field(
+        default=DEFAULT_DETECT_FPS, description="Frames per second of video on which faces are detected."
+    )
 
 
 class TracksConfig(dg.Config):
@@ -47,9 +51,17 @@ class CropsConfig(dg.Config):
         "its chips need no realignment.",
     )
     every_s: float = Field(default=0.25, description="Seconds between two crops of a track.")
-    min_face_area: float = Field(default=1600.0, description="Smallest face box area (px of the original video).")
+    min_face_area: float | None = Field(
+        default=None,
+        description="A fixed smallest face box area (px of the original video); None judges each face against the "
+        "movie's own faces (vcn.faces.filters).",
+    )
     top_k: int = Field(default=5, description="Largest faces per frame that are kept.")
-    min_sharpness: float = Field(default=15.0, description="Smallest sharpness (variance of the Laplacian at 64 px) of an aligned crop.")
+    min_sharpness: float | None = Field(
+        default=None,
+        description="A fixed smallest sharpness (variance of the Laplacian at 64 px) of an aligned crop; None judges "
+        "each crop against the movie's own (vcn.faces.filters).",
+    )
 
 
 def _video(store: ArtifactStore, movie_id: str, **options) -> VideoReader:
@@ -79,7 +91,10 @@ def shots(
             reader, ShotConfig(detector=config.detector, threshold=config.threshold, min_shot_s=config.min_shot_s)
         )
         path = store.write_parquet(run.movie_id, artifacts.SHOTS, table)
-        info = reader.info.as_dict() | {"decoded_frames": reader.report.frames, "decode_warnings": "; ".join(reader.report.warnings)}
+        info = reader.info.as_dict() | {
+            "decoded_frames": reader.report.frames,
+            "decode_warnings": "; ".join(reader.report.warnings),
+        }
         wh.replace_movie_rows("movies", run.movie_id, pl.DataFrame([info]))
         wh.replace_movie_rows("shots", run.movie_id, table)
         run.frames, run.items, run.row_count = reader.report.frames, table.height, table.height
@@ -169,7 +184,9 @@ def face_tracks(
             detections,
             appearance_matrix(detections),
             samples_per_s,
-            TrackerConfig(max_age_s=config.max_age_s, n_init=config.n_init, min_track_detections=config.min_track_detections),
+            TrackerConfig(
+                max_age_s=config.max_age_s, n_init=config.n_init, min_track_detections=config.min_track_detections
+            ),
         ).drop("appearance")
         tracks = summarise_tracks(tracked)
         path = store.write_parquet(run.movie_id, artifacts.TRACKED_DETECTIONS, tracked)
@@ -199,16 +216,20 @@ def track_crops(
     store: ArtifactStore,
     warehouse: WarehouseResource,
 ) -> dg.MaterializeResult:
-    """Aligned face crops sampled along each track (for the base model's template), with the crop filters' verdicts."""
+    """Aligned face crops sampled along each track (for the base model's template), with the crop filters' verdicts.
+
+    The filters judge each crop against the movie's own crops; a track whose
+    crops all fail keeps its best few unless none is worth clustering
+    (:mod:`vcn.faces.filters`).
+    """
     wh = warehouse.get()
     template = config.template or backbone.template()
     with stage(context, wh, "track_crops") as run:
         tracked = store.read_parquet(run.movie_id, artifacts.TRACKED_DETECTIONS)
-        crop_config = CropConfig(
-            template=template,
-            every_s=config.every_s,
-            filters=FilterConfig(min_face_area=config.min_face_area, top_k=config.top_k, min_sharpness=config.min_sharpness),
+        filters = FilterConfig(
+            min_face_area=config.min_face_area, top_k=config.top_k, min_sharpness=config.min_sharpness
         )
+        crop_config = CropConfig(template=template, every_s=config.every_s, filters=filters)
         with store.writing(run.movie_id, artifacts.CROPS) as tmp:
             crops = write_track_crops(_video(store, run.movie_id), tracked, tmp, crop_config)
         path = store.uri(run.movie_id, artifacts.CROPS)
@@ -216,8 +237,25 @@ def track_crops(
         kept = int((~crops["rejected"]).sum()) if crops.height else 0
         run.items, run.row_count, run.artifact = crops.height, crops.height, str(path)
         run.frames = crops["frame"].n_unique() if crops.height else 0
-        run.details = {"kept": kept, "template": template}
+        cuts = movie_cuts(crops, filters)
+        run.details = {
+            "kept": kept,
+            "template": template,
+            "min_face_height": round(cuts.min_face_height, 2),
+            "min_sharpness": round(cuts.min_sharpness, 2),
+        }
     reasons = crops.group_by("reject_reason").len().drop_nulls() if crops.height else pl.DataFrame()
+    # Tracks that kept only crops failing a cut (their best), and tracks left without a kept crop, by reason.
+    fails_cut = (pl.col("face_area").sqrt() < cuts.min_face_height) | (pl.col("sharpness") < cuts.min_sharpness)
+    by_track = crops.group_by("track_id").agg(
+        (~pl.col("rejected") & ~fails_cut).any().alias("passes"),
+        (~pl.col("rejected")).any().alias("kept"),
+        pl.col("reject_reason"),
+    )
+    dropped: dict[str, int] = {}
+    for row in by_track.filter(~pl.col("kept")).iter_rows(named=True):
+        reason = track_reject_reason(row["reject_reason"])
+        dropped[reason] = dropped.get(reason, 0) + 1
     return run.result(
         {
             "crops": crops.height,
@@ -225,6 +263,10 @@ def track_crops(
             "rejected": crops.height - kept,
             **{f"rejected_{r}": int(n) for r, n in reasons.iter_rows()},
             "tracks_with_kept_crops": crops.filter(~pl.col("rejected"))["track_id"].n_unique() if kept else 0,
+            "tracks_kept_by_their_best_crops": by_track.filter(pl.col("kept") & ~pl.col("passes")).height,
+            **{f"tracks_without_kept_crops_{r}": n for r, n in sorted(dropped.items())},
+            "min_face_height_px": round(cuts.min_face_height, 2),
+            "min_sharpness": round(cuts.min_sharpness, 2),
             "template": template,
         }
     )

@@ -56,6 +56,10 @@ CPU_PAIRS_PER_EPOCH = 8192
 #: A loss above this share of ln K means the student still predicts a uniform
 #: distribution: training never left its starting point, or collapsed to uniform.
 STUCK_LOSS_RATIO = 0.98
+#: The stuck-loss rule judges only runs of at least this many optimizer steps: before that the
+#: loss has not had the steps to leave ln K, healthy or not (a 10-second clip trains 6 steps and
+#: ends at 0.966-0.985 ln K across seeds; a 600-track episode's first epoch, 106 steps, averages 0.74).
+MIN_STEPS_TO_JUDGE_LOSS = 50
 #: The finetuned embeddings count as collapsed when their total variance or their
 #: effective rank falls below this share of the pretrained model's on the same crops.
 COLLAPSE_RATIO = 0.5
@@ -131,6 +135,7 @@ class CollapseStats:
         effective_rank: exp of the entropy of the normalised singular values of
             the centred finetuned embeddings (1 when they lie on a line).
         pretrained_effective_rank: The same of the pretrained embeddings.
+        steps: Optimizer steps of the run (None: not recorded, as in older checkpoints).
     """
 
     final_loss: float
@@ -139,6 +144,7 @@ class CollapseStats:
     pretrained_variance: float
     effective_rank: float
     pretrained_effective_rank: float
+    steps: int | None = None
 
     @property
     def loss_ratio(self) -> float:
@@ -147,7 +153,8 @@ class CollapseStats:
     def problems(self) -> list[str]:
         """What looks collapsed, in words; empty when nothing does."""
         found = []
-        if not math.isfinite(self.final_loss) or self.loss_ratio >= STUCK_LOSS_RATIO:
+        judged = self.steps is None or self.steps >= MIN_STEPS_TO_JUDGE_LOSS
+        if not math.isfinite(self.final_loss) or (judged and self.loss_ratio >= STUCK_LOSS_RATIO):
             found.append(
                 f"loss {self.final_loss:.3f} is stuck near ln K = {self.ln_k:.3f} (ratio {self.loss_ratio:.3f} >= "
                 f"{STUCK_LOSS_RATIO}): the student predicts a uniform distribution"
@@ -186,9 +193,10 @@ def embedding_spread(embeddings: np.ndarray) -> tuple[float, float]:
 
 
 def collapse_stats(
-    final_loss: float, out_dim: int, finetuned: np.ndarray, pretrained: np.ndarray
+    final_loss: float, out_dim: int, finetuned: np.ndarray, pretrained: np.ndarray, steps: int | None = None
 ) -> CollapseStats:
-    """:class:`CollapseStats` of a finetuning run from its last loss and both models' embeddings of the same crops."""
+    """:class:`CollapseStats` of a finetuning run from its last loss, its optimizer steps and both models'
+    embeddings of the same crops."""
     variance, rank = embedding_spread(finetuned)
     base_variance, base_rank = embedding_spread(pretrained)
     return CollapseStats(
@@ -198,6 +206,7 @@ def collapse_stats(
         pretrained_variance=base_variance,
         effective_rank=rank,
         pretrained_effective_rank=base_rank,
+        steps=steps,
     )
 
 
@@ -440,7 +449,10 @@ def finetune_movie(
         chips[sample]
     )
     last_loss = result.rounds[-1].loss_curve[-1] if result.rounds[-1].loss_curve else float("nan")
-    collapse = collapse_stats(last_loss, head.out_dim, tuned.embed(chips[sample]), base_embeddings)
+    train = mode.config.train
+    steps_per_epoch = math.ceil((train.pairs_per_epoch or result.crops) / train.batch_size)
+    steps = sum(len(r.loss_curve) for r in result.rounds) * steps_per_epoch
+    collapse = collapse_stats(last_loss, head.out_dim, tuned.embed(chips[sample]), base_embeddings, steps)
     for problem in collapse.problems():
         log.warning("finetuning may have collapsed: %s", problem)
 

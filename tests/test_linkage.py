@@ -1,0 +1,149 @@
+"""Average linkage under cannot-link constraints, cut at the movie's own different-person distances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.cluster import hierarchy
+from scipy.spatial.distance import squareform
+
+from vcn.clustering.dissimilarity import CosineDissimilarity, Factors
+from vcn.clustering.linkage import (
+    MIN_NEGATIVES,
+    NEGATIVE_QUANTILE,
+    UNKNOWN,
+    average_linkage,
+    cluster_by_negative_cut,
+    cosine_distances,
+    negative_cut,
+)
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool((a[:, None] == a[None, :]).tolist() == (b[:, None] == b[None, :]).tolist())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_without_constraints_it_is_scipys_average_linkage(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(60, 8))
+    d = cosine_distances(x).astype(np.float64)
+    np.fill_diagonal(d, 0)
+    z = hierarchy.linkage(squareform(d, checks=False), "average")
+    heights = np.sort(z[:, 2])
+    for k in (5, 20, 40):
+        cut = float((heights[k] + heights[k + 1]) / 2)  # between two merge heights: no tie at the cut
+        ours = average_linkage(d, cut)
+        theirs = hierarchy.fcluster(z, cut, "distance")
+        assert _same_partition(ours, theirs)
+        assert ours.max() + 1 == len(np.unique(theirs))
+
+
+def test_cannot_link_holds_for_whole_clusters():
+    # Two tight pairs close to each other; 0 and 2 are on screen together, so {0,1} and {2,3} never merge.
+    d = np.array([[0, 0.1, 0.3, 0.3], [0.1, 0, 0.3, 0.3], [0.3, 0.3, 0, 0.1], [0.3, 0.3, 0.1, 0]])
+    free = average_linkage(d, 1.0)
+    assert len(set(free.tolist())) == 1
+    held = average_linkage(d, 1.0, cannot_link=np.array([[0, 2]]))
+    assert held[0] == held[1] and held[2] == held[3] and held[0] != held[2]
+
+
+def test_labels_by_size_and_excluded_items_unknown():
+    d = np.full((5, 5), 0.9)
+    d[np.ix_([2, 3, 4], [2, 3, 4])] = 0.1
+    np.fill_diagonal(d, 0)
+    labels = average_linkage(d, 0.5, exclude=np.array([False, False, False, False, True]))
+    assert labels.tolist() == [1, 2, 0, 0, UNKNOWN]
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match="square"):
+        average_linkage(np.zeros((3, 2)), 0.5)
+    with pytest.raises(ValueError, match="finite"):
+        average_linkage(np.full((2, 2), np.nan), 0.5)
+    with pytest.raises(ValueError, match="outside"):
+        average_linkage(np.zeros((2, 2)), 0.5, cannot_link=np.array([[0, 2]]))
+
+
+def test_negative_cut_is_the_quantile_of_distinct_pairs():
+    rng = np.random.default_rng(0)
+    d = rng.uniform(size=(30, 30))
+    d = (d + d.T) / 2
+    pairs = np.stack([np.arange(0, 28, 2), np.arange(1, 29, 2)], axis=1)
+    doubled = np.concatenate([pairs, pairs[:, ::-1]])  # both orders, counted once
+    expected = np.quantile(d[pairs[:, 0], pairs[:, 1]], NEGATIVE_QUANTILE)
+    assert negative_cut(d, doubled) == pytest.approx(expected)
+    assert negative_cut(d, pairs[: MIN_NEGATIVES - 1]) is None
+    assert negative_cut(d, None) is None
+
+
+def _cast(seed: int = 0, people: int = 6, tracks_per_person: int = 12, crops: int = 5):
+    """Unit crop embeddings of tracks of ``people`` people, and pairs of tracks on screen together."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(people, 32))
+    person = np.repeat(np.arange(people), tracks_per_person)
+    tracks = centres[person] + rng.normal(scale=0.35, size=(len(person), 32))
+    crop_track = np.repeat(np.arange(len(person)), crops)
+    x = tracks[crop_track] + rng.normal(scale=0.05, size=(len(crop_track), 32))
+    # Shots of two people: each track shares one with a track of each of the next three people, so that
+    # every two people are on screen together somewhere (as a TV episode's main cast).
+    a = np.arange(len(person))
+    pairs = [np.stack([a, (a + k * tracks_per_person) % len(person)], axis=1) for k in (1, 2, 3)]
+    return x, crop_track, person, np.concatenate(pairs)
+
+
+def test_a_cast_is_recovered_from_its_own_negatives():
+    x, crop_track, person, pairs = _cast()
+    cosine = CosineDissimilarity()
+    result = cluster_by_negative_cut(
+        cosine.factors(x), crop_track, len(person), cannot_link=pairs, exclude=None,
+        representatives=cosine.representative,
+    )
+    assert result is not None and result.rule == "negative-cut"
+    assert _same_partition(result.labels, person)
+    assert result.n_clusters == 6
+
+
+def test_the_cut_follows_the_scale_of_the_dissimilarity():
+    """A dissimilarity in other units (here cosine x 7 + 3) gives the same clusters: the cut is in its units."""
+    x, crop_track, person, pairs = _cast(seed=1)
+    cosine = CosineDissimilarity()
+    f = cosine.factors(x)
+    scaled = Factors(u=7.0 * f.u, v=f.v, offset=7.0 * f.offset + 3.0)
+
+    def scaled_representative(mean_u, mean_v):
+        direction, minus = cosine.representative(mean_u, mean_v)
+        return 7.0 * direction, minus
+
+    def run(factors, representatives):
+        return cluster_by_negative_cut(
+            factors, crop_track, len(person), cannot_link=pairs, exclude=None, representatives=representatives
+        )
+
+    plain, other = run(f, cosine.representative), run(scaled, scaled_representative)
+    assert other.cut == pytest.approx(7.0 * plain.cut + 3.0, rel=1e-5)
+    assert np.array_equal(plain.labels, other.labels)
+
+
+def test_too_few_tracks_on_screen_together_give_no_cut():
+    x, crop_track, person, pairs = _cast()
+    cosine = CosineDissimilarity()
+    result = cluster_by_negative_cut(
+        cosine.factors(x), crop_track, len(person), cannot_link=pairs[: MIN_NEGATIVES - 1], exclude=None,
+        representatives=cosine.representative,
+    )
+    assert result is None
+
+
+def test_excluded_tracks_and_tracks_without_crops_are_unknown():
+    x, crop_track, person, pairs = _cast()
+    cosine = CosineDissimilarity()
+    keep = crop_track != 3  # track 3 has no crops
+    exclude = np.zeros(len(person), dtype=bool)
+    exclude[5] = True
+    result = cluster_by_negative_cut(
+        cosine.factors(x[keep]), crop_track[keep], len(person), cannot_link=pairs, exclude=exclude,
+        representatives=cosine.representative,
+    )
+    assert result.labels[3] == UNKNOWN and result.labels[5] == UNKNOWN
+    assert (result.labels[np.setdiff1d(np.arange(len(person)), [3, 5])] >= 0).all()
