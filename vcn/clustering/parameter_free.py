@@ -1,6 +1,11 @@
 """Parameter-free clustering of face tracks with per-cluster adaptive thresholds.
 
-The method's clustering (DESIGN.md section 3) needs no distance threshold and no
+:func:`cluster_movie` (the product's entry point) screens quality and then clusters
+by :mod:`vcn.clustering.linkage` (a cut from the movie's own tracks on screen
+together); this module's rule runs when a movie has too few of those, and with
+cannot-link off (the paper's setting).
+
+The paper's clustering (DESIGN.md section 3) needs no distance threshold and no
 number of people:
 
 1. Every track starts as its own cluster.
