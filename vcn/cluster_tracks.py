@@ -222,10 +222,13 @@ def cluster_trackset(
     clusters = [None if label == UNKNOWN else str(int(label)) for label in result.labels]
     n_low_quality = int(np.asarray(result.low_quality).sum())
     logger.info(
-        "clustered %d tracks into %d clusters in %.2f s (%d rounds, %s); %d Unknown (%d low quality, %d with problems)",
+        "clustered %d tracks into %d clusters in %.2f s (%s%s, %d merges or rounds, %s); %d Unknown (%d low quality, "
+        "%d with problems)",
         n_tracks,
         result.n_clusters,
         timings["cluster"],
+        result.clustering.rule,
+        "" if result.clustering.cut is None else f" at {result.clustering.cut:.4f}",
         result.clustering.rounds,
         "cannot-link on" if cannot_link else "cannot-link off",
         result.n_unknown,
