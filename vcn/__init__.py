@@ -5,7 +5,7 @@ Every stage is a plain function or a small class with typed inputs and outputs
 this package; nothing here imports Dagster.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from typing import TYPE_CHECKING
 
