@@ -18,7 +18,7 @@ import torch
 from vcn.clustering.parameter_free import cluster_movie
 from vcn.faces.crops import encode_jpeg
 from vcn.identity.embeddings import read_kept_chips, read_kept_crops
-from vcn.identity.quality import track_quality
+from vcn.identity.quality import track_quality, within_track_scatter
 from vcn.identity.selfsup.adapt import MAX_CROPS, AdaptConfig, adapt
 from vcn.identity.selfsup.loss import student_log_probs, teacher_targets
 from vcn.identity.selfsup.loss_metric import (
@@ -219,14 +219,26 @@ def test_clustering_on_the_loss_metric_sample_is_unchanged_under_the_cap():
     logits = people[tracks % 3] + rng.normal(0, 0.5, (len(tracks), 32))
     quality = rng.uniform(0.5, 1, len(tracks))
     metric = LossDissimilarity(np.zeros(32), 0.1, 0.04)
-    before = cluster_movie(logits, tracks, 9, crop_quality=quality, dissimilarity=metric)
+    # Every two tracks of different people share a shot somewhere (27 pairs): the product's default rule.
+    pairs = np.array([(a, b) for a in range(9) for b in range(a + 1, 9) if a % 3 != b % 3])
+    before = cluster_movie(logits, tracks, 9, cannot_link=pairs, crop_quality=quality, dissimilarity=metric)
+    assert before.clustering.rule == "negative-cut" and before.labels.tolist() == [0, 1, 2] * 3
+    # The sampled crops carry their tracks' mean quality, so the screen's noise floor comes from every crop's
+    # own quality, as vcn.pipeline.cluster passes it.
+    scatter = within_track_scatter(quality, tracks)
     rows = loss_metric_rows(tracks)
     kept_quality = sample_quality(quality, tracks, rows)
-    after = cluster_movie(logits[rows], tracks[rows], 9, crop_quality=kept_quality, dissimilarity=metric)
+    after = cluster_movie(
+        logits[rows], tracks[rows], 9, cannot_link=pairs, crop_quality=kept_quality, quality_scatter=scatter,
+        dissimilarity=metric,
+    )
     assert np.array_equal(before.labels, after.labels) and before.n_clusters == after.n_clusters
     # Above the cap, the same people come out of 2 crops per track.
     rows = loss_metric_rows(tracks, max_crops=18)
     kept_quality = sample_quality(quality, tracks, rows)
-    capped = cluster_movie(logits[rows], tracks[rows], 9, crop_quality=kept_quality, dissimilarity=metric)
+    capped = cluster_movie(
+        logits[rows], tracks[rows], 9, cannot_link=pairs, crop_quality=kept_quality, quality_scatter=scatter,
+        dissimilarity=metric,
+    )
     assert len(rows) == 18 and np.array_equal(capped.low_quality, before.low_quality)
     assert np.array_equal(capped.labels, before.labels)
