@@ -131,7 +131,7 @@ def negative_cut(distances: np.ndarray, negatives: np.ndarray | None) -> float |
     Tracks on screen together are two people, so their distances sample how far
     apart different people are for this model on this movie (measured on the
     development episodes: their quantiles match those of all different-person
-    pairs within 0.02, for the dlib ResNet and SFace alike, whose distance scales
+    pairs within 0.025, for the dlib ResNet and SFace alike, whose distance scales
     differ tenfold). A fixed quantile of that sample is a cut in the model's own
     units, with no threshold to tune per model or per finetuned checkpoint.
 
