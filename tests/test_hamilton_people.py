@@ -138,7 +138,7 @@ def test_the_crop_filters_judged_the_clip_against_itself(env):
 
 @pytest.mark.xfail(
     strict=False,
-    reason="one cluster per person depends on the merge procedure (being reworked); on this clip the tracker "
+    reason="on this clip the tracker "
     "splits one of Miranda's close-ups into two tracks whose spans overlap, which cannot-link keeps apart",
 )
 def test_each_named_person_is_one_cluster_of_their_own(env):
