@@ -448,7 +448,7 @@ def _ours_rows(work: Path, truth: Truth) -> list[dict]:
     ):
         detections = pl.read_csv(work / folder / "detections.csv")
         clusters = pl.read_csv(work / folder / "clusters.csv", schema_overrides={"cluster": pl.String})
-        predicted = {str(t): c for t, c in clusters.iter_rows()}
+        predicted = {str(t): c for t, c in clusters.select("track_id", "cluster").iter_rows()}
         tracks = track_truths(detections, truth)
         rows.append(
             {
