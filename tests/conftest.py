@@ -32,6 +32,19 @@ def processed_hamilton(tmp_path_factory):
         yield home
 
 
+@pytest.fixture
+def env(home, monkeypatch):
+    """Points the environment at the module's ``home`` (a data folder from :func:`processed_hamilton`)."""
+    monkeypatch.setenv("VCN_HOME", str(home))
+    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    return home
+
+
+def hamilton_artifact(home: Path, name: str) -> Path:
+    """The path of one of the Hamilton movie's artifacts in a data folder from :func:`processed_hamilton`."""
+    return home / "artifacts" / "movies" / "hamilton" / name
+
+
 def shared_path(*parts: str) -> Path:
     """A path under ../shared, skipping the test clearly when shared/ is absent."""
     path = SHARED.joinpath(*parts)

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tests.conftest import processed_hamilton
+from tests.conftest import hamilton_artifact, processed_hamilton
 
 pytestmark = pytest.mark.slow
 
@@ -18,17 +18,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     yield from processed_hamilton(tmp_path_factory)
-
-
-@pytest.fixture
-def env(home, monkeypatch):
-    monkeypatch.setenv("VCN_HOME", str(home))
-    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
-    return home
-
-
-def _movie(home, name: str):
-    return home / "artifacts" / "movies" / "hamilton" / name
 
 
 def _recluster(similarity: str = "cosine"):
@@ -48,7 +37,7 @@ def _recluster(similarity: str = "cosine"):
         )
     assert result.success
     (event,) = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == "face_clusters"]
-    return pl.read_parquet(_movie(Settings.from_env().home, "face_clusters.parquet")).sort("track_id"), event
+    return pl.read_parquet(hamilton_artifact(Settings.from_env().home, "face_clusters.parquet")).sort("track_id"), event
 
 
 def _same_partition(a: list, b: list) -> bool:
@@ -60,8 +49,8 @@ def _same_partition(a: list, b: list) -> bool:
 def test_finetuning_records_the_crops_it_used(env):
     from vcn.identity.selfsup.adapt import MAX_CROPS
 
-    record = json.loads(_movie(env, "finetuned_model.json").read_text())
-    kept = pl.read_parquet(_movie(env, "track_crops.parquet")).filter(~pl.col("rejected")).height
+    record = json.loads(hamilton_artifact(env, "finetuned_model.json").read_text())
+    kept = pl.read_parquet(hamilton_artifact(env, "track_crops.parquet")).filter(~pl.col("rejected")).height
     assert record["finetune_crops"] == kept < MAX_CROPS  # a short clip finetunes on all its crops
     assert record["max_finetune_crops"] == MAX_CROPS
 
@@ -75,13 +64,13 @@ def test_loss_metric_under_its_cap_clusters_all_crops(env):
 
     clusters, event = _recluster(similarity="loss")
     assert event.materialization.metadata["dissimilarity"].value == "loss"
-    crops = pl.read_parquet(_movie(env, "crop_embeddings.parquet"))
+    crops = pl.read_parquet(hamilton_artifact(env, "crop_embeddings.parquet"))
     assert event.materialization.metadata["crops_compared"].value == crops.height
     # The reference: the loss metric on the logits of every kept crop at once.
-    record = json.loads(_movie(env, "finetuned_model.json").read_text())
+    record = json.loads(hamilton_artifact(env, "finetuned_model.json").read_text())
     finetuned = load_finetuned(record["checkpoint"], vcn.load_backbone("dlib-resnet", device="cpu"))
-    _, chips = read_kept_chips(_movie(env, "track_crops.parquet"), finetuned.backbone.template)
-    tracks = pl.read_parquet(_movie(env, "tracks.parquet")).sort("track_id")
+    _, chips = read_kept_chips(hamilton_artifact(env, "track_crops.parquet"), finetuned.backbone.template)
+    tracks = pl.read_parquet(hamilton_artifact(env, "tracks.parquet")).sort("track_id")
     crop_track = np.searchsorted(tracks["track_id"].to_numpy(), crops["track_id"].to_numpy())
     expected = cluster_movie(
         finetuned.logits(chips), crop_track, tracks.height, cannot_link=on_screen_together(tracks),
@@ -95,7 +84,7 @@ def test_loss_metric_over_its_cap_still_clusters_every_track(env, monkeypatch):
     import vcn.identity.selfsup.loss_metric as loss_metric
 
     full, _ = _recluster(similarity="loss")
-    crops = pl.read_parquet(_movie(env, "crop_embeddings.parquet"))
+    crops = pl.read_parquet(hamilton_artifact(env, "crop_embeddings.parquet"))
     monkeypatch.setattr(loss_metric, "MAX_CROPS", 20)
     capped, event = _recluster(similarity="loss")
     compared = event.materialization.metadata["crops_compared"].value

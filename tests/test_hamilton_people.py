@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tests.conftest import processed_hamilton
+from tests.conftest import hamilton_artifact, processed_hamilton
 from vcn.faces.filters import REASONS
 from vcn.stores.warehouse import Warehouse
 from vcn_assets.cli import main
@@ -32,20 +32,9 @@ def home(tmp_path_factory):
     yield from processed_hamilton(tmp_path_factory)
 
 
-@pytest.fixture
-def env(home, monkeypatch):
-    monkeypatch.setenv("VCN_HOME", str(home))
-    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
-    return home
-
-
-def _movie(home: Path, name: str) -> Path:
-    return home / "artifacts" / "movies" / "hamilton" / name
-
-
 def _tracks_of_people(home: Path) -> dict[str, set[int]]:
     """Each labelled person's tracks: the tracks of the detections whose boxes hold the person's anchors."""
-    detections = pl.read_parquet(_movie(home, "face_tracks.parquet")).filter(pl.col("track_id").is_not_null())
+    detections = pl.read_parquet(hamilton_artifact(home, "face_tracks.parquet")).filter(pl.col("track_id").is_not_null())
     people = json.loads(PEOPLE.read_text())["people"]
     found: dict[str, set[int]] = {}
     for person, entry in people.items():
@@ -75,7 +64,7 @@ def test_the_labels_name_distinct_tracks(env):
 
 
 def test_every_named_person_has_a_clustered_track(env):
-    clusters = pl.read_parquet(_movie(env, "face_clusters.parquet"))
+    clusters = pl.read_parquet(hamilton_artifact(env, "face_clusters.parquet"))
     cluster_of = dict(zip(clusters["track_id"].to_list(), clusters["cluster"].to_list()))
     reason_of = dict(zip(clusters["track_id"].to_list(), clusters["unknown_reason"].to_list()))
     for person, tracks in _tracks_of_people(env).items():
@@ -84,7 +73,7 @@ def test_every_named_person_has_a_clustered_track(env):
 
 
 def test_every_unknown_track_says_why(env):
-    clusters = pl.read_parquet(_movie(env, "face_clusters.parquet"))
+    clusters = pl.read_parquet(hamilton_artifact(env, "face_clusters.parquet"))
     unknown = clusters.filter(pl.col("cluster").is_null())
     assert unknown.height > 0  # the clip's dark, defocused audience faces
     assert unknown["unknown_reason"].null_count() == 0
@@ -93,7 +82,7 @@ def test_every_unknown_track_says_why(env):
         clusters.filter(pl.col("cluster").is_not_null())
     )
     # A track without kept crops is Unknown for that reason, named after its crops' rejections.
-    kept = pl.read_parquet(_movie(env, "track_crops.parquet"), columns=["track_id", "rejected"]).filter(
+    kept = pl.read_parquet(hamilton_artifact(env, "track_crops.parquet"), columns=["track_id", "rejected"]).filter(
         ~pl.col("rejected")
     )
     without = unknown.filter(~pl.col("track_id").is_in(kept["track_id"].unique().to_list()))
@@ -126,7 +115,7 @@ def test_every_unknown_track_says_why(env):
 def test_the_crop_filters_judged_the_clip_against_itself(env):
     """The soft 360p clip keeps every track that shows a face worth clustering, by its best crops if need be."""
     crops = pl.read_parquet(
-        _movie(env, "track_crops.parquet"), columns=["track_id", "face_area", "sharpness", "rejected"]
+        hamilton_artifact(env, "track_crops.parquet"), columns=["track_id", "face_area", "sharpness", "rejected"]
     )
     people = _tracks_of_people(env)
     kept = set(crops.filter(~pl.col("rejected"))["track_id"].to_list())
@@ -142,7 +131,7 @@ def test_the_crop_filters_judged_the_clip_against_itself(env):
     "splits one of Miranda's close-ups into two tracks whose spans overlap, which cannot-link keeps apart",
 )
 def test_each_named_person_is_one_cluster_of_their_own(env):
-    clusters = pl.read_parquet(_movie(env, "face_clusters.parquet"))
+    clusters = pl.read_parquet(hamilton_artifact(env, "face_clusters.parquet"))
     cluster_of = dict(zip(clusters["track_id"].to_list(), clusters["cluster"].to_list()))
     people = _tracks_of_people(env)
     own = {}

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from tests import media
-from tests.conftest import HAMILTON, HAMILTON_CUTS, processed_hamilton
+from tests.conftest import HAMILTON, HAMILTON_CUTS, hamilton_artifact, processed_hamilton
 from vcn.clustering.cannot_link import on_screen_together
 from vcn.faces.align import get_template
 from vcn.faces.crops import read_crop_images
@@ -29,24 +29,13 @@ def home(tmp_path_factory):
     yield from processed_hamilton(tmp_path_factory)
 
 
-@pytest.fixture
-def env(home, monkeypatch):
-    monkeypatch.setenv("VCN_HOME", str(home))
-    monkeypatch.setenv("DAGSTER_HOME", str(home / "dagster"))
-    return home
-
-
-def _movie(home: Path, name: str) -> Path:
-    return home / "artifacts" / "movies" / "hamilton" / name
-
-
 def _warehouse(home: Path) -> Warehouse:
     return Warehouse(str(home / "warehouse.duckdb"))
 
 
 def test_every_asset_wrote_its_parquet_and_table(env):
     for name in ("shots", "frames", "face_detections", "face_tracks", "tracks", "track_crops", "face_clusters"):
-        assert _movie(env, name + ".parquet").exists(), name
+        assert hamilton_artifact(env, name + ".parquet").exists(), name
     wh = _warehouse(env)
     for table in ("movies", "shots", "frames", "detections", "tracks", "track_crops", "track_embeddings", "face_clusters"):
         assert wh.query(f"SELECT count(*) FROM {table} WHERE movie_id = 'hamilton'").item() > 0, table
@@ -60,13 +49,13 @@ def test_every_asset_wrote_its_parquet_and_table(env):
 
 
 def test_cuts_are_found(env):
-    starts = pl.read_parquet(_movie(env, "shots.parquet"))["start_frame"].to_list()
+    starts = pl.read_parquet(hamilton_artifact(env, "shots.parquet"))["start_frame"].to_list()
     assert len(starts) == 4 and all(abs(a - b) <= 1 for a, b in zip(starts[1:], HAMILTON_CUTS))
 
 
 def test_faces_are_found_where_people_are_on_screen(env):
-    frames = pl.read_parquet(_movie(env, "frames.parquet"))
-    det = pl.read_parquet(_movie(env, "face_tracks.parquet"))
+    frames = pl.read_parquet(hamilton_artifact(env, "frames.parquet"))
+    det = pl.read_parquet(hamilton_artifact(env, "face_tracks.parquet"))
     sampled = frames.filter("sampled")["frame"].to_list()
     with_faces = set(det["frame"].to_list())
     # People are on screen in every shot of this clip.
@@ -78,8 +67,8 @@ def test_faces_are_found_where_people_are_on_screen(env):
 
 
 def test_no_track_crosses_a_cut(env):
-    det = pl.read_parquet(_movie(env, "face_tracks.parquet")).filter(pl.col("track_id").is_not_null())
-    shots = pl.read_parquet(_movie(env, "shots.parquet"))
+    det = pl.read_parquet(hamilton_artifact(env, "face_tracks.parquet")).filter(pl.col("track_id").is_not_null())
+    shots = pl.read_parquet(hamilton_artifact(env, "shots.parquet"))
     cut_frames = set(shots["start_frame"].to_list())
     spans = det.group_by("track_id").agg(pl.col("frame").min().alias("a"), pl.col("frame").max().alias("b"), pl.col("shot_id").n_unique().alias("n"))
     assert (spans["n"] == 1).all()
@@ -89,16 +78,16 @@ def test_no_track_crosses_a_cut(env):
 
 def test_aligned_crops_put_the_eyes_where_the_template_says(env):
     """Re-detects the face in frontal crops: its eyes must sit on the template's eyes."""
-    crops = pl.read_parquet(_movie(env, "track_crops.parquet"), columns=["crop_id", "detection_id", "template"])
+    crops = pl.read_parquet(hamilton_artifact(env, "track_crops.parquet"), columns=["crop_id", "detection_id", "template"])
     assert crops["template"].unique().to_list() == ["dlib-150"]
-    det = pl.read_parquet(_movie(env, "face_tracks.parquet"))
+    det = pl.read_parquet(hamilton_artifact(env, "face_tracks.parquet"))
     # Five-point alignment is defined for faces that look roughly at the camera:
     # keep crops whose eyes are at least 0.35 face widths apart.
     frontal = crops.join(det, on="detection_id").filter(
         (pl.col("left_eye_x") - pl.col("right_eye_x")) >= 0.35 * (pl.col("x2") - pl.col("x1"))
     )["crop_id"].to_list()
     assert len(frontal) >= 20
-    _, images = read_crop_images(_movie(env, "track_crops.parquet"), frontal)
+    _, images = read_crop_images(hamilton_artifact(env, "track_crops.parquet"), frontal)
     template = get_template("dlib-150")
     assert images.shape[1:] == (template.size, template.size, 3)
     detector = create_detector("retinaface", max_side=None, score_threshold=0.5)
@@ -203,7 +192,7 @@ def test_bad_input_is_refused_before_anything_is_registered(env, tmp_path, capsy
 
 
 def test_a_failed_run_keeps_the_previous_good_outputs(env, monkeypatch, capsys):
-    path = _movie(env, "face_detections.parquet")
+    path = hamilton_artifact(env, "face_detections.parquet")
     before = path.read_bytes()
     tracks_before = _warehouse(env).query("SELECT count(*) FROM tracks WHERE movie_id = 'hamilton'").item()
 
@@ -278,9 +267,9 @@ def test_ui_serves_this_code_location(env, tmp_path):
 
 
 def test_track_embeddings_carry_the_model_version(env):
-    crops = pl.read_parquet(_movie(env, "crop_embeddings.parquet"))
-    matrix = np.load(_movie(env, "crop_embeddings.npy"))
-    kept = pl.read_parquet(_movie(env, "track_crops.parquet"), columns=["rejected"]).filter(~pl.col("rejected")).height
+    crops = pl.read_parquet(hamilton_artifact(env, "crop_embeddings.parquet"))
+    matrix = np.load(hamilton_artifact(env, "crop_embeddings.npy"))
+    kept = pl.read_parquet(hamilton_artifact(env, "track_crops.parquet"), columns=["rejected"]).filter(~pl.col("rejected")).height
     assert matrix.shape == (kept, 128) and crops.height == kept and matrix.dtype == np.float32
     assert np.allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-4)
     wh = _warehouse(env)
@@ -308,11 +297,11 @@ def test_track_embeddings_carry_the_model_version(env):
 
 
 def _model_version(home: Path) -> str:
-    return pl.read_parquet(_movie(home, "crop_embeddings.parquet"))["model_version"].unique().item()
+    return pl.read_parquet(hamilton_artifact(home, "crop_embeddings.parquet"))["model_version"].unique().item()
 
 
 def _n_tracks(home: Path) -> int:
-    return pl.read_parquet(_movie(home, "tracks.parquet")).height
+    return pl.read_parquet(hamilton_artifact(home, "tracks.parquet")).height
 
 
 def _latest_materialization(asset: str):
@@ -345,8 +334,8 @@ def _recluster(**config):
 
 
 def test_every_track_has_one_cluster_row_with_model_version_and_run(env):
-    tracks = pl.read_parquet(_movie(env, "tracks.parquet")).sort("track_id")
-    clusters = pl.read_parquet(_movie(env, "face_clusters.parquet"))
+    tracks = pl.read_parquet(hamilton_artifact(env, "tracks.parquet")).sort("track_id")
+    clusters = pl.read_parquet(hamilton_artifact(env, "face_clusters.parquet"))
     assert clusters.columns == [
         "movie_id", "track_id", "cluster", "name", "auto_cluster", "quality", "low_quality", "unknown_reason",
         "model_version", "run_id", "clustered_at", "thumbnail",
@@ -365,7 +354,7 @@ def test_every_track_has_one_cluster_row_with_model_version_and_run(env):
     # Clusters are numbered 0.. by decreasing size; tracks without kept crops are Unknown, with no quality.
     sizes = clusters["cluster"].drop_nulls().value_counts().sort("cluster")["count"].to_list()
     assert len(sizes) >= 2 and sizes == sorted(sizes, reverse=True)
-    embedded = set(pl.read_parquet(_movie(env, "crop_embeddings.parquet"))["track_id"].to_list())
+    embedded = set(pl.read_parquet(hamilton_artifact(env, "crop_embeddings.parquet"))["track_id"].to_list())
     no_crops = clusters.filter(~pl.col("track_id").is_in(list(embedded)))
     assert no_crops.height > 0 and no_crops["cluster"].null_count() == no_crops.height
     assert no_crops["quality"].null_count() == no_crops.height
@@ -373,8 +362,8 @@ def test_every_track_has_one_cluster_row_with_model_version_and_run(env):
 
 
 def test_tracks_on_screen_together_are_in_different_clusters(env):
-    tracks = pl.read_parquet(_movie(env, "tracks.parquet")).sort("track_id")
-    clusters = tracks.join(pl.read_parquet(_movie(env, "face_clusters.parquet")), on="track_id", how="left")["cluster"].to_list()
+    tracks = pl.read_parquet(hamilton_artifact(env, "tracks.parquet")).sort("track_id")
+    clusters = tracks.join(pl.read_parquet(hamilton_artifact(env, "face_clusters.parquet")), on="track_id", how="left")["cluster"].to_list()
     pairs = on_screen_together(tracks.with_columns(pl.col("shot_id").cast(pl.String)))
     clustered = [(a, b) for a, b in pairs.tolist() if clusters[a] is not None and clusters[b] is not None]
     assert len(clustered) >= 3  # the last shot shows several faces at once
@@ -385,12 +374,12 @@ def test_cluster_report_is_written_and_in_the_metadata(env):
     import dagster as dg
 
     metadata = _latest_materialization("face_clusters").asset_materialization.metadata
-    report = _movie(env, "clusters_report")
+    report = hamilton_artifact(env, "clusters_report")
     for key, name in (("report", "report.html"), ("contact_sheet", "contact_sheet.png"), ("embedding_plot", "embedding_plot.png")):
         assert isinstance(metadata[key], dg.PathMetadataValue) and metadata[key].path == str(report / name)
         assert (report / name).stat().st_size > 0
     assert metadata["report_preview"].value.startswith("![contact sheet](data:image/png;base64,")
-    clusters = pl.read_parquet(_movie(env, "face_clusters.parquet"))
+    clusters = pl.read_parquet(hamilton_artifact(env, "face_clusters.parquet"))
     sizes = clusters["cluster"].drop_nulls().value_counts(sort=True)["count"].to_list()
     assert metadata["n_tracks"].value == clusters.height
     assert metadata["n_clusters"].value == len(sizes) and metadata["cluster_sizes"].value == sizes
@@ -408,7 +397,7 @@ def test_finetuned_model_is_stored_with_its_settings_and_curve(env):
 
     from vcn.identity.selfsup.finetune import load_finetuned
 
-    record = json.loads(_movie(env, "finetuned_model.json").read_text())
+    record = json.loads(hamilton_artifact(env, "finetuned_model.json").read_text())
     assert record["enabled"] and record["version"] == _model_version(env)
     assert record["mode"] == "cpu-budget" and record["collapse_problems"] == []
     checkpoint = Path(record["checkpoint"])
@@ -453,7 +442,7 @@ def test_finetune_check_passed(env):
 def test_cluster_checks_passed_in_the_run_that_clustered(env):
     import dagster as dg
 
-    (run_id,) = pl.read_parquet(_movie(env, "face_clusters.parquet"))["run_id"].unique().to_list()
+    (run_id,) = pl.read_parquet(hamilton_artifact(env, "face_clusters.parquet"))["run_id"].unique().to_list()
     with dg.DagsterInstance.get() as instance:
         events = instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION)
     verdicts = {
@@ -486,17 +475,17 @@ def test_reclustering_keeps_the_rows_of_other_model_versions(env):
         "SELECT model_version, count(*), any_value(run_id) FROM face_clusters WHERE movie_id = 'hamilton' GROUP BY 1 ORDER BY 1"
     )
     assert sets.rows() == [("dlib-resnet-v0-old", 2, "old-run"), (version, n, result.run_id)]
-    assert pl.read_parquet(_movie(env, "face_clusters.parquet"))["run_id"].unique().to_list() == [result.run_id]
+    assert pl.read_parquet(hamilton_artifact(env, "face_clusters.parquet"))["run_id"].unique().to_list() == [result.run_id]
 
 
 def test_cluster_ids_stay_stable_across_reclustering(env):
-    before = pl.read_parquet(_movie(env, "face_clusters.parquet")).select("track_id", "cluster").sort("track_id")
+    before = pl.read_parquet(hamilton_artifact(env, "face_clusters.parquet")).select("track_id", "cluster").sort("track_id")
     assert _warehouse(env).latest_clusters("hamilton") == {
         t: c for t, c in before.iter_rows() if c is not None
     }
     result = _recluster()
     assert result.success
-    after = pl.read_parquet(_movie(env, "face_clusters.parquet")).select("track_id", "cluster").sort("track_id")
+    after = pl.read_parquet(hamilton_artifact(env, "face_clusters.parquet")).select("track_id", "cluster").sort("track_id")
     assert after.equals(before)
     metadata = _latest_materialization("face_clusters").asset_materialization.metadata
     assert metadata["ids_kept_from_previous_run"].value == metadata["n_clusters"].value
@@ -509,7 +498,7 @@ def test_analyst_views_over_the_processed_movie(env):
     clustered = tracks.filter(pl.col("cluster").is_not_null())
     assert clustered.height > 0
     for path in tracks["thumbnail"].drop_nulls():
-        assert Path(path).is_file() and Path(path).parent == _movie(env, "thumbnails")
+        assert Path(path).is_file() and Path(path).parent == hamilton_artifact(env, "thumbnails")
     assert clustered["thumbnail"].null_count() == 0
     people = wh.query("SELECT * FROM people WHERE movie_id = 'hamilton' ORDER BY cluster")
     expected = clustered.group_by("cluster").agg(
