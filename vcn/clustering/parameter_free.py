@@ -124,7 +124,6 @@ def cluster_tracks(
     max_rounds: int = 100_000,
     device: str | None = None,
     block_rows: int | None = None,
-    theta_floor: float | None = None,
 ) -> ClusteringResult:
     """Clusters tracks by the adaptive-threshold merge rule until a fixed point.
 
@@ -207,8 +206,6 @@ def cluster_tracks(
         mean_u, mean_v = sum_u / counts[:, None], sum_v / counts[:, None]
         theta = _cross_track_dissimilarity(factors.offset, sum_u, sum_v, track_terms, counts, track_squares)
         theta = np.where(track_squares == counts**2, own_theta, theta).astype(np.float32)
-        if theta_floor is not None:
-            theta = np.maximum(theta, np.float32(theta_floor))
         rep_u, rep_v = (mean_u, mean_v) if representatives is None else representatives(mean_u, mean_v)
         best, refused = _closest_matches(rep_u, rep_v, factors.offset, theta, conflicts, block, device)
         blocked += refused
