@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     # The method: adapt the backbone to the episode (the CPU budget mode here), then cluster.
     tuned = finetune = None
     if not args.no_finetune:
-        adaptation = adapt(aligned.backbone, aligned.chips, n_tracks, cannot_link=cannot_link, seed=args.seed)
+        adaptation = adapt(aligned.backbone, aligned.chips, n_tracks, cannot_link=cannot_link, seed=args.seed,
+                           cpu_anyway=True)
         ft = adaptation.model
         started = time.perf_counter()
         # The loss metric on every crop (no cap): the method as measured, whatever the episode's length.
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             "bank_seconds": round(history.bank_seconds, 1),
             "finetune_seconds": round(tuned_timings["finetune"], 1),
             "collapse": ft.collapse.to_dict() if ft.collapse else None,
+            "check": ft.check.to_dict() if ft.check else None,
+            "stepped_aside": ft.steps_aside,
             "timings_s": {k: round(v, 2) for k, v in tuned_timings.items()},
         }
         print(f"finetuning: {finetune}", flush=True)
@@ -232,6 +235,10 @@ def markdown(result: dict) -> str:
         f"loss per epoch {ft['loss_curves']}; training {ft['pairs_per_second_cpu']} pairs/s on the CPU "
         f"(per round {ft['round_pairs_per_second_cpu']}); view bank {ft['bank_seconds']} s; finetuning "
         f"{ft['finetune_seconds']} s in all; steps {ft['timings_s']}. Collapse diagnostics: {ft['collapse']}.",
+        "",
+        f"Label-free adaptation check (`vcn.identity.selfsup.separation`): {ft.get('check')}. "
+        + (f"The default pipeline clusters with the pretrained model (the 'Pretrained + cosine' row): {ft['stepped_aside']}."
+           if ft.get("stepped_aside") else "The default pipeline clusters with the finetuned model (the 'Finetuned + cosine' row)."),
         "",
     ]
     if result.get("scale"):

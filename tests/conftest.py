@@ -17,10 +17,12 @@ def hamilton() -> Path:
     return HAMILTON
 
 
-def processed_hamilton(tmp_path_factory):
+def processed_hamilton(tmp_path_factory, backbone: str | None = None):
     """Yields a fresh project data folder in which `vcn process` has processed the Hamilton clip once.
 
     For module-scoped ``home`` fixtures: the environment points at the folder only while it is built.
+    ``backbone`` is registered first (``vcn model register --name``), as a user who keeps another base
+    model than a new install's does; None processes with the default.
     """
     from vcn_assets.cli import main
 
@@ -28,6 +30,8 @@ def processed_hamilton(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VCN_HOME", str(home))
         mp.delenv("DAGSTER_HOME", raising=False)
+        if backbone is not None:
+            assert main(["model", "register", "--name", backbone]) == 0
         assert main(["process", str(HAMILTON), "--movie-id", "hamilton"]) == 0
         yield home
 

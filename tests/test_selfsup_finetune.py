@@ -231,7 +231,7 @@ def finetuned(backbone, data):
     return finetune_movie(backbone, chips, tracks, 4, cannot_link=[(0, 1)], mode=TINY)
 
 
-def test_finetune_movie_reports_what_it_did(finetuned, backbone):
+def test_finetune_movie_reports_what_it_did(finetuned, backbone, data):
     assert finetuned.base_version == backbone.version
     assert finetuned.version.startswith(backbone.version + "-ft-") and len(finetuned.version.split("-ft-")[1]) == 12
     assert finetuned.backbone.version == finetuned.version and finetuned.backbone.module is not backbone.module
@@ -240,6 +240,32 @@ def test_finetune_movie_reports_what_it_did(finetuned, backbone):
     assert finetuned.history.loss_curve == [v for r in finetuned.history.rounds for v in r.loss_curve]
     assert isinstance(finetuned.collapse, CollapseStats) and finetuned.collapse.ln_k == pytest.approx(math.log(128))
     assert finetuned.center.shape == (128,)
+    # One pair on screen together is too few to compare it with the pretrained model: it stays.
+    assert finetuned.check.crops == len(data[0]) and finetuned.check.tracks == 4
+    assert not finetuned.check.judged and finetuned.check.negatives == 1 and finetuned.steps_aside is None
+
+
+def test_an_adapted_model_no_better_than_the_pretrained_one_steps_aside(finetuned):
+    from dataclasses import replace
+
+    from vcn.identity.selfsup.separation import AdaptationCheck
+    from vcn.pipeline import Adaptation
+
+    assert Adaptation(finetuned, None).used is finetuned
+    worse = replace(finetuned, check=AdaptationCheck(pretrained=0.30, finetuned=0.25, negatives=120, tracks=60, crops=240))
+    assert worse.steps_aside.startswith("the finetuned model separates this movie's people no better")
+    assert Adaptation(worse, None).used is None and Adaptation(None, "turned off").used is None
+
+
+def test_sface_is_not_finetuned_on_a_cpu(data):
+    import vcn
+    from vcn.identity.backbone import NOT_FINETUNED_ON_CPU
+    from vcn.pipeline import ChipArray, adapt
+
+    sface = vcn.load_backbone("sface", device="cpu")
+    chips = np.zeros((4, 112, 112, 3), np.uint8)
+    adaptation = adapt(sface, ChipArray(chips, np.array([0, 0, 1, 1])), 2)
+    assert adaptation.model is None and adaptation.skipped == f"not finetuned on a CPU: {NOT_FINETUNED_ON_CPU['sface']}"
 
 
 def test_checkpoint_round_trip(finetuned, backbone, data, tmp_path):
@@ -247,6 +273,7 @@ def test_checkpoint_round_trip(finetuned, backbone, data, tmp_path):
     loaded = load_finetuned(path, backbone)
     assert loaded.version == finetuned.version and loaded.mode == finetuned.mode
     assert loaded.history == finetuned.history and loaded.collapse == finetuned.collapse
+    assert loaded.check == finetuned.check and loaded.steps_aside == finetuned.steps_aside
     assert np.array_equal(loaded.logits(data[0]), finetuned.logits(data[0]))
     assert np.array_equal(loaded.backbone.embed(data[0]), finetuned.backbone.embed(data[0]))
     metric = loaded.loss_dissimilarity()

@@ -72,13 +72,14 @@ class TracksetClustering:
         n_low_quality: Tracks left Unknown by the quality screen.
         quality_cut: The movie's quality cut (-inf when quality was not used).
         model_version: Version of the weights that embedded the crops (the
-            finetuned model's when finetuned).
+            finetuned model's when finetuned and kept by its check).
         dissimilarity: Name of the dissimilarity the clustering used.
         timings: Seconds per step in the order run: ``read``, ``load_backbone``
             (when the default backbone was loaded here), ``align``, ``finetune``
             (when finetuned), ``embed`` (with quality scoring), ``cluster``.
-        finetuned: The model adapted to the dataset (its history and collapse
-            diagnostics included); None without finetuning.
+        finetuned: The model adapted to the dataset (its history, collapse
+            diagnostics and check included; :attr:`~vcn.identity.selfsup.finetune.FinetunedModel.steps_aside`
+            says when the pretrained model embedded the crops instead); None without finetuning.
     """
 
     track_ids: list[str]
@@ -202,8 +203,9 @@ def cluster_trackset(
     pairs = on_screen_together(aligned.tracks) if cannot_link else None
 
     adaptation = adapt(aligned.backbone, aligned.chips, n_tracks, enabled=finetune, cannot_link=pairs, seed=seed)
-    finetuned = adaptation.model
-    if finetuned is not None:
+    # The loss metric is the finetuned model's own; cosine embeddings come from the model the check keeps.
+    finetuned = adaptation.model if similarity == "loss" else adaptation.used
+    if adaptation.model is not None:
         timings["finetune"] = adaptation.seconds
 
     started = time.perf_counter()
@@ -252,7 +254,7 @@ def cluster_trackset(
         model_version=embedded.model_version,
         dissimilarity=result.dissimilarity,
         timings=timings,
-        finetuned=finetuned,
+        finetuned=adaptation.model,
     )
 
 

@@ -165,6 +165,12 @@ class Adaptation:
     skipped: str | None
     seconds: float = 0.0
 
+    @property
+    def used(self) -> FinetunedModel | None:
+        """The finetuned model that embeds the chips: None when there is none, or when the label-free check
+        (:attr:`~vcn.identity.selfsup.finetune.FinetunedModel.steps_aside`) found it no better than the pretrained one."""
+        return None if self.model is None or self.model.steps_aside else self.model
+
 
 def adapt(
     backbone: Backbone,
@@ -175,6 +181,7 @@ def adapt(
     cannot_link: np.ndarray | Sequence[tuple[int, int]] | None = None,
     seed: int = 0,
     progress: Callable[[int, int, int, float], None] | None = None,
+    cpu_anyway: bool = False,
 ) -> Adaptation:
     """Finetunes ``backbone`` to the chips of ``source`` (:func:`~vcn.identity.selfsup.finetune.finetune_movie`).
 
@@ -191,11 +198,14 @@ def adapt(
         cannot_link: Track pairs on screen together, never matched as training pairs.
         seed: Seed of the finetuning; the same seed gives the same model on a CPU.
         progress: Called as ``progress(round, epoch, epochs, loss)`` after each epoch.
+        cpu_anyway: Finetune a backbone of :data:`~vcn.identity.backbone.NOT_FINETUNED_ON_CPU` on a CPU
+            all the same (the benchmarks measure what that gives).
 
     Returns:
         The finetuned model, or why there is none (turned off, a backbone
-        without a torch module, no chips).
+        without a torch module, a backbone not finetuned on a CPU, no chips).
     """
+    from vcn.identity.backbone import NOT_FINETUNED_ON_CPU
     from vcn.identity.selfsup.finetune import compute_mode, finetune_movie
     from vcn.identity.selfsup.sampling import spread_crops
 
@@ -205,6 +215,8 @@ def adapt(
         skipped = "finetuning is turned off"
     elif backbone.module is None:
         skipped = f"backbone {backbone.name} has no torch module to finetune (ONNX models only run)"
+    elif backbone.name in NOT_FINETUNED_ON_CPU and not str(backbone.device).startswith("cuda") and not cpu_anyway:
+        skipped = f"not finetuned on a CPU: {NOT_FINETUNED_ON_CPU[backbone.name]}"
     elif n_crops == 0:
         skipped = "there are no crops"
     if skipped is not None:
@@ -219,6 +231,8 @@ def adapt(
     )
     seconds = time.perf_counter() - started
     logger.info("finetuned %s in %.1f s (%s): %s", backbone.version, seconds, model.mode, model.version)
+    if model.steps_aside:
+        logger.info("the pretrained model %s embeds the chips: %s", backbone.version, model.steps_aside)
     return Adaptation(model, None, seconds)
 
 

@@ -52,8 +52,19 @@ log = logging.getLogger(__name__)
 _IRESNETS = ("iresnet18", "iresnet34", "iresnet50", "iresnet100")
 #: Every name :func:`load_backbone` accepts.
 KNOWN_BACKBONES: tuple[str, ...] = ("dlib-resnet", "sface", *_IRESNETS, "onnx")
-#: The base model of a new install, where nothing else is registered or asked for.
-DEFAULT_BACKBONE = "dlib-resnet"
+#: The base model of a new install, where nothing else is registered or asked for: the one that clusters
+#: the development episodes best (README, "The two packaged base models compared").
+DEFAULT_BACKBONE = "sface"
+#: Backbones not finetuned on a CPU, and why (measured): they adapt to a movie where CUDA is, and embed it
+#: pretrained elsewhere.
+NOT_FINETUNED_ON_CPU: dict[str, str] = {
+    "sface": (
+        "SFace's CPU budget (a bank of 4 trunk passes per crop, then training at 20-27 pairs/s on 2 cores) took "
+        "27-34 minutes per 600-track development episode, several times the rest of the pipeline, and left the "
+        "estimated same-person recall no better on either (benchmarks/results/cluster_quality_sface.md, "
+        "cluster_quality_dev_mv_sface.md); SFace adapts to a movie where CUDA is"
+    ),
+}
 #: Backbones whose weights ship in an installed package: the checkpoint is optional.
 _PACKAGED = {
     "dlib-resnet": "dlib's installed face descriptor (face-recognition-models)",

@@ -103,6 +103,8 @@ def finetuned_model(
             for problem in record["collapse_problems"]:
                 context.log.warning(f"finetuning may have collapsed: {problem}")
             context.log.info(f"finetuned {base.version} -> {model.version} ({model.mode}) in {adaptation.seconds:.1f} s")
+            if model.steps_aside:
+                context.log.warning(f"the pretrained model {base.version} embeds movie {movie_id}: {model.steps_aside}")
             run.artifact = path
         else:
             record["reason"] = adaptation.skipped
@@ -112,7 +114,7 @@ def finetuned_model(
             tmp.write_text(json.dumps(record, indent=2))
         run.items, run.row_count = source.crops.height, None
         run.details = {k: record[k] for k in ("base_version", "version", "enabled")}
-        run.details.update({k: record.get(k) for k in ("mode", "finetune_crops")})
+        run.details.update({k: record.get(k) for k in ("mode", "finetune_crops", "stepped_aside", "reason")})
     return run.result(metadata, data_version=record["version"])
 
 
@@ -121,6 +123,9 @@ def _finetuned_record(model: "FinetunedModel", seed: int) -> dict:
     return {
         "enabled": True,
         "version": model.version,
+        "finetuned_version": model.version,
+        "stepped_aside": model.steps_aside,
+        "check": model.check.to_dict() if model.check else None,
         "mode": model.mode,
         "collapse": model.collapse.to_dict() if model.collapse else None,
         "collapse_problems": model.collapse.problems() if model.collapse else [],
@@ -149,12 +154,20 @@ def _finetuned_metadata(model: "FinetunedModel", record: dict, seconds: float) -
         "bank_seconds": round(history.bank_seconds, 1),
         "finetune_seconds": round(seconds, 1),
         "collapse": dg.MetadataValue.json(record["collapse"]),
+        "adaptation_check": dg.MetadataValue.json(record["check"]),
+        "embeds_movie": "pretrained" if record["stepped_aside"] else "finetuned",
+        "stepped_aside": record["stepped_aside"],
         "checkpoint": dg.MetadataValue.path(str(record["checkpoint"])),
     }
 
 
-def movie_model(backbone: BackboneResource, store: ArtifactStore, movie_id: str):
-    """The model that embeds a movie's crops: its finetuned backbone when there is one, else the pretrained one.
+def movie_model(backbone: BackboneResource, store: ArtifactStore, movie_id: str, *, loss: bool = False):
+    """The model that embeds a movie's crops: its finetuned backbone when there is one and its check kept it
+    (``finetuned_model.json``'s ``stepped_aside`` is empty), else the pretrained one.
+
+    Args:
+        loss: The movie is clustered by the finetuned loss metric, which only the finetuned model
+            gives: it embeds whatever the check found.
 
     Returns:
         (backbone, finetuned model or None).
@@ -163,7 +176,7 @@ def movie_model(backbone: BackboneResource, store: ArtifactStore, movie_id: str)
 
     base = backbone.load()
     record = store.read_json(movie_id, artifacts.FINETUNED_MODEL)
-    if not record or not record.get("enabled"):
+    if not record or not record.get("enabled") or (record.get("stepped_aside") and not loss):
         return base, None
     name = record.get("model_store_name")
     finetuned = load_finetuned(store.local_model(name) if name else record["checkpoint"], base)
@@ -188,7 +201,7 @@ def track_embeddings(
     """
     wh = warehouse.get()
     with stage(context, wh, "track_embeddings") as run:
-        model, finetuned = movie_model(backbone, store, run.movie_id)
+        model, finetuned = movie_model(backbone, store, run.movie_id, loss=clustering.similarity == "loss")
         base_version = finetuned.base_version if finetuned else model.version
         registered = store.read_model_json(artifacts.BASE_MODEL)
         if registered and registered["version"] != base_version:

@@ -33,6 +33,8 @@ from vcn.identity.selfsup.adapt import (
     adapt,
     with_module,
 )
+from vcn.identity.selfsup.sampling import spread_crops
+from vcn.identity.selfsup.separation import CHECK_CROPS, AdaptationCheck, check_adaptation
 from vcn.identity.selfsup.trainer import TrainConfig
 
 if TYPE_CHECKING:
@@ -265,6 +267,8 @@ class FinetunedModel:
         settings: The :class:`~vcn.identity.selfsup.adapt.AdaptConfig` used, as a dict.
         history: What the rounds did and how fast; None for a model assembled by hand, not trained.
         collapse: Collapse diagnostics, when computed.
+        check: The label-free comparison with the pretrained model on the same crops
+            (:mod:`vcn.identity.selfsup.separation`), when computed.
     """
 
     backbone: Backbone
@@ -278,6 +282,12 @@ class FinetunedModel:
     settings: dict
     history: FinetuneHistory | None = None
     collapse: CollapseStats | None = None
+    check: AdaptationCheck | None = None
+
+    @property
+    def steps_aside(self) -> str | None:
+        """Why the movie is embedded by the pretrained model instead of this one; None when this one is used."""
+        return None if self.check is None else self.check.reason()
 
     def loss_dissimilarity(self) -> LossDissimilarity:
         """The finetuned loss between crops, for :func:`vcn.clustering.parameter_free.cluster_movie`."""
@@ -331,6 +341,7 @@ class FinetunedModel:
             "settings": json.dumps(self.settings),
             "history": json.dumps(self.history.to_dict() if self.history else None),
             "collapse": json.dumps(self.collapse.to_dict() if self.collapse else None),
+            "check": json.dumps(self.check.to_dict() if self.check else None),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path, suffix=".partial") as tmp:
@@ -378,6 +389,7 @@ def load_finetuned(path: str | os.PathLike[str], base: Backbone) -> FinetunedMod
     collapse = json.loads(metadata.get("collapse") or "null")
     if collapse:
         collapse.pop("loss_ratio", None)
+    check = json.loads(metadata.get("check") or "null")
     return FinetunedModel(
         backbone=tuned,
         head=head.eval(),
@@ -390,6 +402,7 @@ def load_finetuned(path: str | os.PathLike[str], base: Backbone) -> FinetunedMod
         settings=json.loads(metadata["settings"]),
         history=FinetuneHistory.from_dict(history) if history else None,
         collapse=CollapseStats(**collapse) if collapse else None,
+        check=AdaptationCheck.from_dict(check) if check else None,
     )
 
 
@@ -443,18 +456,22 @@ def finetune_movie(
     version = f"{backbone.version}-ft-{_digest(_state(result.backbone, head))}"
     tuned = with_module(backbone, result.backbone.eval(), version)
 
-    # Collapse diagnostics on (a sample of) the movie's crops.
-    sample = np.unique(np.linspace(0, len(chips) - 1, min(len(chips), 2048)).astype(np.int64))
+    # Collapse diagnostics and the label-free check against the pretrained model, on the same crops.
+    sample = spread_crops(crop_track, CHECK_CROPS)
     base_embeddings = pretrained_embeddings[sample] if pretrained_embeddings is not None else backbone.embed(
         chips[sample]
     )
+    tuned_embeddings = tuned.embed(chips[sample])
     last_loss = result.rounds[-1].loss_curve[-1] if result.rounds[-1].loss_curve else float("nan")
     train = mode.config.train
     steps_per_epoch = math.ceil((train.pairs_per_epoch or result.crops) / train.batch_size)
     steps = sum(len(r.loss_curve) for r in result.rounds) * steps_per_epoch
-    collapse = collapse_stats(last_loss, head.out_dim, tuned.embed(chips[sample]), base_embeddings, steps)
+    collapse = collapse_stats(last_loss, head.out_dim, tuned_embeddings, base_embeddings, steps)
     for problem in collapse.problems():
         log.warning("finetuning may have collapsed: %s", problem)
+    check = check_adaptation(base_embeddings, tuned_embeddings, np.asarray(crop_track)[sample], cannot_link)
+    if check.reason():
+        log.warning("the pretrained model is used: %s", check.reason())
 
     history = FinetuneHistory(
         rounds=tuple(result.rounds),
@@ -478,6 +495,7 @@ def finetune_movie(
         settings=mode.config.model_dump(),
         history=history,
         collapse=collapse,
+        check=check,
     )
 
 
