@@ -16,7 +16,8 @@ compare with those of all different-person pairs (the mechanism the cut relies o
 Usage::
 
     python benchmarks/cluster_quality.py --dump benchmarks/work/dumps/ep_dlib.npz ...
-    python benchmarks/cluster_rules.py benchmarks/work/dumps/*.npz --name cluster_rules
+    python benchmarks/cluster_rules.py benchmarks/work/dumps/*.npz --name cluster_rules \
+        --pair benchmarks/work/dumps/ep_dlib.npz benchmarks/work/dumps/ep_sface.npz   # two models concatenated
 """
 
 from __future__ import annotations
@@ -57,17 +58,32 @@ def _scores(labels: np.ndarray, assignment: np.ndarray) -> dict:
 
 
 def evaluate_dump(path: Path) -> list[dict]:
-    data = np.load(path)
+    return _evaluate(np.load(path), path.stem)
+
+
+def evaluate_pair(first: Path, second: Path) -> list[dict]:
+    """The two dumps' pretrained embeddings of the same crops, each unit-length, concatenated and renormalised;
+    the crops' quality is the second's (SFace's, which the default backbone gives)."""
+    a, b = np.load(first), np.load(second)
+    if not np.array_equal(a["crop_track"], b["crop_track"]):
+        raise ValueError(f"{first} and {second} do not hold the same crops")
+    halves = [x / np.linalg.norm(x, axis=1, keepdims=True) for x in (a["pretrained"], b["pretrained"])]
+    data = {key: b[key] for key in ("labels", "crop_track", "cannot_link", "quality")}
+    data["pretrained"] = np.hstack(halves) / np.sqrt(2.0)
+    return _evaluate(data, f"{first.stem}+{second.stem}")
+
+
+def _evaluate(data, stem: str) -> list[dict]:
     labels, crop_track, pairs = data["labels"], data["crop_track"], data["cannot_link"]
     n = len(labels)
     cosine = CosineDissimilarity()
     rows = []
     for key, quality_key in (("pretrained", "quality"), ("finetuned", "finetuned_quality")):
-        if key not in data.files:
+        if key not in data:
             continue
         factors = cosine.factors(data[key])
         low, _ = low_quality_tracks(track_quality(data[quality_key], crop_track, n))
-        base = {"dump": path.stem, "embeddings": key}
+        base = {"dump": stem, "embeddings": key}
         old = cluster_tracks(factors, crop_track, n, cannot_link=pairs, exclude=low,
                              representatives=cosine.representative)
         rows.append({**base, "rule": "adaptive thresholds (paper)", **_scores(labels, old.labels)})
@@ -124,12 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dumps", nargs="+", type=Path, help="files from cluster_quality.py --dump")
     parser.add_argument("--name", default="cluster_rules", help="stem of the results files")
+    parser.add_argument("--pair", nargs=2, type=Path, action="append", default=[], metavar=("FIRST", "SECOND"),
+                        help="also two dumps of the same crops by two models, concatenated (repeatable)")
     args = parser.parse_args(argv)
     rows = [row for path in args.dumps for row in evaluate_dump(path)]
+    rows += [row for first, second in args.pair for row in evaluate_pair(first, second)]
     result = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores",
-        "dumps": [p.name for p in args.dumps],
+        "dumps": [p.name for p in args.dumps] + [f"{a.name}+{b.name}" for a, b in args.pair],
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

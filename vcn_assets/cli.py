@@ -398,6 +398,8 @@ def _cluster_tracks(args: argparse.Namespace) -> int:
             print(f"vcn cluster-tracks: warning: finetuning may have collapsed: {problem}", file=sys.stderr)
         if ft.steps_aside and result.model_version != ft.version:
             print(f"the pretrained model embedded the crops: {ft.steps_aside}")
+    elif result.not_finetuned and not args.no_finetune:
+        print(f"not finetuned: {result.not_finetuned}")
     print(f"seconds: {steps} (total {sum(result.timings.values()):.2f})")
     print(f"wrote {out}")
     if args.report:
