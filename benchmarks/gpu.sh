@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one command: a 2-hour 1080p24 movie end to end (`vcn process`, finetuning
 # included) with per-stage times, realtime factor, peak RSS and peak GPU memory, then the CPU/GPU
-# agreement check. Writes benchmarks/results/movie_gpu.{json,md} and gpu_check.{json,md}.
+# agreement check for the default base model and for the dlib ResNet. Writes benchmarks/results/movie_gpu.{json,md},
+# gpu_check.{json,md} and gpu_check_dlib.{json,md}.
 #
 # Needs the platform installed in the Python it runs (VCN_PYTHON, else .venv/bin/python, else python3:
 # `bash .ci/setup` where a package index is reachable) and CUDA. The movie is a 10-minute edit of real
@@ -28,7 +29,8 @@ EOF
 
 started=$(date +%s)
 "$PY" benchmarks/movie.py --minutes "$MINUTES" --height 1080 --base-minutes 10
-"$PY" benchmarks/gpu_check.py
+"$PY" benchmarks/gpu_check.py                                                  # the default base model (SFace)
+"$PY" benchmarks/gpu_check.py --backbone dlib-resnet --name gpu_check_dlib
 # Every backbone's GPU throughput and bf16/fp32 identity quality (needs the CelebA DEV crops beside the repository).
 if [ -d ../shared/data/celeba-faces ]; then "$PY" benchmarks/embed.py --backbones --gpu-only; fi
 echo "benchmarks/gpu.sh: done in $(( $(date +%s) - started )) s"

@@ -9,7 +9,7 @@ stage      GPU path                                 figures (tolerance)
 ========== ======================================== ==================================================
 detection  RetinaFace, ONNX Runtime's CUDA provider faces matched by IoU: min IoU (>= 0.95), max score
            or, without it, the graph run by torch   and landmark differences (<= 0.01, <= 1 px)
-embedding  dlib ResNet under bf16 autocast          min cosine to the CPU's float32 (>= 0.999)
+embedding  the backbone under bf16 autocast        min cosine to the CPU's float32 (>= 0.999)
 quality    the same, SER-FIQ passes                 max abs difference (<= 0.03), Unknown tracks
                                                     (reported)
 logits     one finetuned model on both devices      max abs difference (<= 0.005), loss-metric
@@ -38,6 +38,7 @@ Usage, from the repository root::
 
     python benchmarks/gpu_check.py              # CUDA against the CPU
     python benchmarks/gpu_check.py --cpu-only   # the CPU against itself
+    python benchmarks/gpu_check.py --backbone dlib-resnet --name gpu_check_dlib   # another base model
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from vcn.identity.backbone import DEFAULT_BACKBONE  # noqa: E402  (imports no torch)
 
 RESULTS = ROOT / "benchmarks" / "results"
 HAMILTON = ROOT / "tests" / "data" / "hamilton_clip.mp4"
@@ -234,7 +237,7 @@ def loss_matrix(logits: np.ndarray, metric) -> np.ndarray:
 # --- the check ------------------------------------------------------------------------------
 
 
-def run(cpu_only: bool) -> dict[str, Any]:
+def run(cpu_only: bool, backbone: str) -> dict[str, Any]:
     import onnxruntime
     import torch
 
@@ -273,8 +276,8 @@ def run(cpu_only: bool) -> dict[str, Any]:
         figures += [Figure(f.stage + " (torch engine)", f.name, f.value, f.tolerance, f.ok)
                     for f in compare_detections(reference, detected, cpu_detector.score_threshold)]
 
-    backbones = {"cpu": vcn.load_backbone("dlib-resnet", device="cpu"),
-                 other: vcn.load_backbone("dlib-resnet", device="cuda" if cuda else "cpu")}
+    backbones = {"cpu": vcn.load_backbone(backbone, device="cpu"),
+                 other: vcn.load_backbone(backbone, device="cuda" if cuda else "cpu")}
     chips, crop_track, n_tracks, cannot_link = crops_of_tracks(
         reference, images, samples_per_s, backbones["cpu"].template
     )
@@ -385,6 +388,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# CPU/GPU agreement check",
         "",
+        f"Base model `{report.get('backbone', 'dlib-resnet')}`. "
         f"Measured {report['measured_at']}: **{report['comparison']}**. {m['cpu_count']} cores ({m['cpu']}){gpu}, "
         f"Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']} "
         f"(providers: {', '.join(m['onnxruntime_providers'])}).",
@@ -424,13 +428,16 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cpu-only", action="store_true", help="compare the CPU with itself even where CUDA is")
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="base model checked (default: a new install's)")
+    parser.add_argument("--name", default="gpu_check", help="stem of the results files in benchmarks/results/")
     args = parser.parse_args()
     started = time.perf_counter()
-    report = run(args.cpu_only)
+    report = run(args.cpu_only, args.backbone)
+    report["backbone"] = args.backbone
     report["seconds"]["total"] = round(time.perf_counter() - started, 1)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    (RESULTS / "gpu_check.md").write_text(markdown(report))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
     sys.exit(0 if report["ok"] else 1)
 

@@ -289,8 +289,10 @@ def _markdown(report: dict) -> str:
         f"# End-to-end movie benchmark ({m['kind'].upper()})",
         "",
         f"Measured {report['measured_at']} on {where}, {m['cpu_count']} cores, {m['memory_gb']} GiB, Python {m['python']}: "
-        f"`vcn process` with default settings (finetuning included) on a fresh instance and warehouse; base model "
-        f"`{report.get('backbone', 'dlib-resnet')}`.",
+        f"`vcn process` with default settings (the finetuning step included) on a fresh instance and warehouse; "
+        f"base model `{report.get('backbone', 'dlib-resnet')}`"
+        + (" (not finetuned where it ran: finetune mode None)." if all(r.get("finetune_mode") is None for r in report["runs"])
+           else "."),
         "",
         "| movie | resolution | duration s | tracks | kept crops | clusters | finetune mode | finetune crops | wall s | "
         "realtime factor | peak RSS MB | peak GPU MB |",

@@ -332,14 +332,17 @@ def _run(command: list[str], env: dict, log: Path) -> float:
     return time.perf_counter() - started
 
 
-def run_ours(video: Path, work: Path) -> None:
-    """``vcn process`` then, on the same data folder, the pretrained re-clustering; exports both into ``work``."""
+def run_ours(video: Path, work: Path, backbone: str | None = None) -> None:
+    """``vcn process`` (after registering ``backbone``, when given, as a user who keeps another base model does)
+    then, on the same data folder, the pretrained re-clustering; exports both into ``work``."""
     from vcn.stores.warehouse import Warehouse
 
     home = work / "vcn_home"
     shutil.rmtree(home, ignore_errors=True)
     log = work / "vcn.log"
     log.unlink(missing_ok=True)
+    if backbone:
+        _vcn("model", "register", "--name", backbone, home=home, log=log)
     wall = _vcn("process", str(video), "--movie-id", MOVIE_ID, home=home, log=log)
     _vcn("export", MOVIE_ID, "--out", str(work / "ours_finetuned"), home=home, log=log)
     wh = Warehouse(str(home / "warehouse.duckdb"))
@@ -422,6 +425,16 @@ def embedding_spread(home: Path, tracks: Mapping[str, TrackTruth]) -> dict:
     }
 
 
+def _default_label(meta: dict) -> str:
+    """The default run's row name: its base model, and whether its clusters came from a finetuned model."""
+    first = (meta.get("clusterings") or [{}])[0]
+    version = first.get("model_version") or ""
+    base = version.split("-ft-")[0].rsplit("-", 1)[0] if version else "default model"
+    if first.get("finetuned", True):
+        return f"vcn process (finetuned, default; {base})"
+    return f"vcn process (default; {base}, not finetuned)"
+
+
 def _ours_rows(work: Path, truth: Truth) -> list[dict]:
     meta = json.loads((work / "ours.json").read_text())
     sampled = pl.read_csv(work / "ours_sampled_frames.csv")["frame"].to_list()
@@ -435,7 +448,7 @@ def _ours_rows(work: Path, truth: Truth) -> list[dict]:
     )
     rows = []
     for folder, method, settings, seconds in (
-        ("ours_finetuned", "vcn process (finetuned, default)", "every asset, default settings", meta["process_wall_s"]),
+        ("ours_finetuned", _default_label(meta), "every asset, default settings", meta["process_wall_s"]),
         (
             "ours_pretrained",
             "vcn process, pretrained (finetuning off)",
@@ -656,6 +669,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--movie", type=Path, required=True, help="video from make_cast_movie.py (its .json beside it)")
     parser.add_argument("--name", required=True, help="results name: benchmarks/results/NAME.json and .md")
     parser.add_argument("--every", type=int, default=5, help="the dlib chain runs on every Nth frame (default 5)")
+    parser.add_argument("--backbone", help="base model registered before processing (default: a new install's)")
     parser.add_argument(
         "--rescore", action="store_true", help="score the raw outputs of an earlier run in benchmarks/work/NAME again"
     )
@@ -674,7 +688,7 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     if not args.rescore:
         print(f"== vcn process {video.name}", flush=True)
-        run_ours(video, work)
+        run_ours(video, work, args.backbone)
         if not args.ours_only:
             print(f"== dlib chain on every {args.every}th frame", flush=True)
             run_stock(video, work, args.every)

@@ -33,8 +33,6 @@ FALSE_MERGE_RATES = (0.05, 0.1, 0.25)
 #: Fewest on-screen-together pairs among the checked tracks to judge on: with fewer, the 5 % quantile
 #: rests on one or two pairs.
 MIN_NEGATIVES = 40
-#: Crops embedded by each model for the check (and the collapse statistics), spread over the tracks.
-CHECK_CROPS = 2048
 
 
 def separation(embeddings: np.ndarray, crop_track: np.ndarray, cannot_link: np.ndarray) -> tuple[float | None, int]:
@@ -63,16 +61,25 @@ def separation(embeddings: np.ndarray, crop_track: np.ndarray, cannot_link: np.n
     means = np.zeros((len(tracks), x.shape[1]))
     np.add.at(means, rows, x)
     means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
-    distances = 1.0 - means @ means.T
-    negatives = distances[local[:, 0], local[:, 1]]
-    others = np.ones_like(distances, dtype=bool)
-    others[local[:, 0], local[:, 1]] = False
-    upper = np.triu(others, 1)
-    pooled = np.sort(distances[upper])
-    if not len(pooled):
+    negatives = 1.0 - np.einsum("ij,ij->i", means[local[:, 0]], means[local[:, 1]])
+    cuts = np.quantile(negatives, FALSE_MERGE_RATES)
+    n = len(tracks)
+    others = n * (n - 1) // 2 - len(local)
+    if others <= 0:
         return None, len(local)
-    shares = [np.searchsorted(pooled, np.quantile(negatives, f), side="left") / len(pooled) for f in FALSE_MERGE_RATES]
-    return float(np.mean(shares)), len(local)
+    # Track pairs closer than each cut, a block of rows at a time (no (T, T) matrix: a long film checks
+    # thousands of tracks); the on-screen-together pairs are taken out afterwards.
+    below = np.zeros(len(cuts), dtype=np.int64)
+    step = max(1, (32 << 20) // (8 * n))
+    columns = np.arange(n)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        distances = 1.0 - means[start:stop] @ means.T
+        upper = columns[None, :] > np.arange(start, stop)[:, None]
+        for k, cut in enumerate(cuts):
+            below[k] += int(np.count_nonzero((distances < cut) & upper))
+    below -= np.array([int(np.count_nonzero(negatives < cut)) for cut in cuts])
+    return float(np.mean(below / others)), len(local)
 
 
 @dataclass(frozen=True)
