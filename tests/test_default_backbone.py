@@ -62,3 +62,33 @@ def test_a_cpu_does_not_finetune_sface_and_says_why(env):
     lineage = wh.query("SELECT finetuned, base_model_version FROM clustering_lineage WHERE movie_id = 'hamilton'")
     assert lineage["finetuned"].to_list() == [False]
     assert lineage["base_model_version"].item() == record["base_version"]
+
+
+def test_the_movie_path_and_cluster_tracks_give_the_same_clusters(env, monkeypatch):
+    """The same chips, tracks and model through ``vcn cluster-tracks``' pipeline and through the assets: one
+    partition, one set of Unknown tracks, so that track-dataset benchmarks speak for movies."""
+    import vcn
+    import vcn.cluster_tracks as cluster_tracks
+    from vcn.pipeline import ChipArray, CropFile
+
+    tracks = pl.read_parquet(hamilton_artifact(env, "tracks.parquet")).sort("track_id")
+    model = vcn.load_backbone(device="cpu")
+    source = CropFile.open(hamilton_artifact(env, "track_crops.parquet"), model.template, tracks["track_id"].to_numpy())
+    chips = np.concatenate(list(source.chunks(100_000)))
+    table = tracks.select(
+        pl.col("track_id").cast(pl.String), pl.col("shot_id").cast(pl.String), "start_frame", "end_frame"
+    )
+    aligned = cluster_tracks.AlignedTrackset(
+        tracks=table, problems=[], chips=ChipArray(chips, np.asarray(source.crop_track)),
+        crops_by_method={"detected": len(chips)}, thumbnails={}, backbone=model, timings={},
+    )
+    monkeypatch.setattr(cluster_tracks, "align_trackset", lambda *args, **kwargs: aligned)
+    result = cluster_tracks.cluster_trackset(env)
+
+    movie = pl.read_parquet(hamilton_artifact(env, "face_clusters.parquet")).sort("track_id")
+    assert [str(t) for t in movie["track_id"].to_list()] == result.track_ids
+    assert result.model_version == json.loads(hamilton_artifact(env, "finetuned_model.json").read_text())["version"]
+    movie_clusters = movie["auto_cluster"].to_list()
+    assert [c is None for c in movie_clusters] == [c is None for c in result.clusters]
+    pairs = {(a, b) for a, b in zip(movie_clusters, result.clusters) if a is not None}
+    assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})  # one-to-one
