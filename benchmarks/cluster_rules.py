@@ -91,6 +91,10 @@ def _evaluate(data, stem: str) -> list[dict]:
                                       representatives=cosine.representative)
         rows.append({**base, "rule": f"negative cut q{NEGATIVE_QUANTILE}", "cut": round(new.cut, 4),
                      **_scores(labels, new.labels)})
+        unscreened = cluster_by_negative_cut(factors, crop_track, n, cannot_link=pairs, exclude=None,
+                                             representatives=cosine.representative)
+        rows.append({**base, "rule": f"negative cut q{NEGATIVE_QUANTILE}, no quality screen",
+                     "cut": round(unscreened.cut, 4), **_scores(labels, unscreened.labels)})
         kept = np.flatnonzero(~low & (np.bincount(crop_track, minlength=n) > 0))
         distances = track_distances(factors, crop_track, kept, cosine.representative)
         position = np.full(n, -1)
