@@ -293,7 +293,76 @@ def _ui(args: argparse.Namespace) -> int:
         "--host", args.host, "--port", str(args.port),
     ]
     print(f"Dagster UI on http://{args.host}:{args.port} (instance {os.environ['DAGSTER_HOME']})")
-    return subprocess.call(command, cwd=settings.dagster_home)
+    # Its own session, so that a stop reaches Dagster's webserver, daemon and code servers together.
+    child = subprocess.Popen(command, cwd=settings.dagster_home, start_new_session=True)
+    return _supervise(child)
+
+
+#: Seconds ``vcn ui`` gives Dagster to stop its webserver and daemon after SIGTERM or Ctrl-C before killing
+#: them: their graceful shutdown can take a minute on a loaded 2-core machine, and a stop must take seconds.
+UI_STOP_GRACE_S = 6.0
+
+
+def _supervise(child: subprocess.Popen) -> int:
+    """Waits for ``child`` (the leader of its own process group); on SIGTERM or SIGINT stops the whole group:
+    SIGTERM first, SIGKILL after :data:`UI_STOP_GRACE_S`. Returns the child's exit code, 0 after a requested stop."""
+    import signal
+
+    import psutil
+
+    requested: list[float] = []
+    # Dagster's code servers may run in sessions of their own: every descendant is stopped, not only the group.
+    descendants: list[psutil.Process] = []
+
+    def stop(signum, frame) -> None:
+        if not requested:
+            requested.append(time.monotonic())
+            try:
+                descendants.extend(psutil.Process(child.pid).children(recursive=True))
+            except psutil.Error:
+                pass
+            _signal_group(child.pid, signal.SIGTERM)
+            for process in descendants:
+                _signal_process(process, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                code = child.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if requested and time.monotonic() - requested[0] > UI_STOP_GRACE_S:
+                    _signal_group(child.pid, signal.SIGKILL)
+    finally:
+        # Whatever the group still holds (a daemon or code server outliving its parent) goes with it.
+        _signal_group(child.pid, signal.SIGKILL)
+        for process in descendants:
+            _signal_process(process, signal.SIGKILL)
+        psutil.wait_procs(descendants, timeout=2)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if requested:
+        print("vcn ui: stopped")
+        return 0
+    return code
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_process(process, sig: int) -> None:
+    """Signals a :class:`psutil.Process` unless it is gone (psutil checks that its pid was not reused)."""
+    import psutil
+
+    try:
+        process.send_signal(sig)
+    except psutil.Error:
+        pass
 
 
 def _sql(args: argparse.Namespace) -> int:
