@@ -167,8 +167,9 @@ class Adaptation:
 
     @property
     def used(self) -> FinetunedModel | None:
-        """The finetuned model that embeds the chips: None when there is none, or when the label-free check
-        (:attr:`~vcn.identity.selfsup.finetune.FinetunedModel.steps_aside`) found it no better than the pretrained one."""
+        """The finetuned model that embeds the chips: None when there is none, or when the label-free
+        check (:attr:`~vcn.identity.selfsup.finetune.FinetunedModel.steps_aside`) found it no better
+        than the pretrained one."""
         return None if self.model is None or self.model.steps_aside else self.model
 
 
