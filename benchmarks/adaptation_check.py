@@ -19,10 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +27,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cluster_rules import _scores
+from benchmarks.cluster_rules import _scores, write_results
 from vcn.clustering.parameter_free import cluster_movie
 from vcn.identity.embeddings import unit_track_means
 from vcn.identity.selfsup.adapt import MAX_CROPS
 from vcn.identity.selfsup.sampling import spread_crops
 from vcn.identity.selfsup.separation import FALSE_MERGE_RATES, check_adaptation
-
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def true_recall(embeddings: np.ndarray, crop_track: np.ndarray, labels: np.ndarray, pairs: np.ndarray) -> list[float]:
@@ -99,15 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dumps", nargs="+", type=Path, help="files from cluster_quality.py --dump (with finetuning)")
     parser.add_argument("--name", default="adaptation_check", help="stem of the results files")
     args = parser.parse_args(argv)
-    result = {
-        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores",
-        "rows": [evaluate(path) for path in args.dumps if "finetuned" in np.load(path).files],
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    rows = [evaluate(path) for path in args.dumps if "finetuned" in np.load(path).files]
+    write_results(args.name, {"rows": rows}, markdown)
     return 0
 
 

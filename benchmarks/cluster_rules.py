@@ -149,17 +149,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = [row for path in args.dumps for row in evaluate_dump(path)]
     rows += [row for first, second in args.pair for row in evaluate_pair(first, second)]
+    dumps = [p.name for p in args.dumps] + [f"{a.name}+{b.name}" for a, b in args.pair]
+    write_results(args.name, {"dumps": dumps, "rows": rows}, markdown)
+    return 0
+
+
+def write_results(name: str, result: dict, render) -> None:
+    """``result`` with when and where it was measured, as ``benchmarks/results/NAME.json`` and, rendered by
+    ``render``, ``NAME.md`` (also printed)."""
     result = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores",
-        "dumps": [p.name for p in args.dumps] + [f"{a.name}+{b.name}" for a, b in args.pair],
-        "rows": rows,
+        **result,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
-    return 0
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(render(result))
+    print(render(result))
 
 
 if __name__ == "__main__":

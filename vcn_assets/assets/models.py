@@ -123,7 +123,6 @@ def _finetuned_record(model: "FinetunedModel", seed: int) -> dict:
     return {
         "enabled": True,
         "version": model.version,
-        "finetuned_version": model.version,
         "stepped_aside": model.steps_aside,
         "check": model.check.to_dict() if model.check else None,
         "mode": model.mode,
