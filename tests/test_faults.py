@@ -94,8 +94,13 @@ def test_a_killed_run_resumes_from_its_last_completed_asset(tmp_path, monkeypatc
     assert _materialisations("h") == {name: 1 for name in MOVIE_ASSET_NAMES}
     os.utime(video, ns=(time.time_ns(), time.time_ns() + 10**9))  # re-encoded in place, say
     assert main(["process", str(video), "--movie-id", "h"]) == 0
-    assert "kept (current)" not in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "kept (current)" not in captured.out
     assert _materialisations("h") == {name: 2 for name in MOVIE_ASSET_NAMES}
+    # Its output is not a terminal: each stage's progress came as plain lines, the last one per loop saying done.
+    for stage in ("shots", "frames", "face_detections", "track_crops"):
+        assert f"{stage}: frames decoded 275 / 275 frames (100.0 %), " in captured.err
+    assert "track_embeddings: crops embedded " in captured.err and ", done (" in captured.err
 
 
 def test_resume_plans(tmp_path):

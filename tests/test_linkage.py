@@ -12,8 +12,10 @@ from vcn.clustering.linkage import (
     MIN_NEGATIVES,
     NEGATIVE_QUANTILE,
     UNKNOWN,
+    attach_to_clusters,
     average_linkage,
     cluster_by_negative_cut,
+    lower_quantile_rank,
     negative_cut,
 )
 
@@ -65,16 +67,28 @@ def test_bad_input_is_refused():
         average_linkage(np.zeros((2, 2)), 0.5, cannot_link=np.array([[0, 2]]))
 
 
-def test_negative_cut_is_the_quantile_of_distinct_pairs():
+def test_negative_cut_is_an_order_statistic_of_distinct_pairs():
     rng = np.random.default_rng(0)
     d = rng.uniform(size=(30, 30))
     d = (d + d.T) / 2
     pairs = np.stack([np.arange(0, 28, 2), np.arange(1, 29, 2)], axis=1)
     doubled = np.concatenate([pairs, pairs[:, ::-1]])  # both orders, counted once
-    expected = np.quantile(d[pairs[:, 0], pairs[:, 1]], NEGATIVE_QUANTILE)
-    assert negative_cut(d, doubled) == pytest.approx(expected)
+    values = np.sort(d[pairs[:, 0], pairs[:, 1]])
+    # 14 pairs: the 3rd smallest is at or below the quartile with probability P(Binomial(14, 1/4) >= 3) = 0.72,
+    # the 4th with 0.48.
+    assert negative_cut(d, doubled) == values[2]
     assert negative_cut(d, pairs[: MIN_NEGATIVES - 1]) is None
     assert negative_cut(d, None) is None
+
+
+def test_the_cut_rank_is_the_quantile_on_many_pairs_and_lower_on_few():
+    assert NEGATIVE_QUANTILE == 0.25
+    assert lower_quantile_rank(10, 0.25, 0.5) == 1  # the 2nd smallest of 10, where np.quantile interpolates 3rd-4th
+    for n in (300, 3000, 30000):
+        assert abs(lower_quantile_rank(n, 0.25, 0.5) / (n - 1) - 0.25) < 0.01
+    # Ranks fall as the confidence asked rises, down to the smallest sample.
+    assert lower_quantile_rank(100, 0.25, 0.9) < lower_quantile_rank(100, 0.25, 0.5)
+    assert lower_quantile_rank(10, 0.25, 0.99) == 0
 
 
 def _cast(seed: int = 0, people: int = 6, tracks_per_person: int = 12, crops: int = 5):
@@ -147,3 +161,61 @@ def test_excluded_tracks_and_tracks_without_crops_are_unknown():
     )
     assert result.labels[3] == UNKNOWN and result.labels[5] == UNKNOWN
     assert (result.labels[np.setdiff1d(np.arange(len(person)), [3, 5])] >= 0).all()
+
+
+def test_low_quality_tracks_join_the_cluster_they_are_within_the_cut_of():
+    x, crop_track, person, pairs = _cast()
+    cosine = CosineDissimilarity()
+    # Track 40 (person 3) is low quality but like its person; track 41 is low quality and nobody's face.
+    x = x.copy()
+    x[crop_track == 41] = np.random.default_rng(5).normal(size=(int((crop_track == 41).sum()), 32)) * 3
+    low = np.zeros(len(person), dtype=bool)
+    low[[40, 41]] = True
+    screened = cluster_by_negative_cut(
+        cosine.factors(x), crop_track, len(person), cannot_link=pairs, exclude=low,
+        representatives=cosine.representative,
+    )
+    joined = cluster_by_negative_cut(
+        cosine.factors(x), crop_track, len(person), cannot_link=pairs, exclude=None, attach=low,
+        representatives=cosine.representative,
+    )
+    # The same cut and clusters; 40 joins its person, 41 stays out.
+    assert joined.cut == screened.cut and joined.n_clusters == screened.n_clusters == 6
+    assert joined.labels[40] == joined.labels[np.flatnonzero(person == 3)[0]]
+    assert joined.labels[41] == UNKNOWN and joined.attached == 1
+    others = np.setdiff1d(np.arange(len(person)), [40, 41])
+    assert np.array_equal(joined.labels[others], screened.labels[others])
+
+
+def test_an_attached_track_never_bridges_two_clusters_nor_breaks_cannot_link():
+    # One dimension, squared distances: clusters {0, 1} and {2, 3}, and track 4 between them.
+    points = np.array([0.0, 0.1, 0.7, 0.8, 0.38])
+    factors = Factors(u=np.column_stack([points**2, np.ones(5), -2 * points]),
+                      v=np.column_stack([np.ones(5), points**2, points]), offset=0.0)  # (a - b)^2
+
+    def representatives(mean_u, mean_v):
+        return mean_u, mean_v
+
+    labels = np.array([0, 0, 1, 1, UNKNOWN])
+    crop_track = np.arange(5)
+    none = np.zeros((0, 2), dtype=np.int64)
+    # Mean distances from track 4: 0.111 to {0, 1}, 0.139 to {2, 3}.
+    assert attach_to_clusters(factors, crop_track, labels, np.array([4]), 0.2, none, representatives)[4] == 0
+    # The clusters themselves are untouched: 4 joins one, it does not merge them.
+    out = attach_to_clusters(factors, crop_track, labels, np.array([4]), 0.2, none, representatives)
+    assert out[:4].tolist() == [0, 0, 1, 1]
+    # Beyond the cut it stays Unknown; on screen with track 1, it goes to the other cluster.
+    assert attach_to_clusters(factors, crop_track, labels, np.array([4]), 0.1, none, representatives)[4] == UNKNOWN
+    assert attach_to_clusters(factors, crop_track, labels, np.array([4]), 0.2, np.array([[1, 4]]), representatives)[4] == 1
+
+
+def test_two_tracks_on_screen_together_never_join_one_cluster():
+    points = np.array([0.0, 0.1, 0.6, 0.05, 0.06])
+    factors = Factors(u=np.column_stack([points**2, np.ones(5), -2 * points]),
+                      v=np.column_stack([np.ones(5), points**2, points]), offset=0.0)
+    labels = np.array([0, 0, 1, UNKNOWN, UNKNOWN])
+    out = attach_to_clusters(
+        factors, np.arange(5), labels, np.array([3, 4]), 0.5, np.array([[3, 4]]), lambda u, v: (u, v)
+    )
+    # Both are nearest cluster 0; the nearer one (3) joins it, and 4 takes the next cluster within the cut.
+    assert out[3] == 0 and out[4] == 1

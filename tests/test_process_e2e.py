@@ -117,11 +117,18 @@ def test_export_writes_detections_and_clusters_csv(env, tmp_path):
     assert main(["export", "hamilton", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "detections.csv") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["frame", "x1", "y1", "x2", "y2", "score", "track_id"]
+    assert rows[0] == ["frame", "x1", "y1", "x2", "y2", "score", "track_id", "detected"]
+    # Every detection once, as detected; every other row fills a track's frames between two of its detections.
     n = _warehouse(env).query("SELECT count(*) FROM detections WHERE movie_id = 'hamilton'").item()
-    assert len(rows) - 1 == n
+    assert sum(r[7] == "1" for r in rows[1:]) == n
+    assert all(r[5] == "" and r[6] != "" for r in rows[1:] if r[7] == "0")
     frames = [int(r[0]) for r in rows[1:]]
     assert frames == sorted(frames) and 0 <= frames[0] and frames[-1] < 275
+    tracks = _warehouse(env).query(
+        "SELECT track_id, start_frame, end_frame FROM tracks WHERE movie_id = 'hamilton' ORDER BY track_id"
+    )
+    for track, start, end in tracks.rows():
+        assert [int(r[0]) for r in rows[1:] if r[6] == str(track)] == list(range(start, end + 1))
 
     with open(tmp_path / "clusters.csv") as f:
         rows = list(csv.reader(f))
@@ -133,6 +140,32 @@ def test_export_writes_detections_and_clusters_csv(env, tmp_path):
     )
     assert [(int(t), int(c) if c else None, r or None) for t, c, r in rows[1:]] == expected.rows()
     assert any(c == "" and r for _, c, r in rows[1:])  # this clip has tracks without kept crops: Unknown, and why
+
+
+def test_the_run_log_shows_each_stage_s_progress(env):
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        (run,) = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": "hamilton"}), limit=1)
+        messages = [event.user_message for event in instance.all_logs(run.run_id)]
+    for stage in ("shots", "frames", "face_detections", "track_crops"):
+        assert any(m.startswith(f"{stage}: frames decoded 275 / 275 frames (100.0 %)") for m in messages), stage
+    assert any(m.startswith("track_embeddings: crops embedded ") for m in messages)
+    assert any(m.startswith("finetuned_model: round 1 epochs ") for m in messages)
+
+
+def test_preview_draws_the_tracks_on_the_movie(env, tmp_path):
+    import av
+
+    out = tmp_path / "hamilton.mp4"
+    assert main(["preview", "hamilton", "--out", str(out)]) == 0
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        assert (stream.width, stream.height) == (640, 360)
+        assert sum(1 for _ in container.decode(stream)) == 275
+    # Nothing to preview without the movie's results.
+    assert main(["preview", "no-such-movie", "--out", str(tmp_path / "none.mp4")]) != 0
+    assert not (tmp_path / "none.mp4").exists()
 
 
 def test_sql_is_read_only(env, capsys):

@@ -9,13 +9,14 @@ from vcn.faces.detection.video import DETECTIONS_SCHEMA, LANDMARK_COLUMNS
 from vcn.faces.tracking import (
     TrackerConfig,
     appearance_thumbnail,
+    stitch_fragments,
     summarise_tracks,
     track_detections,
 )
 
 
-def _detections(rows: list[tuple[int, int, float, float]]) -> pl.DataFrame:
-    """Rows of (frame, shot, x1, y1) with 60x60 boxes."""
+def _detections(rows: list[tuple[int, int, float, float]], side: float = 60) -> pl.DataFrame:
+    """Rows of (frame, shot, x1, y1) with square boxes."""
     data = {
         "detection_id": list(range(len(rows))),
         "frame": [r[0] for r in rows],
@@ -23,8 +24,8 @@ def _detections(rows: list[tuple[int, int, float, float]]) -> pl.DataFrame:
         "time_s": [r[0] / 24 for r in rows],
         "x1": [r[2] for r in rows],
         "y1": [r[3] for r in rows],
-        "x2": [r[2] + 60 for r in rows],
-        "y2": [r[3] + 60 for r in rows],
+        "x2": [r[2] + side for r in rows],
+        "y2": [r[3] + side for r in rows],
         "score": [0.99] * len(rows),
         **{c: [0.0] * len(rows) for c in LANDMARK_COLUMNS},
         "appearance": [b""] * len(rows),
@@ -86,3 +87,46 @@ def test_appearance_thumbnail_is_unit_norm_and_handles_edges():
     assert np.isfinite(outside).all()
     flat = appearance_thumbnail(np.zeros((50, 50, 3), np.uint8), np.array([0, 0, 40, 40], float))
     assert np.isfinite(flat).all()
+
+
+def _stitch(track_of, frames, xs, shots=None, max_gap_s=1.0, min_iou=0.3):
+    frames = np.asarray(frames)
+    boxes = np.array([[x, 100, x + 80, 200] for x in xs], dtype=np.float64)
+    shots = np.zeros(len(frames), int) if shots is None else np.asarray(shots)
+    return stitch_fragments(np.asarray(track_of), shots, frames / 24, frames, boxes, max_gap_s, min_iou).tolist()
+
+
+def test_interleaved_fragments_of_one_face_become_one_track():
+    # The Hamilton clip's case: track 0 on 0-20, a new track 1 opened on 24-32 while 0 was alive, then 0 again.
+    frames = [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40]
+    xs = [200 + 3 * k for k in range(len(frames))]
+    assert _stitch([0] * 6 + [1] * 3 + [0] * 2, frames, xs) == [0] * 11
+    # A plain break, within the tracker's max age and in the same place, is joined too.
+    assert _stitch([0] * 5 + [1] * 6, frames, xs) == [0] * 11
+
+
+def test_faces_apart_on_screen_together_or_across_a_cut_are_not_joined():
+    frames = [0, 4, 8, 12, 16, 20]
+    # Elsewhere on the frame at the handover.
+    assert _stitch([0, 0, 0, 1, 1, 1], frames, [100, 100, 100, 400, 400, 400]) == [0, 0, 0, 1, 1, 1]
+    # Too long a gap (2 s at 24 fps).
+    assert _stitch([0, 0, 0, 1, 1, 1], [0, 4, 8, 56, 60, 64], [100] * 6) == [0, 0, 0, 1, 1, 1]
+    # Sharing a frame: two faces, however close.
+    assert _stitch([0, 0, 1, 0, 1], [0, 4, 8, 8, 12], [100, 100, 110, 100, 110]) == [0, 0, 1, 0, 1]
+    # Different shots.
+    assert _stitch([0, 0, 1, 1], [0, 4, 8, 12], [100] * 4, shots=[0, 0, 1, 1]) == [0, 0, 1, 1]
+    # Untracked detections stay untracked.
+    assert _stitch([0, -1, 0], [0, 4, 8], [100] * 3) == [0, -1, 0]
+
+
+def test_a_face_moving_fast_stays_one_track():
+    """Through track_detections: Lin-Manuel Miranda's close-up in the Hamilton clip (frames 118-210, every 4th),
+    whose jumps Deep SORT alone breaks into three tracks (boxes here 90 px square)."""
+    corners = [
+        (213, 37), (206, 30), (202, 27), (195, 17), (181, 17), (170, 29), (172, 14), (187, 9), (209, 21),
+        (235, 35), (247, 20), (239, 21), (228, 30), (215, 37), (205, 54), (204, 40), (206, 15), (213, 19),
+        (218, 16), (237, 17), (260, 30), (269, 21), (278, 21), (277, 25),
+    ]
+    rows = [(118 + 4 * k, 0, x, y) for k, (x, y) in enumerate(corners)]
+    tracked = track_detections(_detections(rows, side=90), _features(len(rows), [0] * len(rows)), samples_per_s=7.5)
+    assert tracked["track_id"].to_list() == [0] * len(rows)

@@ -295,3 +295,23 @@ def test_an_analyst_edit_is_recorded_and_applied_to_the_latest_clustering(tmp_pa
         ("name", (1,), "Ann"),
     ]
     assert state() == [(0, 0, "Ann"), (1, 0, "Ann"), (2, 2, None), (3, None, None)]
+
+
+def test_connections_take_memory_limit_and_threads_from_the_machine(tmp_path):
+    import os
+
+    from vcn.stores.warehouse import DUCKDB_MEMORY_SHARE, duckdb_settings, machine_memory_bytes
+
+    settings = duckdb_settings()
+    assert settings["threads"] == str(len(os.sched_getaffinity(0)))
+    mebibytes = int(machine_memory_bytes() * DUCKDB_MEMORY_SHARE) // 2**20
+    assert settings["memory_limit"] == f"{mebibytes}MiB"
+    wh = Warehouse(str(tmp_path / "w.duckdb"))
+    with wh.writer() as con:
+        limit, threads = con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchone()
+    # DuckDB reports the limit in its own units, to a tenth (of a GiB, here).
+    reported = float(limit.split()[0]) * {"MiB": 1, "GiB": 1024}[limit.split()[1]]
+    assert abs(reported - mebibytes) <= 103
+    assert threads == int(settings["threads"])
+    with wh.reader() as con:
+        assert con.execute("SELECT current_setting('threads')").fetchone()[0] == int(settings["threads"])

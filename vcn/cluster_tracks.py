@@ -69,7 +69,7 @@ class TracksetClustering:
             (S, S, 3) uint8 RGB. Tracks without crops are absent.
         n_clusters: Clusters formed.
         n_unknown: Tracks left Unknown, problem and low-quality tracks together.
-        n_low_quality: Tracks left Unknown by the quality screen.
+        n_low_quality: Low-quality tracks left Unknown (those within the cut of a cluster joined it).
         quality_cut: The movie's quality cut (-inf when quality was not used).
         model_version: Version of the weights that embedded the crops (the
             finetuned model's when finetuned and kept by its check).
@@ -224,7 +224,7 @@ def cluster_trackset(
     result = cluster(embedded, n_tracks, similarity=similarity, cannot_link=pairs)
     timings["cluster"] = time.perf_counter() - started
     clusters = [None if label == UNKNOWN else str(int(label)) for label in result.labels]
-    n_low_quality = int(np.asarray(result.low_quality).sum())
+    n_low_quality = int((np.asarray(result.low_quality) & (result.labels == UNKNOWN)).sum())
     logger.info(
         "clustered %d tracks into %d clusters in %.2f s (%s%s, %d merges or rounds, %s); %d Unknown (%d low quality, "
         "%d with problems)",

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import polars as pl
 
+from vcn.progress import ProgressCallback
+
 if TYPE_CHECKING:
     from vcn.clustering.parameter_free import MovieClusters
     from vcn.identity.backbone import Backbone
@@ -50,8 +52,6 @@ SIMILARITIES = ("cosine", "loss")
 #: chunk the same way, and the same chips in the same order score the same.
 CHUNK_SIZE = 512
 
-#: Called as ``progress(done, total)`` after each chunk of chips.
-ProgressCallback = Callable[[int, int], None]
 
 
 class ChipSource(Protocol):

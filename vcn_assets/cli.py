@@ -48,9 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("query")
     q.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
-    e = sub.add_parser("export", help="write a movie's results as CSV files")
+    e = sub.add_parser(
+        "export",
+        help="write a movie's results as CSV files: detections.csv (a box on every frame of every track; detected "
+        "0 where it is interpolated between two detections) and clusters.csv (a cluster per track)",
+    )
     e.add_argument("movie_id")
     e.add_argument("--out", required=True, help="output folder")
+
+    pv = sub.add_parser(
+        "preview",
+        help="render the movie (at most 720p) with each track's box and its cluster's number or analyst name",
+    )
+    pv.add_argument("movie_id")
+    pv.add_argument("--out", required=True, metavar="FILE.mp4", help="the video to write (H.264 in MP4)")
 
     c = sub.add_parser(
         "cluster-tracks",
@@ -130,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "ui": _ui,
             "sql": _sql,
             "export": _export,
+            "preview": _preview,
             "cluster-tracks": _cluster_tracks,
             "evaluate": _evaluate,
             "label": _label,
@@ -156,6 +168,7 @@ def _process(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from resources import MovieRegistry
+    from vcn import progress
     from vcn.stores.warehouse import Warehouse
     from vcn_assets.assets.models import base_model
     from vcn_assets.assets.recording import CODE_VERSION
@@ -202,15 +215,17 @@ def _process(args: argparse.Namespace) -> int:
             print("every asset of the movie is current; --force recomputes them")
             run_id = Warehouse(str(settings.warehouse)).latest_clustering_run(movie_id)
         else:
-            # The job the inbox launches, on the assets that are not current (and their checks).
-            result = defs.resolve_job_def(process_movie_job.name).execute_in_process(
-                run_config=log_config,
-                instance=instance,
-                partition_key=movie_id,
-                raise_on_error=False,
-                asset_selection=[dg.AssetKey(name) for name in todo.run],
-                tags=process_tags(),
-            )
+            # The job the inbox launches, on the assets that are not current (and their checks); its stages
+            # show their progress here too (bars on a terminal, else a line every 30 s).
+            with progress.console(progress.console_sinks()):
+                result = defs.resolve_job_def(process_movie_job.name).execute_in_process(
+                    run_config=log_config,
+                    instance=instance,
+                    partition_key=movie_id,
+                    raise_on_error=False,
+                    asset_selection=[dg.AssetKey(name) for name in todo.run],
+                    tags=process_tags(),
+                )
             if not result.success:
                 return _report_failure(result)
             run_id = result.run_id
@@ -391,6 +406,7 @@ def _sql(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     import polars as pl
 
+    from vcn.faces.tracking import boxes_every_frame
     from vcn_assets.definitions import build_resources
     from vcn_assets.settings import Settings
 
@@ -404,17 +420,50 @@ def _export(args: argparse.Namespace) -> int:
     clusters = clusters.select("track_id", "cluster", "unknown_reason").sort("track_id")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    detections = tracked.sort("frame", "detection_id").select(
+    # Every frame of every track: detected 1 where the detector ran, 0 where the box is interpolated.
+    detections = boxes_every_frame(tracked).select(
         "frame",
         *[pl.col(c).round(2) for c in ("x1", "y1", "x2", "y2")],
         pl.col("score").round(4),
         "track_id",
+        "detected",
     )
-    for name, table, what in (("detections.csv", detections, "detections"), ("clusters.csv", clusters, "tracks")):
+    n_detected = int(detections["detected"].sum())
+    for name, table, what in (
+        ("detections.csv", detections, f"boxes, {n_detected} of them detected, the rest interpolated"),
+        ("clusters.csv", clusters, "tracks"),
+    ):
         target = out / name
         with atomic_path(target, suffix=".partial") as temporary:
             table.write_csv(temporary)
         print(f"wrote {target} ({table.height} {what})")
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from vcn.faces.tracking import boxes_every_frame
+    from vcn.media.preview import TrackLabel, render_preview
+    from vcn.progress import Progress, console_sinks
+    from vcn_assets.definitions import build_resources
+    from vcn_assets.settings import Settings
+    from resources import MovieRegistry
+
+    store = build_resources(Settings.from_env())["store"]
+    tracked = store.read_parquet(args.movie_id, artifacts.TRACKED_DETECTIONS)
+    clusters = store.read_parquet(args.movie_id, artifacts.FACE_CLUSTERS)
+    names = clusters["name"] if "name" in clusters.columns else [None] * clusters.height
+    labels = {
+        int(track): TrackLabel(None if cluster is None else int(cluster), name)
+        for track, cluster, name in zip(clusters["track_id"], clusters["cluster"], names)
+    }
+    source = MovieRegistry(store).local_source(args.movie_id)
+    print(f"rendering {args.movie_id} from {source} ...")
+    with Progress("preview", console_sinks()).meter("frames rendered", "frames") as meter:
+        report = render_preview(source, args.out, boxes_every_frame(tracked), labels, progress=meter)
+    print(
+        f"wrote {report.path} ({report.frames} frames, {report.width}x{report.height}, "
+        f"{report.boxes_drawn} boxes)"
+    )
     return 0
 
 

@@ -102,6 +102,7 @@ class ClusteringResult:
             different-person distances, :mod:`vcn.clustering.linkage`) or
             ``"adaptive-threshold"`` (the paper's per-cluster thresholds, this module).
         cut: The distance cut of ``"negative-cut"``; None for the other rule.
+        attached: Tracks kept out of the linkage (low quality) that then joined a cluster within the cut.
     """
 
     labels: np.ndarray
@@ -111,6 +112,7 @@ class ClusteringResult:
     blocked_merges: int = 0
     rule: str = "adaptive-threshold"
     cut: float | None = None
+    attached: int = 0
 
 
 def cluster_tracks(
@@ -464,7 +466,7 @@ def cluster_movie(
         # The movie's tracks on screen together give its cut (vcn.clustering.linkage); without
         # enough of them, or with cannot-link off (the paper's setting), the adaptive thresholds decide.
         result = cluster_by_negative_cut(
-            factors, crop_track, n_tracks, cannot_link=cannot_link, exclude=low,
+            factors, crop_track, n_tracks, cannot_link=cannot_link, exclude=None, attach=low,
             representatives=dissimilarity.representative,
         )
     if result is None:

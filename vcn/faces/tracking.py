@@ -44,6 +44,10 @@ class TrackerConfig:
         max_cosine_distance: Gate on the appearance distance of thumbnails.
         min_track_detections: Tracks with fewer detections are dropped as
             detector noise (their detections keep ``track_id`` null).
+
+    Fragments that Deep SORT leaves of one face are stitched afterwards
+    (:func:`stitch_fragments`) under the same gates: ``max_age_s`` between
+    detections and an IoU of at least ``1 - max_iou_distance`` at each handover.
     """
 
     max_age_s: float = 1.0
@@ -156,6 +160,11 @@ def track_detections(
                 next_id += 1
             track_of[a + i] = local_to_global[lid]
 
+    track_of = stitch_fragments(
+        track_of, shots, detections["time_s"].to_numpy(), frames, boxes,
+        max_gap_s=config.max_age_s, min_iou=1.0 - config.max_iou_distance,
+    )
+
     # Drop tracks that are too short to be anything but detector noise, then renumber densely.
     ids, counts = np.unique(track_of[track_of >= 0], return_counts=True)
     keep = set(ids[counts >= config.min_track_detections].tolist())
@@ -167,6 +176,108 @@ def track_detections(
     return detections.with_columns(
         pl.Series("track_id", out, dtype=pl.Int64).replace(-1, None)
     )
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def _handover_iou(
+    a: np.ndarray, b: np.ndarray, times: np.ndarray, frames: np.ndarray, boxes: np.ndarray, max_gap_s: float
+) -> float:
+    """The worst IoU where the detections of tracks ``a`` and ``b`` hand over to each other; -1 if they cannot be one.
+
+    ``a`` and ``b`` are detection indices. The tracks can be one face only when
+    they never share a frame, and at every point where the merged sequence passes
+    from one to the other the two detections are at most ``max_gap_s`` apart.
+    """
+    if np.intersect1d(frames[a], frames[b], assume_unique=False).size:
+        return -1.0
+    merged = np.concatenate([a, b])
+    side = np.r_[np.zeros(len(a), bool), np.ones(len(b), bool)]
+    order = np.argsort(frames[merged], kind="stable")
+    merged, side = merged[order], side[order]
+    switches = np.flatnonzero(side[1:] != side[:-1])
+    worst = 1.0
+    for k in switches:
+        i, j = merged[k], merged[k + 1]
+        if times[j] - times[i] > max_gap_s:
+            return -1.0
+        worst = min(worst, _iou(boxes[i], boxes[j]))
+    return worst
+
+
+def stitch_fragments(
+    track_of: np.ndarray,
+    shots: np.ndarray,
+    times: np.ndarray,
+    frames: np.ndarray,
+    boxes: np.ndarray,
+    max_gap_s: float,
+    min_iou: float,
+) -> np.ndarray:
+    """Joins the tracks of one shot that are fragments of one face.
+
+    Deep SORT sometimes opens a new track for a face while its track is still
+    alive (a jump its motion model did not expect), then hands the face back:
+    the face ends up as two tracks whose frame ranges interleave but that never
+    share a frame. Clustering must keep tracks on screen together apart, so such
+    a pair would stay split for good; a plain break (a track ending and a new
+    one starting in the same place soon after) splits a person the same way.
+    Two tracks of one shot are joined when they share no frame and, wherever
+    one hands over to the other, the two detections are at most ``max_gap_s``
+    apart with boxes overlapping by ``min_iou`` or more. The best joins go first
+    (highest worst-handover IoU), one at a time.
+
+    Args:
+        track_of: (N,) track id per detection, -1 for none.
+        shots: (N,) shot per detection.
+        times: (N,) seconds per detection.
+        frames: (N,) frame per detection.
+        boxes: (N, 4) x1, y1, x2, y2 per detection.
+        max_gap_s: Longest gap bridged at a handover (the tracker's ``max_age_s``).
+        min_iou: Least overlap of the two boxes at a handover.
+
+    Returns:
+        (N,) track ids, the joined tracks taking the smaller id.
+    """
+    out = track_of.copy()
+    tracked = np.flatnonzero(out >= 0)
+    for shot in np.unique(shots[tracked]):
+        rows = tracked[shots[tracked] == shot]
+        members = {int(t): rows[out[rows] == t] for t in np.unique(out[rows])}
+        if len(members) < 2:
+            continue
+
+        def span(t: int) -> tuple[float, float]:
+            return float(times[members[t]].min()), float(times[members[t]].max())
+
+        def score(t: int, u: int) -> float:
+            (s1, e1), (s2, e2) = span(t), span(u)
+            if s2 - e1 > max_gap_s or s1 - e2 > max_gap_s:
+                return -1.0
+            return _handover_iou(members[t], members[u], times, frames, boxes, max_gap_s)
+
+        ids = sorted(members)
+        scores = {(t, u): score(t, u) for k, t in enumerate(ids) for u in ids[k + 1 :]}
+        while True:
+            best = max(scores.items(), key=lambda item: item[1], default=None)
+            if best is None or best[1] < min_iou:
+                break
+            (keep, gone), _ = best
+            members[keep] = np.sort(np.concatenate([members[keep], members.pop(gone)]))
+            out[members[keep]] = keep
+            scores = {pair: value for pair, value in scores.items() if gone not in pair and keep not in pair}
+            for other in members:
+                if other != keep:
+                    scores[(min(keep, other), max(keep, other))] = score(min(keep, other), max(keep, other))
+    return out
 
 
 def summarise_tracks(tracked: pl.DataFrame) -> pl.DataFrame:
@@ -190,3 +301,70 @@ def summarise_tracks(tracked: pl.DataFrame) -> pl.DataFrame:
         .cast(TRACKS_SCHEMA)
         .select(list(TRACKS_SCHEMA))
     )
+
+
+#: Per-frame box table of :func:`boxes_every_frame` (``vcn export``'s detections.csv, ``vcn preview``).
+FRAME_BOXES_SCHEMA = {
+    "frame": pl.Int64,
+    "track_id": pl.Int64,
+    "x1": pl.Float32,
+    "y1": pl.Float32,
+    "x2": pl.Float32,
+    "y2": pl.Float32,
+    "score": pl.Float32,
+    "detected": pl.Int8,
+}
+
+
+def boxes_every_frame(tracked: pl.DataFrame) -> pl.DataFrame:
+    """A box on every frame of every track, lined up with the video frame by frame.
+
+    The detector runs on sampled frames only. Between two detections of one track
+    its box moves linearly, frame by frame; those boxes have ``detected`` 0 and no
+    score. Detections that no track took are kept as they are (``track_id`` null).
+
+    Args:
+        tracked: Tracked detections (``frame``, box, ``score``, ``track_id``), any order.
+
+    Returns:
+        :data:`FRAME_BOXES_SCHEMA` rows sorted by frame, then track (untracked last).
+    """
+    missing = [c for c in ("frame", "x1", "y1", "x2", "y2", "score", "track_id") if c not in tracked.columns]
+    if missing:
+        raise ValueError(f"tracked detections lack column(s) {missing}; have {tracked.columns}")
+    detected = (
+        tracked.select("frame", "track_id", "x1", "y1", "x2", "y2", "score", pl.lit(1, pl.Int8).alias("detected"))
+        .cast(FRAME_BOXES_SCHEMA)
+    )
+    with_track = detected.filter(pl.col("track_id").is_not_null()).sort("track_id", "frame")
+    parts = [detected.filter(pl.col("track_id").is_null())]
+    if with_track.height:
+        ids = with_track["track_id"].to_numpy()
+        frames = with_track["frame"].to_numpy()
+        corners = with_track.select("x1", "y1", "x2", "y2").to_numpy().astype(np.float64)
+        bounds = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1], True])
+        out_frames, out_ids, out_boxes = [], [], []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            seen = frames[a:b]
+            every = np.arange(seen[0], seen[-1] + 1)
+            between = every[~np.isin(every, seen)]
+            if not len(between):
+                continue
+            out_frames.append(between)
+            out_ids.append(np.full(len(between), ids[a]))
+            out_boxes.append(np.column_stack([np.interp(between, seen, corners[a:b, k]) for k in range(4)]))
+        if out_frames:
+            boxes = np.concatenate(out_boxes)
+            parts.append(
+                pl.DataFrame(
+                    {
+                        "frame": np.concatenate(out_frames),
+                        "track_id": np.concatenate(out_ids),
+                        **{name: boxes[:, k] for k, name in enumerate(("x1", "y1", "x2", "y2"))},
+                        "score": pl.Series([None] * len(boxes), dtype=pl.Float32),
+                        "detected": np.zeros(len(boxes), np.int8),
+                    }
+                ).cast(FRAME_BOXES_SCHEMA)
+            )
+        parts.append(with_track)
+    return pl.concat(parts).sort("frame", "track_id", nulls_last=True)

@@ -83,6 +83,8 @@ class VideoReader:
         workers: Processes decoding segments of the movie at once
             (:mod:`vcn.media.parallel`); 1 decodes in this process, in one pass.
             Frames, their numbers and timestamps are the same either way.
+        progress: Called as ``progress(frames so far, frames the container declares)``
+            after each frame (e.g. a :class:`vcn.progress.Meter`).
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class VideoReader:
         threads: int = 0,
         info: VideoInfo | None = None,
         workers: int = 1,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
@@ -101,6 +104,7 @@ class VideoReader:
         self.path = str(path)
         self.max_side = max_side
         self.threads = threads
+        self.progress = progress
         self.report = DecodeReport(declared_frames=self.info.frame_count)
         self.out_width, self.out_height = scaled_size(self.info.width, self.info.height, max_side)
 
@@ -117,6 +121,15 @@ class VideoReader:
             CorruptVideoError: too many packets failed to decode, or a wanted frame
                 cannot be converted to RGB.
         """
+        if self.progress is None:
+            yield from self._frames(want)
+            return
+        declared = self.info.frame_count
+        for frame in self._frames(want):
+            yield frame
+            self.progress(frame.index + 1, declared)
+
+    def _frames(self, want: Callable[[int], bool] | None) -> Iterator[DecodedFrame]:
         if self.workers > 1:
             from vcn.media.parallel import plan_segments
 

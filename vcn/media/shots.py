@@ -74,7 +74,8 @@ def detect_shots(reader: VideoReader, config: ShotConfig = ShotConfig()) -> pl.D
         raise ValueError(f"unknown shot detector {config.detector!r}; known: adaptive, content")
 
     analysis = VideoReader(
-        reader.path, max_side=config.analysis_side, threads=reader.threads, info=reader.info, workers=reader.workers
+        reader.path, max_side=config.analysis_side, threads=reader.threads, info=reader.info, workers=reader.workers,
+        progress=reader.progress,
     )
     cuts: list[int] = []
     times: list[float] = []

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -152,6 +153,34 @@ VIEWS: dict[str, tuple[tuple[str, ...], str]] = {
 ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("face_clusters", "unknown_reason", "VARCHAR"),)
 
 
+#: The share of the machine's memory (or of its cgroup's limit, if lower) that DuckDB may use. The stages
+#: that write the warehouse hold the movie's own tables in the same process, so DuckDB's default (80 %)
+#: would let one big query push them out.
+DUCKDB_MEMORY_SHARE = 0.25
+
+
+def machine_memory_bytes() -> int:
+    """The memory this process can use: the machine's, or its cgroup's limit where that is lower."""
+    import psutil
+
+    total = int(psutil.virtual_memory().total)
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < total:
+            return int(text)
+    return total
+
+
+def duckdb_settings() -> dict[str, str]:
+    """DuckDB's ``memory_limit`` and ``threads`` for this machine (:data:`DUCKDB_MEMORY_SHARE`, usable cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    mebibytes = max(256, int(machine_memory_bytes() * DUCKDB_MEMORY_SHARE) // 2**20)
+    return {"memory_limit": f"{mebibytes}MiB", "threads": str(max(1, cores))}
+
+
 class WarehouseBusyError(RuntimeError):
     """The database stayed locked by another process for longer than the timeout."""
 
@@ -221,7 +250,7 @@ class Warehouse:
         delay = 0.05
         while True:
             try:
-                return duckdb.connect(self.path, read_only=read_only)
+                return duckdb.connect(self.path, read_only=read_only, config=duckdb_settings())
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                     raise WarehouseBusyError(f"{self.path}: {exc}") from exc

@@ -149,6 +149,7 @@ def face_clusters(
             "rule": result.clustering.rule,
             "cut": result.clustering.cut,
             "rounds": result.clustering.rounds,
+            "low_quality_joined": result.clustering.attached,
         }
     cut = result.quality_cut if np.isfinite(result.quality_cut) else None
     return run.result(
@@ -157,6 +158,7 @@ def face_clusters(
             "n_clusters": len(sizes),
             "n_unknown": result.n_unknown,
             "n_low_quality": int(result.low_quality.sum()),
+            "low_quality_joined": result.clustering.attached,
             "unknown_reasons": dg.MetadataValue.json(dict(why)),
             "quality_cut": cut,
             "rule": result.clustering.rule,

@@ -1,6 +1,7 @@
 """The face-ID model: the pretrained backbone, its per-movie finetuned copy, and the embeddings they produce."""
 
 import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import dagster as dg
@@ -88,7 +89,7 @@ def finetuned_model(
         source = CropFile.open(store.local(movie_id, artifacts.CROPS), base.template, tracks["track_id"].to_numpy())
         adaptation = adapt(
             base, source, tracks.height, enabled=config.enabled, cannot_link=on_screen_together(tracks),
-            seed=config.seed, progress=lambda r, e, n, loss: context.log.info(f"round {r}, epoch {e + 1}/{n}: loss {loss:.4f}"),
+            seed=config.seed, progress=_epoch_progress(context, run),
         )
         record = {"movie_id": movie_id, "base_version": base.version, "enabled": False, "version": base.version}
         metadata: dict = {"base_model_version": base.version, "crops": source.crops.height}
@@ -116,6 +117,22 @@ def finetuned_model(
         run.details = {k: record[k] for k in ("base_version", "version", "enabled")}
         run.details.update({k: record.get(k) for k in ("mode", "finetune_crops", "stepped_aside", "reason")})
     return run.result(metadata, data_version=record["version"])
+
+
+def _epoch_progress(context: dg.AssetExecutionContext, run) -> Callable[[int, int, int, float], None]:
+    """The finetuning's ``progress(round, epoch, epochs, loss)``: each epoch's loss in the run log, and a meter
+    of epochs per round."""
+    meters = {}
+
+    def report(round_: int, epoch: int, epochs: int, loss: float) -> None:
+        context.log.info(f"round {round_}, epoch {epoch + 1}/{epochs}: loss {loss:.4f}")
+        if round_ not in meters:
+            meters[round_] = run.meter(f"round {round_} epochs", "epochs")
+        meters[round_](epoch + 1, epochs)
+        if epoch + 1 == epochs:
+            meters[round_].close()
+
+    return report
 
 
 def _finetuned_record(model: "FinetunedModel", seed: int) -> dict:
@@ -212,7 +229,7 @@ def track_embeddings(
         source = CropFile.open(store.local(run.movie_id, artifacts.CROPS), model.template, track_ids)
         embedded = embed(
             model, source, loss_metric=finetuned if clustering.similarity == "loss" else None,
-            batch_size=backbone.batch_size,
+            batch_size=backbone.batch_size, progress=run.meter("crops embedded", "crops"),
         )
         crops = crop_embeddings_table(source.crops, model.version, embedded.quality)
         tracks = track_means(crops, embedded.embeddings, model.version)

@@ -86,7 +86,7 @@ def shots(
     """Shot boundaries (PySceneDetect); also records the movie's video facts."""
     wh = warehouse.get()
     with stage(context, wh, "shots") as run:
-        reader = _video(store, run.movie_id)
+        reader = _video(store, run.movie_id, progress=run.meter("frames decoded", "frames"))
         table = detect_shots(
             reader, ShotConfig(detector=config.detector, threshold=config.threshold, min_shot_s=config.min_shot_s)
         )
@@ -123,7 +123,7 @@ def frames(
     """The frame index (time, key frame, shot of every frame) and the frames sampled for detection."""
     wh = warehouse.get()
     with stage(context, wh, "frames") as run:
-        reader = _video(store, run.movie_id)
+        reader = _video(store, run.movie_id, progress=run.meter("frames decoded", "frames"))
         stride = sample_stride(reader.info.fps, config.detect_fps)
         table = build_frame_index(reader, store.read_parquet(run.movie_id, artifacts.SHOTS), stride)
         path = store.write_parquet(run.movie_id, artifacts.FRAMES, table)
@@ -149,7 +149,7 @@ def face_detections(
     wh = warehouse.get()
     with stage(context, wh, "face_detections") as run:
         frame_table = store.read_parquet(run.movie_id, artifacts.FRAMES)
-        reader = _video(store, run.movie_id, max_side=detector.max_side)
+        reader = _video(store, run.movie_id, max_side=detector.max_side, progress=run.meter("frames decoded", "frames"))
         model = detector.create()
         table = detect_video_faces(reader, frame_table, model, batch_size=detector.batch_size)
         path = store.write_parquet(run.movie_id, artifacts.DETECTIONS, table)
@@ -231,7 +231,8 @@ def track_crops(
         )
         crop_config = CropConfig(template=template, every_s=config.every_s, filters=filters)
         with store.writing(run.movie_id, artifacts.CROPS) as tmp:
-            crops = write_track_crops(_video(store, run.movie_id), tracked, tmp, crop_config)
+            reader = _video(store, run.movie_id, progress=run.meter("frames decoded", "frames"))
+            crops = write_track_crops(reader, tracked, tmp, crop_config)
         path = store.uri(run.movie_id, artifacts.CROPS)
         wh.replace_movie_rows("track_crops", run.movie_id, crops)
         kept = int((~crops["rejected"]).sum()) if crops.height else 0

@@ -11,10 +11,13 @@ import dagster as dg
 import polars as pl
 
 from vcn import __version__
+from vcn.progress import LogLines, Progress, console_now
 from vcn.stores.warehouse import Warehouse, utcnow
 from vcn_assets.partitions import movies
 
 CODE_VERSION = __version__
+#: Seconds between two progress lines of one loop in the Dagster run log.
+RUN_LOG_PROGRESS_EVERY_S = 60.0
 
 
 @dataclass
@@ -30,6 +33,11 @@ class StageRun:
     artifact: str | None = None
     row_count: int | None = None
     details: dict = field(default_factory=dict)
+    progress: Progress | None = None
+
+    def meter(self, what: str, unit: str):
+        """A :class:`vcn.progress.Meter` of the stage's long loop (a ``progress(done, total)`` callback)."""
+        return self.progress.meter(what, unit)
 
     @property
     def seconds(self) -> float:
@@ -57,9 +65,19 @@ def movie_asset(*, group: str, kinds: set[str], deps: Sequence = (), pool: str |
 
 @contextlib.contextmanager
 def stage(context: dg.AssetExecutionContext, warehouse: Warehouse, asset: str) -> Iterator[StageRun]:
-    """Times an asset body and, if it succeeds, records lineage and metrics."""
+    """Times an asset body and, if it succeeds, records lineage and metrics.
+
+    Its meters (:meth:`StageRun.meter`) report to the run log every :data:`RUN_LOG_PROGRESS_EVERY_S`
+    seconds, and to the console of ``vcn process`` (:func:`vcn.progress.console`).
+    """
     run = StageRun(asset=asset, movie_id=context.partition_key)
-    yield run
+    run.progress = Progress(asset, [LogLines(context.log.info, every_s=RUN_LOG_PROGRESS_EVERY_S), *console_now()])
+    try:
+        yield run
+    except BaseException:
+        run.progress.close(stopped=True)
+        raise
+    run.progress.close()
     finished = utcnow()
     warehouse.record_stage(
         asset=asset,
