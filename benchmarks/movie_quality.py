@@ -197,6 +197,12 @@ class TrackTruth:
     identities: int
 
 
+def _detected(exported: pl.DataFrame) -> pl.DataFrame:
+    """The rows of ``vcn export``'s detections.csv where the detector ran (``detected`` 1): the boxes
+    interpolated between a track's detections are not detections, and are scored as neither."""
+    return exported.filter(pl.col("detected") == 1) if "detected" in exported.columns else exported
+
+
 def track_truths(detections: pl.DataFrame, truth: Truth, threshold: float = MATCH_IOU) -> dict[str, TrackTruth]:
     """Each track's identity by majority vote of its detections' matches.
 
@@ -459,7 +465,7 @@ def _ours_rows(work: Path, truth: Truth) -> list[dict]:
             pretrained_s,
         ),
     ):
-        detections = pl.read_csv(work / folder / "detections.csv")
+        detections = _detected(pl.read_csv(work / folder / "detections.csv"))
         clusters = pl.read_csv(work / folder / "clusters.csv", schema_overrides={"cluster": pl.String})
         predicted = {str(t): c for t, c in clusters.select("track_id", "cluster").iter_rows()}
         tracks = track_truths(detections, truth)
@@ -715,7 +721,7 @@ def main(argv: list[str] | None = None) -> None:
         "ours": json.loads((work / "ours.json").read_text()),
         # The data folder's latest embeddings are the pretrained re-run's.
         "embedding_spread": embedding_spread(
-            work / "vcn_home", track_truths(pl.read_csv(work / "ours_pretrained" / "detections.csv"), truth)
+            work / "vcn_home", track_truths(_detected(pl.read_csv(work / "ours_pretrained" / "detections.csv")), truth)
         ),
         "rows": rows,
     }

@@ -59,7 +59,7 @@ def shared_path(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def backbone():
-    """The default face-ID backbone (dlib ResNet ported to torch) on the CPU, loaded once per session.
+    """The dlib ResNet face-ID backbone (ported to torch) on the CPU, loaded once per session.
 
     Tests must not change its weights in place (the trainer deep-copies it).
     """
