@@ -53,7 +53,6 @@ SIMILARITIES = ("cosine", "loss")
 CHUNK_SIZE = 512
 
 
-
 class ChipSource(Protocol):
     """Aligned chips in a fixed order, with the track of each.
 

@@ -183,12 +183,17 @@ def track_distances(factors: Factors, crop_track: np.ndarray, tracks: np.ndarray
     step = max(1, (32 << 20) // (4 * max(n, 1)))
     for start in range(0, n, step):
         stop = min(n, start + step)
-        block = rep_u[start:stop] @ rep_v.T
-        block += rep_v[start:stop] @ rep_u.T
-        block *= 0.5
-        block += factors.offset
-        out[start:stop] = block
+        out[start:stop] = _between(rep_u[start:stop], rep_v[start:stop], rep_u, rep_v, factors.offset)
     return out
+
+
+def _between(a_u: np.ndarray, a_v: np.ndarray, b_u: np.ndarray, b_v: np.ndarray, offset: float) -> np.ndarray:
+    """(len(a), len(b)) float32 dissimilarities between two sets of representatives (their left and right factors)."""
+    block = a_u @ b_v.T
+    block += a_v @ b_u.T
+    block *= 0.5
+    block += offset
+    return block
 
 
 def _track_representatives(
@@ -258,7 +263,7 @@ def attach_to_clusters(
     step = max(1, (32 << 20) // (4 * len(clustered)))
     for start in range(0, len(candidates), step):
         stop = min(len(candidates), start + step)
-        block = (cand_u[start:stop] @ clus_v.T + cand_v[start:stop] @ clus_u.T) * 0.5 + factors.offset
+        block = _between(cand_u[start:stop], cand_v[start:stop], clus_u, clus_v, factors.offset)
         mean[start:stop] = (member.T @ block.T.astype(np.float64)).T / sizes
     # Clusters each candidate may not join: those holding a track on screen with it.
     pairs = np.asarray(cannot_link, dtype=np.int64).reshape(-1, 2)
@@ -311,8 +316,7 @@ def cluster_by_negative_cut(
         raise ValueError(f"crop_track must have one entry per crop ({len(factors)}), got shape {crop_track.shape}")
     if len(crop_track) and (crop_track.min() < 0 or crop_track.max() >= n_tracks):
         raise ValueError(f"crop_track holds indices outside 0..{n_tracks - 1}")
-    has_crops = np.bincount(crop_track, minlength=n_tracks) > 0
-    active = has_crops.copy()
+    active = np.bincount(crop_track, minlength=n_tracks) > 0
     if exclude is not None:
         active &= ~np.asarray(exclude, dtype=bool)
     joining = np.zeros(n_tracks, dtype=bool)

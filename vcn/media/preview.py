@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 
 from vcn.media.decode import VideoReader
+from vcn.media.probe import probe_video
 from vcn.progress import ProgressCallback
 from vcn.stores.files import atomic_path
 
@@ -88,8 +89,7 @@ def render_preview(
     """
     import av
 
-    reader = VideoReader(video)
-    info = reader.info
+    info = probe_video(video)
     reader = VideoReader(video, info=info, max_side=preview_max_side(info.width, info.height), progress=progress)
     scale = 1.0 / reader.scale
     drawn = boxes.filter(pl.col("track_id").is_not_null()).sort("frame")

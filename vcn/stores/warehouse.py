@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -174,8 +175,10 @@ def machine_memory_bytes() -> int:
     return total
 
 
+@functools.cache
 def duckdb_settings() -> dict[str, str]:
-    """DuckDB's ``memory_limit`` and ``threads`` for this machine (:data:`DUCKDB_MEMORY_SHARE`, usable cores)."""
+    """DuckDB's ``memory_limit`` and ``threads`` for this machine (:data:`DUCKDB_MEMORY_SHARE`, usable cores),
+    read once per process (every connection uses them)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     mebibytes = max(256, int(machine_memory_bytes() * DUCKDB_MEMORY_SHARE) // 2**20)
     return {"memory_limit": f"{mebibytes}MiB", "threads": str(max(1, cores))}
@@ -250,7 +253,7 @@ class Warehouse:
         delay = 0.05
         while True:
             try:
-                return duckdb.connect(self.path, read_only=read_only, config=duckdb_settings())
+                return duckdb.connect(self.path, read_only=read_only, config=dict(duckdb_settings()))
             except duckdb.IOException as exc:
                 if "lock" not in str(exc).lower() or time.monotonic() > deadline:
                     raise WarehouseBusyError(f"{self.path}: {exc}") from exc
