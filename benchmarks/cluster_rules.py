@@ -39,7 +39,8 @@ from vcn.clustering.linkage import (
     NEGATIVE_QUANTILE,
     average_linkage,
     cluster_by_negative_cut,
-    track_distances,
+    pair_distances,
+    track_points,
 )
 from vcn.clustering.metrics import evaluate
 from vcn.clustering.parameter_free import UNKNOWN, cluster_tracks
@@ -100,15 +101,16 @@ def _evaluate(data, stem: str) -> list[dict]:
         rows.append({**base, "rule": f"negative cut q{NEGATIVE_QUANTILE}, no quality screen",
                      "cut": round(unscreened.cut, 4), **_scores(labels, unscreened.labels)})
         kept = np.flatnonzero(~low & (np.bincount(crop_track, minlength=n) > 0))
-        distances = track_distances(factors, crop_track, kept, cosine.representative)
+        points = track_points(factors, crop_track, kept, cosine.representative)
         position = np.full(n, -1)
         position[kept] = np.arange(len(kept))
         local = position[pairs]
         local = local[(local >= 0).all(axis=1)]
-        negatives = distances[local[:, 0], local[:, 1]]
+        negatives = pair_distances(points, local)
         names = labels[kept]
         upper = np.triu_indices(len(kept), 1)
-        different = distances[upper][(names[upper[0]] != names[upper[1]]) & (names[upper[0]] != "")]
+        different = points.between(np.arange(len(kept)), np.arange(len(kept)))[upper]
+        different = different[(names[upper[0]] != names[upper[1]]) & (names[upper[0]] != "")]
         rows[-1]["negatives_vs_different_q05_q25_q50"] = [
             [round(float(np.quantile(negatives, q)), 4) for q in (0.05, 0.25, 0.5)],
             [round(float(np.quantile(different, q)), 4) for q in (0.05, 0.25, 0.5)],
@@ -116,7 +118,7 @@ def _evaluate(data, stem: str) -> list[dict]:
         for q in SWEEP:
             cut = float(np.quantile(negatives, q))
             assignment = np.full(n, UNKNOWN)
-            assignment[kept] = average_linkage(distances, cut, cannot_link=local)
+            assignment[kept] = average_linkage(points, cut, cannot_link=local)
             rows.append({**base, "rule": f"sweep q{q}", "cut": round(cut, 4), **_scores(labels, assignment)})
     return rows
 

@@ -20,6 +20,35 @@ from vcn.clustering.linkage import (
 )
 
 
+def _points(d: np.ndarray) -> Factors:
+    """A (T, T) dissimilarity matrix as the linkage's bilinear points: d(a, b) = (D[a, b] + D[b, a]) / 2."""
+    d = np.asarray(d, dtype=np.float64)
+    return Factors(u=np.eye(len(d)), v=d, offset=0.0)
+
+
+def _closest_pair_first(d: np.ndarray, cut: float, cannot_link: np.ndarray) -> np.ndarray:
+    """Reference: merge the closest admissible pair of clusters (mean over item pairs) until none is within cut."""
+    clusters = [[i] for i in range(len(d))]
+    apart = {frozenset(p) for p in cannot_link.tolist()}
+    while True:
+        best = None
+        for x in range(len(clusters)):
+            for y in range(x + 1, len(clusters)):
+                if any(frozenset((a, b)) in apart for a in clusters[x] for b in clusters[y]):
+                    continue
+                mean = d[np.ix_(clusters[x], clusters[y])].mean()
+                if mean < cut and (best is None or mean < best[0]):
+                    best = (mean, x, y)
+        if best is None:
+            break
+        _, x, y = best
+        clusters[x] += clusters.pop(y)
+    labels = np.empty(len(d), dtype=np.int64)
+    for k, members in enumerate(clusters):
+        labels[members] = k
+    return labels
+
+
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     return bool((a[:, None] == a[None, :]).tolist() == (b[:, None] == b[None, :]).tolist())
 
@@ -35,18 +64,42 @@ def test_without_constraints_it_is_scipys_average_linkage(seed):
     heights = np.sort(z[:, 2])
     for k in (5, 20, 40):
         cut = float((heights[k] + heights[k + 1]) / 2)  # between two merge heights: no tie at the cut
-        ours = average_linkage(d, cut)
+        ours = average_linkage(_points(d), cut)
         theirs = hierarchy.fcluster(z, cut, "distance")
         assert _same_partition(ours, theirs)
         assert ours.max() + 1 == len(np.unique(theirs))
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_with_constraints_it_merges_as_closest_pair_first(seed):
+    # The nearest-neighbour chain makes the merges of merging the closest admissible pair first.
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(40, 4)) + np.repeat(rng.normal(scale=3, size=(5, 4)), 8, axis=0)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d = 1.0 - unit @ unit.T
+    pairs = rng.choice(40, size=(25, 2))
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    for cut in (0.05, 0.2, 0.6):
+        ours = average_linkage(_points(d), cut, cannot_link=pairs)
+        assert _same_partition(ours, _closest_pair_first(d, cut, pairs))
+        for a, b in pairs:
+            assert ours[a] != ours[b]
+
+
+def test_ties_close_the_chain():
+    # Every pair equally far: the chain must still close (a tie goes back along the chain), one cluster.
+    d = np.full((6, 6), 0.5)
+    np.fill_diagonal(d, 0)
+    assert average_linkage(_points(d), 1.0).tolist() == [0] * 6
+    assert average_linkage(_points(d), 0.5).tolist() == list(range(6))
+
+
 def test_cannot_link_holds_for_whole_clusters():
     # Two tight pairs close to each other; 0 and 2 are on screen together, so {0,1} and {2,3} never merge.
     d = np.array([[0, 0.1, 0.3, 0.3], [0.1, 0, 0.3, 0.3], [0.3, 0.3, 0, 0.1], [0.3, 0.3, 0.1, 0]])
-    free = average_linkage(d, 1.0)
+    free = average_linkage(_points(d), 1.0)
     assert len(set(free.tolist())) == 1
-    held = average_linkage(d, 1.0, cannot_link=np.array([[0, 2]]))
+    held = average_linkage(_points(d), 1.0, cannot_link=np.array([[0, 2]]))
     assert held[0] == held[1] and held[2] == held[3] and held[0] != held[2]
 
 
@@ -54,17 +107,19 @@ def test_labels_by_size_and_excluded_items_unknown():
     d = np.full((5, 5), 0.9)
     d[np.ix_([2, 3, 4], [2, 3, 4])] = 0.1
     np.fill_diagonal(d, 0)
-    labels = average_linkage(d, 0.5, exclude=np.array([False, False, False, False, True]))
+    labels = average_linkage(_points(d), 0.5, exclude=np.array([False, False, False, False, True]))
     assert labels.tolist() == [1, 2, 0, 0, UNKNOWN]
 
 
 def test_bad_input_is_refused():
-    with pytest.raises(ValueError, match="square"):
-        average_linkage(np.zeros((3, 2)), 0.5)
+    with pytest.raises(ValueError, match="one shape"):
+        average_linkage(_points(np.zeros((3, 2))), 0.5)
     with pytest.raises(ValueError, match="finite"):
-        average_linkage(np.full((2, 2), np.nan), 0.5)
+        average_linkage(_points(np.full((2, 2), np.nan)), 0.5)
     with pytest.raises(ValueError, match="outside"):
-        average_linkage(np.zeros((2, 2)), 0.5, cannot_link=np.array([[0, 2]]))
+        average_linkage(_points(np.zeros((2, 2))), 0.5, cannot_link=np.array([[0, 2]]))
+    with pytest.raises(ValueError, match="exclude"):
+        average_linkage(_points(np.zeros((2, 2))), 0.5, exclude=np.zeros(3, dtype=bool))
 
 
 def test_negative_cut_is_an_order_statistic_of_distinct_pairs():
@@ -76,9 +131,9 @@ def test_negative_cut_is_an_order_statistic_of_distinct_pairs():
     values = np.sort(d[pairs[:, 0], pairs[:, 1]])
     # 14 pairs: the 3rd smallest is at or below the quartile with probability P(Binomial(14, 1/4) >= 3) = 0.72,
     # the 4th with 0.48.
-    assert negative_cut(d, doubled) == values[2]
-    assert negative_cut(d, pairs[: MIN_NEGATIVES - 1]) is None
-    assert negative_cut(d, None) is None
+    assert negative_cut(_points(d), doubled) == values[2]
+    assert negative_cut(_points(d), pairs[: MIN_NEGATIVES - 1]) is None
+    assert negative_cut(_points(d), None) is None
 
 
 def test_the_cut_rank_is_the_quantile_on_many_pairs_and_lower_on_few():

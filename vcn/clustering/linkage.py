@@ -3,13 +3,11 @@
 Average linkage (UPGMA) merges, one pair at a time, the two clusters whose tracks
 are closest on average; every track weighs the same. Two clusters holding a pair
 of tracks that are on screen together are never merged, and the merging stops
-when the closest admissible pair is no closer than the cut. The distance between
-a merged cluster and any other is the track-count-weighted mean of its parts'
-(Lance-Williams), so one (T, T) matrix serves every round.
-
-Memory is one (T, T) float32 matrix (1 GiB at 16,000 tracks, about a 2-hour film of
-our test footage); time is O(T^2) per merge in the worst case, far less in practice since
-only the rows whose nearest cluster was merged are searched again.
+when the closest admissible pair is no closer than the cut. The dissimilarity is
+bilinear (:mod:`vcn.clustering.dissimilarity`), so the mean over all track pairs of
+two clusters is the dissimilarity of their mean factors: a cluster is one pair of
+mean vectors, and memory is O(T K) for T tracks of K-wide factors, never a (T, T)
+matrix (which at 16,000 tracks, a 2-hour film of our test footage, is 1 GiB).
 """
 
 from __future__ import annotations
@@ -21,80 +19,119 @@ from vcn.clustering.parameter_free import UNKNOWN, ClusteringResult
 
 
 def average_linkage(
-    distances: np.ndarray,
+    points: Factors,
     cut: float,
     *,
     cannot_link: np.ndarray | None = None,
     exclude: np.ndarray | None = None,
-    overwrite: bool = False,
 ) -> np.ndarray:
     """Average-linkage clusters of T items, merged while closer than ``cut`` and never across a cannot-link pair.
 
+    The items are points of a bilinear dissimilarity (one row of ``points`` each, e.g. the track
+    representatives of :func:`track_points`); a plain (T, T) matrix ``D`` is the points
+    ``Factors(u=np.eye(T), v=D, offset=0)``. A cluster is its items' mean factors, whose
+    dissimilarity to another cluster is the mean over all their item pairs, so no (T, T) matrix is
+    ever held: memory is O(T K). The merges are found by the nearest-neighbour chain, which for a
+    reducible linkage like this one (cannot-link included: a merged cluster is at least as far from a
+    third as the nearer of its parts) makes exactly the merges of merging the closest pair first;
+    a chain whose nearest neighbour is at ``cut`` or farther never merges again and is set aside.
+
     Args:
-        distances: (T, T) symmetric distances between items.
+        points: (T, K) factors of the items.
         cut: Merging stops when the closest admissible pair of clusters is at ``cut`` or farther.
         cannot_link: (P, 2) item pairs never to share a cluster.
         exclude: (T,) bool, items left out (labelled :data:`UNKNOWN`).
-        overwrite: Work in ``distances`` itself (a float32 matrix the caller no longer needs)
-            instead of a copy: at 16,000 items that copy is another GiB.
 
     Returns:
         (T,) int64 labels ``0..C-1`` numbered by decreasing cluster size (ties by first item),
         :data:`UNKNOWN` for excluded items.
     """
-    d = np.asarray(distances, dtype=np.float32) if overwrite else np.array(distances, dtype=np.float32)
-    n = len(d)
-    if d.shape != (n, n):
-        raise ValueError(f"distances must be a square matrix, got shape {d.shape}")
-    if not np.isfinite(d).all():
-        raise ValueError("distances must be finite")
+    n = len(points)
     keep = np.ones(n, dtype=bool) if exclude is None else ~np.asarray(exclude, dtype=bool)
-    # A pair that may never merge is at infinite distance. A merged cluster's distance is the
-    # size-weighted mean of its parts', so it inherits every constraint of either part.
+    if keep.shape != (n,):
+        raise ValueError(f"exclude must have one entry per item ({n}), got shape {keep.shape}")
+    # A pair that may never merge: a merged cluster inherits every constraint of either part.
+    blocked: list[set[int]] = [set() for _ in range(n)]
     if cannot_link is not None and len(cannot_link):
         pairs = np.asarray(cannot_link, dtype=np.int64).reshape(-1, 2)
         if pairs.min() < 0 or pairs.max() >= n:
             raise ValueError(f"cannot_link holds indices outside 0..{n - 1}")
-        d[pairs[:, 0], pairs[:, 1]] = np.inf
-        d[pairs[:, 1], pairs[:, 0]] = np.inf
-    np.fill_diagonal(d, np.inf)
-    d[~keep, :] = np.inf
-    d[:, ~keep] = np.inf
+        for a, b in pairs.tolist():
+            if a != b:
+                blocked[a].add(b)
+                blocked[b].add(a)
+    u = np.array(points.u, dtype=np.float64)
+    v = np.array(points.v, dtype=np.float64)
     size = keep.astype(np.float64)
     parent = np.arange(n)
-
-    # Rows searched again at once: a copy of 32 MiB at most (many rows go stale when a large cluster merges).
-    rows_at_once = max(1, (32 << 20) // (4 * max(n, 1)))
-    nearest = d.argmin(axis=1) if n else np.zeros(0, dtype=np.int64)
-    nearest_d = d[np.arange(n), nearest]
-    while n:
-        i = int(nearest_d.argmin())
-        if not nearest_d[i] < cut:
+    open_ = keep.copy()  # clusters that may still merge
+    # The open clusters' factors, packed; repacked when half of them have merged or been set aside.
+    rows = np.flatnonzero(open_)
+    packed_u, packed_v = u[rows], v[rows]
+    position = np.full(n, -1, dtype=np.int64)
+    position[rows] = np.arange(len(rows))
+    alive = np.ones(len(rows), dtype=bool)
+    todo = iter(rows.tolist())
+    chain: list[int] = []
+    while True:
+        if not chain:
+            a = next((i for i in todo if open_[i]), None)
+            if a is None:
+                break
+            chain.append(a)
+        a = chain[-1]
+        d = points.offset + 0.5 * (packed_u @ v[a] + packed_v @ u[a])
+        d[~alive] = np.inf
+        d[position[a]] = np.inf
+        if blocked[a]:
+            shut = position[list(blocked[a])]
+            d[shut[shut >= 0]] = np.inf
+        j = int(d.argmin())
+        b, distance = int(rows[j]), float(d[j])
+        # A tie goes to the cluster the chain came from. The tolerance covers the last-bit difference between
+        # a pair's distance seen from either side (two matrix-vector products), which could otherwise close
+        # the chain into a cycle.
+        if len(chain) > 1 and d[position[chain[-2]]] <= distance + 1e-9 * max(1.0, abs(distance)):
+            b, distance = chain[-2], float(d[position[chain[-2]]])
+        if len(chain) > n:
+            raise RuntimeError("the nearest-neighbour chain of the average linkage did not close")
+        if not distance < cut:
+            # Every link of the chain is at least this far: none of its clusters will merge again.
+            for c in chain:
+                open_[c] = False
+                alive[position[c]] = False
+            chain.clear()
+        elif len(chain) > 1 and b == chain[-2]:
+            chain.pop()
+            chain.pop()
+            # Merge b into a.
+            total = size[a] + size[b]
+            u[a] = (size[a] * u[a] + size[b] * u[b]) / total
+            v[a] = (size[a] * v[a] + size[b] * v[b]) / total
+            size[a], size[b] = total, 0.0
+            parent[b] = a
+            open_[b] = False
+            packed_u[position[a]], packed_v[position[a]] = u[a], v[a]
+            alive[position[b]] = False
+            for c in blocked[b]:
+                blocked[c].discard(b)
+                blocked[c].add(a)
+            blocked[a] |= blocked[b]
+            blocked[b] = set()
+        else:
+            chain.append(b)
+        if alive.sum() * 2 < len(alive) and len(alive) > 64:
+            position[rows] = -1
+            rows = rows[alive]
+            packed_u, packed_v = u[rows], v[rows]
+            position[rows] = np.arange(len(rows))
+            alive = np.ones(len(rows), dtype=bool)
+    # Each item's cluster is the root of its chain of merges.
+    while True:
+        above = parent[parent]
+        if np.array_equal(above, parent):
             break
-        j = int(nearest[i])
-        # Merge j into i.
-        with np.errstate(invalid="ignore"):
-            row = ((size[i] * d[i] + size[j] * d[j]) / (size[i] + size[j])).astype(np.float32)
-        row[i] = row[j] = np.inf
-        d[i], d[:, i] = row, row
-        d[j, :] = np.inf
-        d[:, j] = np.inf
-        size[i] += size[j]
-        size[j] = 0
-        parent[parent == j] = i
-        nearest[i] = row.argmin()
-        nearest_d[i] = row[nearest[i]]
-        nearest_d[j] = np.inf
-        # Rows whose nearest was i or j search again; the others only compare with the new cluster.
-        stale = np.flatnonzero((nearest == i) | (nearest == j))
-        stale = stale[(stale != i) & (stale != j)]
-        for first in range(0, len(stale), rows_at_once):
-            part = stale[first : first + rows_at_once]
-            nearest[part] = d[part].argmin(axis=1)
-            nearest_d[part] = d[part, nearest[part]]
-        closer = row < nearest_d
-        nearest[closer] = i
-        nearest_d[closer] = row[closer]
+        parent = above
     return _number_by_size(parent, keep)
 
 
@@ -127,7 +164,7 @@ MIN_NEGATIVES = 10
 CUT_CONFIDENCE = 0.5
 
 
-def negative_cut(distances: np.ndarray, negatives: np.ndarray | None) -> float | None:
+def negative_cut(points: Factors, negatives: np.ndarray | None) -> float | None:
     """The movie's own cut: :data:`NEGATIVE_QUANTILE` of the distances of its known different-person pairs,
     bounded from below at :data:`CUT_CONFIDENCE` (:func:`lower_quantile_rank`).
 
@@ -138,19 +175,29 @@ def negative_cut(distances: np.ndarray, negatives: np.ndarray | None) -> float |
     differ tenfold). A fixed quantile of that sample is a cut in the model's own
     units, with no threshold to tune per model or per finetuned checkpoint.
 
+    Args:
+        points: The tracks' factors (:func:`track_points`).
+        negatives: (P, 2) track pairs known to be different people.
+
     Returns:
-        The cut, or None with fewer than :data:`MIN_NEGATIVES` distinct finite pairs.
+        The cut, or None with fewer than :data:`MIN_NEGATIVES` distinct pairs.
     """
     if negatives is None or len(negatives) == 0:
         return None
     pairs = np.unique(np.sort(np.asarray(negatives, dtype=np.int64).reshape(-1, 2), axis=1), axis=0)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    values = np.asarray(distances)[pairs[:, 0], pairs[:, 1]]
-    values = values[np.isfinite(values)]
-    if len(values) < MIN_NEGATIVES:
+    if len(pairs) < MIN_NEGATIVES:
         return None
-    values = np.sort(values)
+    values = np.sort(pair_distances(points, pairs))
     return float(values[lower_quantile_rank(len(values), NEGATIVE_QUANTILE, CUT_CONFIDENCE)])
+
+
+def pair_distances(points: Factors, pairs: np.ndarray) -> np.ndarray:
+    """(P,) float64 dissimilarities of the given (P, 2) pairs of points."""
+    a, b = np.asarray(pairs, dtype=np.int64).reshape(-1, 2).T
+    forward = np.einsum("ij,ij->i", points.u[a], points.v[b], dtype=np.float64)
+    backward = np.einsum("ij,ij->i", points.v[a], points.u[b], dtype=np.float64)
+    return points.offset + 0.5 * (forward + backward)
 
 
 def lower_quantile_rank(n: int, quantile: float, confidence: float) -> int:
@@ -167,24 +214,17 @@ def lower_quantile_rank(n: int, quantile: float, confidence: float) -> int:
     return int(covered[-1]) - 1 if len(covered) else 0
 
 
-def track_distances(factors: Factors, crop_track: np.ndarray, tracks: np.ndarray, representatives) -> np.ndarray:
-    """(len(tracks), len(tracks)) dissimilarities between the representatives of the given tracks' crops.
+def track_points(factors: Factors, crop_track: np.ndarray, tracks: np.ndarray, representatives) -> Factors:
+    """The representatives of the given tracks' crops, one row per track: what the linkage clusters.
 
     Args:
         factors: :class:`vcn.clustering.dissimilarity.Factors` of every crop.
         crop_track: (N,) track of each crop.
-        tracks: Track indices to compare (each with at least one crop).
+        tracks: Track indices (each with at least one crop).
         representatives: :meth:`vcn.clustering.dissimilarity.Dissimilarity.representative`.
     """
-    rep_u, rep_v = _track_representatives(factors, crop_track, tracks, representatives)
-    # A block of rows at a time, so that the (T, T) result is the only matrix of that size.
-    n = len(tracks)
-    out = np.empty((n, n), dtype=np.float32)
-    step = max(1, (32 << 20) // (4 * max(n, 1)))
-    for start in range(0, n, step):
-        stop = min(n, start + step)
-        out[start:stop] = _between(rep_u[start:stop], rep_v[start:stop], rep_u, rep_v, factors.offset)
-    return out
+    rep_u, rep_v = _track_representatives(factors, np.asarray(crop_track, dtype=np.int64), tracks, representatives)
+    return Factors(u=rep_u, v=rep_v, offset=factors.offset)
 
 
 def _between(a_u: np.ndarray, a_v: np.ndarray, b_u: np.ndarray, b_v: np.ndarray, offset: float) -> np.ndarray:
@@ -237,7 +277,7 @@ def attach_to_clusters(
         candidates: Track indices that may join (each with crops, each :data:`UNKNOWN` in ``labels``).
         cut: The clustering's cut.
         cannot_link: (P, 2) track pairs on screen together.
-        representatives: As :func:`track_distances`.
+        representatives: As :func:`track_points`.
 
     Returns:
         (T,) labels with the candidates that joined a cluster in it.
@@ -333,11 +373,11 @@ def cluster_by_negative_cut(
     pairs = pairs[(pairs >= 0).all(axis=1)]
     if len(tracks) < 2:
         return None
-    distances = track_distances(factors, crop_track, tracks, representatives)
-    cut = negative_cut(distances, pairs)
+    points = track_points(factors, crop_track, tracks, representatives)
+    cut = negative_cut(points, pairs)
     if cut is None:
         return None
-    local = average_linkage(distances, cut, cannot_link=pairs, overwrite=True)
+    local = average_linkage(points, cut, cannot_link=pairs)
     labels = np.full(n_tracks, UNKNOWN, dtype=np.int64)
     labels[tracks] = local
     n_clusters = int(local.max()) + 1 if len(local) else 0
