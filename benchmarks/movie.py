@@ -277,9 +277,22 @@ def main() -> None:
     }
     stem = f"movie_{kind}" + (f"_{args.backbone}" if args.backbone else "")
     RESULTS.mkdir(exist_ok=True)
+    report["runs"] = _merged_runs(RESULTS / f"{stem}.json", report)
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(_markdown(report))
     print(_markdown(report))
+
+
+def _merged_runs(path: Path, report: dict) -> list[dict]:
+    """This invocation's runs, plus the earlier runs of other movies in ``path`` made on the same machine with the
+    same base model (each keeps its own ``measured_at``), shortest movie first."""
+    runs = {r["video"]: r | {"measured_at": report["measured_at"]} for r in report["runs"]}
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier.get("machine") == report["machine"] and earlier.get("backbone") == report["backbone"]:
+            for r in earlier["runs"]:
+                runs.setdefault(r["video"], r | {"measured_at": r.get("measured_at", earlier["measured_at"])})
+    return sorted(runs.values(), key=lambda r: r["duration_s"])
 
 
 def _markdown(report: dict) -> str:
@@ -288,7 +301,7 @@ def _markdown(report: dict) -> str:
     lines = [
         f"# End-to-end movie benchmark ({m['kind'].upper()})",
         "",
-        f"Measured {report['measured_at']} on {where}, {m['cpu_count']} cores, {m['memory_gb']} GiB, Python {m['python']}: "
+        f"Measured {', '.join(sorted({r.get('measured_at', report['measured_at']) for r in report['runs']}))} on {where}, {m['cpu_count']} cores, {m['memory_gb']} GiB, Python {m['python']}: "
         f"`vcn process` with default settings (the finetuning step included) on a fresh instance and warehouse; "
         f"base model `{report.get('backbone', 'dlib-resnet')}`"
         + (" (not finetuned where it ran: finetune mode None)." if all(r.get("finetune_mode") is None for r in report["runs"])
