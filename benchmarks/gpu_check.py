@@ -124,13 +124,14 @@ def sampled_frames(video: Path):
     """The reader, frames table and the sampled frames' RGB images, as the pipeline samples them."""
     from vcn.media import VideoReader, probe_video
     from vcn.media.frames import build_frame_index, sample_stride
-    from vcn.media.shots import detect_shots
+    from vcn.media.shots import scan_shots
 
     info = probe_video(video)
     reader = VideoReader(video, info=info)
-    shots = detect_shots(reader)
+    scan = scan_shots(reader)
+    shots = scan.shots
     stride = sample_stride(info.fps)
-    frames = build_frame_index(reader, shots, stride)
+    frames = build_frame_index(scan.frame_times, shots, stride)
     wanted = set(frames.filter(frames["sampled"])["frame"].to_list())
     images = {f.index: f.image for f in reader.frames(want=wanted.__contains__) if f.image is not None}
     return reader, frames, images, info.fps / stride

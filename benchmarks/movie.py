@@ -128,9 +128,13 @@ def run_one(video: Path, backbone: str | None = None) -> dict:
         raise SystemExit(f"vcn process failed with exit code {code}")
     stage_peaks = _stage_peaks(sampler.samples, _step_intervals())
     wh = Warehouse(str(home / "warehouse.duckdb"))
-    metrics = wh.query("SELECT asset, seconds, details FROM stage_metrics WHERE movie_id = 'bench' ORDER BY recorded_at")
-    stages = {a: round(s, 1) for a, s, _ in metrics.iter_rows()}
-    finetune = next((json.loads(d) if isinstance(d, str) else d for a, _, d in metrics.iter_rows() if a == "finetuned_model"), {})
+    metrics = wh.query(
+        "SELECT asset, seconds, details, frames_decoded FROM stage_metrics WHERE movie_id = 'bench' ORDER BY recorded_at"
+    )
+    stages = {a: round(s, 1) for a, s, _, _ in metrics.iter_rows()}
+    decoded = {a: int(n or 0) for a, _, _, n in metrics.iter_rows()}
+    finetune = next((json.loads(d) if isinstance(d, str) else d for a, _, d, _ in metrics.iter_rows() if a == "finetuned_model"), {})
+    movie_frames = wh.query("SELECT count(*) FROM frames WHERE movie_id = 'bench'").item()
     counts = wh.query(
         "SELECT (SELECT count(*) FROM tracks WHERE movie_id = 'bench') AS tracks, "
         "(SELECT count(*) FROM track_crops WHERE movie_id = 'bench' AND NOT rejected) AS kept_crops, "
@@ -148,6 +152,8 @@ def run_one(video: Path, backbone: str | None = None) -> dict:
         "finetune_mode": finetune.get("mode"),
         "finetune_crops": finetune.get("finetune_crops"),
         "stages_s": stages,
+        "frames_decoded": decoded,
+        "decoded_per_frame": round(sum(decoded.values()) / movie_frames, 3) if movie_frames else None,
         "wall_s": round(wall, 1),
         "realtime_factor": round(info.duration_s / wall, 3),
         "peak_rss_mb": round(sampler.peak_rss / 2**20, 1),
@@ -308,15 +314,20 @@ def _markdown(report: dict) -> str:
            else "."),
         "",
         "| movie | resolution | duration s | tracks | kept crops | clusters | finetune mode | finetune crops | wall s | "
-        "realtime factor | peak RSS MB | peak GPU MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "realtime factor | peak RSS MB | peak GPU MB | decoded frames per frame |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
         lines.append(
             f"| {r['video']} | {r['resolution']}@{r['fps']} | {r['duration_s']} | {r['tracks']} | {r['kept_crops']} | "
             f"{r['clusters']} | {r['finetune_mode']} | {r.get('finetune_crops') or '-'} | {r['wall_s']} | {r['realtime_factor']}x | {r['peak_rss_mb']} | "
-            f"{r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '-'} |"
+            f"{r['peak_gpu_mb'] if r['peak_gpu_mb'] is not None else '-'} | {r.get('decoded_per_frame') or '-'} |"
         )
+    lines += [
+        "",
+        "Decoded frames per frame: the frames all stages together decoded from the video (`stage_metrics.frames_decoded`) "
+        "over the movie's frames; '-' where the stages did not record it yet.",
+    ]
     lines += ["", "Seconds per stage:", "", "| movie | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES)]
     for r in report["runs"]:
         lines.append(f"| {r['video']} | " + " | ".join(str(r["stages_s"].get(s, "-")) for s in STAGES) + " |")

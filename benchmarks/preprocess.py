@@ -49,7 +49,7 @@ def run_one(video: Path) -> dict:
     from vcn.faces.tracking import summarise_tracks, track_detections
     from vcn.media import VideoReader, probe_video
     from vcn.media.frames import build_frame_index, sample_stride
-    from vcn.media.shots import detect_shots
+    from vcn.media.shots import scan_shots
 
     peak = _PeakSampler()
     stages = {}
@@ -63,9 +63,10 @@ def run_one(video: Path) -> dict:
         stages[name] = {"seconds": round(seconds, 3), "frames": frames(result), "frames_per_s": round(frames(result) / seconds, 1)}
         return result
 
-    shots = timed("shots", lambda r: int(r["end_frame"].max()) + 1, lambda: detect_shots(VideoReader(video, info=info)))
+    scan = timed("shots", lambda r: r.frame_times.height, lambda: scan_shots(VideoReader(video, info=info)))
+    shots = scan.shots
     stride = sample_stride(info.fps)
-    frames = timed("frames", lambda r: r.height, lambda: build_frame_index(VideoReader(video, info=info), shots, stride))
+    frames = timed("frames", lambda r: r.height, lambda: build_frame_index(scan.frame_times, shots, stride))
     detector = create_detector("retinaface", max_side=None)
     detections = timed(
         "face_detections",

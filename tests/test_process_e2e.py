@@ -50,6 +50,24 @@ def test_every_asset_wrote_its_parquet_and_table(env):
     assert (metrics["seconds"] > 0).all()
 
 
+def test_each_stage_records_the_frames_it_decoded(env):
+    # The frame index comes from the shots pass's timing: three passes over the video, not four.
+    wh = _warehouse(env)
+    decoded = dict(
+        wh.query(
+            "SELECT asset, arg_max(frames_decoded, recorded_at) FROM stage_metrics WHERE movie_id = 'hamilton' "
+            "GROUP BY asset"
+        ).rows()
+    )
+    n = wh.query("SELECT count(*) FROM frames WHERE movie_id = 'hamilton'").item()
+    assert n == 275
+    assert decoded == {
+        "shots": n, "frames": 0, "face_detections": n, "face_tracks": 0, "track_crops": n, "finetuned_model": 0,
+        "track_embeddings": 0, "face_clusters": 0,
+    }
+    assert hamilton_artifact(env, "frame_times.parquet").exists()
+
+
 def test_cuts_are_found(env):
     starts = pl.read_parquet(hamilton_artifact(env, "shots.parquet"))["start_frame"].to_list()
     assert len(starts) == 4 and all(abs(a - b) <= 1 for a, b in zip(starts[1:], HAMILTON_CUTS))
@@ -148,8 +166,9 @@ def test_the_run_log_shows_each_stage_s_progress(env):
     with dg.DagsterInstance.get() as instance:
         (run,) = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": "hamilton"}), limit=1)
         messages = [event.user_message for event in instance.all_logs(run.run_id)]
-    for stage in ("shots", "frames", "face_detections", "track_crops"):
+    for stage in ("shots", "face_detections", "track_crops"):
         assert any(m.startswith(f"{stage}: frames decoded 275 / 275 frames (100.0 %)") for m in messages), stage
+    assert not any(m.startswith("frames: frames decoded") for m in messages)  # built from the shots pass's timing
     assert any(m.startswith("track_embeddings: crops embedded ") for m in messages)
     assert any(m.startswith("finetuned_model: round 1 epochs ") for m in messages)
 
@@ -631,3 +650,31 @@ def test_analysts_label_clusters_and_later_runs_respect_it(env, capsys):
     assert wh.query("SELECT count(*) FROM cluster_edits").item() == 2
     people = wh.query("SELECT name FROM people WHERE movie_id = 'hamilton' AND name IS NOT NULL")["name"].to_list()
     assert people == ["The lead"]
+
+
+def test_frames_of_shots_made_without_their_timing_decode_the_video(env):
+    # Shots materialised by a release that kept no frame timing: the frame index passes over the video itself.
+    # (Last in the module: it adds a run of the frames asset alone.)
+    import dagster as dg
+
+    from vcn_assets.assets.preprocess import frames
+    from vcn_assets.definitions import build_resources
+    from vcn_assets.settings import Settings
+
+    before = pl.read_parquet(hamilton_artifact(env, "frames.parquet"))
+    timing = hamilton_artifact(env, "frame_times.parquet")
+    kept = timing.read_bytes()
+    timing.unlink()
+    try:
+        with dg.DagsterInstance.get() as instance:
+            result = dg.materialize(
+                [frames], partition_key="hamilton", instance=instance, resources=build_resources(Settings.from_env())
+            )
+        assert result.success
+        assert pl.read_parquet(hamilton_artifact(env, "frames.parquet")).equals(before)
+        decoded = _warehouse(env).query(
+            "SELECT arg_max(frames_decoded, recorded_at) FROM stage_metrics WHERE movie_id = 'hamilton' AND asset = 'frames'"
+        ).item()
+        assert decoded == before.height
+    finally:
+        timing.write_bytes(kept)

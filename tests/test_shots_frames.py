@@ -10,12 +10,14 @@ from tests import media
 from tests.conftest import HAMILTON_CUTS
 from vcn.media import VideoReader
 from vcn.media.frames import (
+    FRAMES_SCHEMA,
     build_frame_index,
+    read_frame_times,
     sample_stride,
     sampled_mask,
     shot_ids_for_frames,
 )
-from vcn.media.shots import ShotConfig, detect_shots, shots_from_cuts
+from vcn.media.shots import ShotConfig, detect_shots, scan_shots, shots_from_cuts
 
 
 def test_hamilton_cuts_are_found(hamilton):
@@ -64,8 +66,13 @@ def test_sampling_restarts_at_every_shot():
 
 def test_frame_index_of_hamilton(hamilton):
     reader = VideoReader(hamilton)
-    shots = detect_shots(reader)
-    index = build_frame_index(reader, shots, stride=4)
+    scan = scan_shots(reader)
+    shots = scan.shots
+    assert shots.equals(detect_shots(VideoReader(hamilton)))
+    # The shots pass's frame timing is what a pass of its own over the video gives.
+    assert scan.frame_times.equals(read_frame_times(VideoReader(hamilton)))
+    index = build_frame_index(scan.frame_times, shots, stride=4)
+    assert index.schema == FRAMES_SCHEMA
     assert index.height == 275
     assert index["frame"].to_list() == list(range(275))
     assert index["key_frame"][0]
@@ -76,6 +83,13 @@ def test_frame_index_of_hamilton(hamilton):
     assert set(first_of_shot) <= set(sampled["frame"].to_list())
     gaps = sampled.with_columns(pl.col("frame").diff().over("shot_id").alias("gap"))["gap"].drop_nulls()
     assert set(gaps.to_list()) == {4}
+
+
+def test_frame_index_refuses_timing_without_its_columns():
+    shots = shots_from_cuts([], np.arange(3) / 5.0)
+    with pytest.raises(ValueError, match="pts"):
+        build_frame_index(pl.DataFrame({"frame": [0, 1, 2], "time_s": [0.0, 0.2, 0.4], "key_frame": [True] * 3}),
+                          shots, stride=2)
 
 
 def test_shot_ids_for_frames_beyond_the_table():

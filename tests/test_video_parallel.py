@@ -90,14 +90,15 @@ def test_the_pipeline_stages_are_the_same_with_workers(small_segments):
     from vcn.faces.detection.retinaface import RetinaFaceDetector
     from vcn.faces.detection.video import detect_video_faces
     from vcn.media.frames import build_frame_index
-    from vcn.media.shots import detect_shots
+    from vcn.media.shots import scan_shots
 
     detector = RetinaFaceDetector(threads=2, engine="onnxruntime")
     tables = []
     for workers in (1, 3):
         reader = VideoReader(media.HAMILTON, max_side=640, workers=workers)
-        shots = detect_shots(reader)
-        frames = build_frame_index(reader, shots, stride=4)
+        scan = scan_shots(reader)
+        shots = scan.shots
+        frames = build_frame_index(scan.frame_times, shots, stride=4)
         tables.append((shots, frames, detect_video_faces(reader, frames, detector)))
     for one, many in zip(*tables):
         assert_frame_equal(one, many)

@@ -93,13 +93,35 @@ def test_record_stage_writes_lineage_and_metrics(tmp_path):
         started_at=t0,
         finished_at=t0 + timedelta(seconds=2),
         frames=100,
+        frames_decoded=120,
         items=25,
         video_seconds=4.0,
     )
     lineage = wh.query("SELECT asset, movie_id, run_id, code_version, row_count FROM lineage")
     assert lineage.rows() == [("frames", "a", "r1", "0.1.0", 100)]
-    m = wh.query("SELECT seconds, frames_per_s, realtime_factor, items FROM stage_metrics").row(0)
-    assert m == pytest.approx((2.0, 50.0, 2.0, 25))
+    m = wh.query("SELECT seconds, frames_per_s, realtime_factor, items, frames_decoded FROM stage_metrics").row(0)
+    assert m == pytest.approx((2.0, 50.0, 2.0, 25, 120))
+
+
+def test_stage_metrics_of_an_older_release_gain_frames_decoded(tmp_path):
+    import duckdb
+
+    path = str(tmp_path / "old.duckdb")
+    con = duckdb.connect(path)
+    con.execute(
+        "CREATE TABLE stage_metrics (movie_id VARCHAR, asset VARCHAR NOT NULL, run_id VARCHAR NOT NULL, seconds DOUBLE, "
+        "frames BIGINT, frames_per_s DOUBLE, items BIGINT, realtime_factor DOUBLE, details JSON, recorded_at TIMESTAMPTZ)"
+    )
+    con.execute("INSERT INTO stage_metrics VALUES ('a', 'shots', 'r0', 1, 10, 10, 1, 1, '{}', now())")
+    con.close()
+    wh = Warehouse(path)
+    t0 = utcnow()
+    wh.record_stage(
+        asset="shots", movie_id="a", run_id="r1", code_version="0.2.0", artifact=None, row_count=1,
+        started_at=t0, finished_at=t0 + timedelta(seconds=1), frames=10, frames_decoded=10,
+    )
+    rows = wh.query("SELECT run_id, frames_decoded FROM stage_runs ORDER BY run_id").rows()
+    assert rows == [("r0", None), ("r1", 10)]
 
 
 def test_reader_before_any_write_says_so(tmp_path):

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 #: The video a movie partition stands for, and what identified its content when registered.
 MOVIE_RECORD = "movie.json"
 SHOTS = "shots.parquet"
+#: Every frame's timestamp and key-frame flag, from the shots pass: the frame index is built from it, not
+#: from another pass over the video.
+FRAME_TIMES = "frame_times.parquet"
 FRAMES = "frames.parquet"
 #: Detections as the detector gave them (with appearance vectors for tracking).
 DETECTIONS = "face_detections.parquet"

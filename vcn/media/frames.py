@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from vcn.media import VideoReader
+from vcn.media import DecodedFrame, VideoReader
 
 #: Schema of the ``frames`` table: one row per decoded frame.
 FRAMES_SCHEMA = {
@@ -40,32 +40,62 @@ def sampled_mask(shot_of_frame: np.ndarray, stride: int) -> np.ndarray:
     return (np.arange(n) - shot_start) % stride == 0
 
 
-def build_frame_index(reader: VideoReader, shots: pl.DataFrame, stride: int) -> pl.DataFrame:
-    """Decodes every frame once (no colour conversion) and returns the frames table.
+#: Schema of a pass's frame timing: the ``frames`` table without its shots.
+FRAME_TIMES_SCHEMA = {name: FRAMES_SCHEMA[name] for name in ("frame", "pts", "time_s", "key_frame")}
 
-    Frames decoded past the shots table's last frame (a decoder that yields one
-    more frame on a second pass) join the last shot.
+
+class FrameTimes:
+    """Collects the timing of the frames of one decoding pass, in order (pts -1 where a frame has none)."""
+
+    def __init__(self) -> None:
+        self.pts: list[int] = []
+        self.times: list[float] = []
+        self.keys: list[bool] = []
+
+    def add(self, frame: DecodedFrame) -> None:
+        self.pts.append(-1 if frame.pts is None else int(frame.pts))
+        self.times.append(frame.time_s)
+        self.keys.append(frame.key_frame)
+
+    def table(self) -> pl.DataFrame:
+        """The frames so far (:data:`FRAME_TIMES_SCHEMA`)."""
+        return pl.DataFrame(
+            {
+                "frame": np.arange(len(self.times), dtype=np.int64),
+                "pts": np.asarray(self.pts, dtype=np.int64),
+                "time_s": np.asarray(self.times, dtype=np.float64),
+                "key_frame": np.asarray(self.keys, dtype=bool),
+            },
+            schema=FRAME_TIMES_SCHEMA,
+        )
+
+
+def read_frame_times(reader: VideoReader) -> pl.DataFrame:
+    """Decodes every frame once (no colour conversion) and returns their timing (:data:`FRAME_TIMES_SCHEMA`).
+
+    The shots pass gives the same table as it goes (:func:`vcn.media.shots.scan_shots`); this is for a
+    movie whose shots came without it.
     """
-    pts: list[int] = []
-    times: list[float] = []
-    keys: list[bool] = []
+    timing = FrameTimes()
     for frame in reader.frames(want=lambda _: False):
-        pts.append(-1 if frame.pts is None else int(frame.pts))
-        times.append(frame.time_s)
-        keys.append(frame.key_frame)
-    n = len(times)
-    shot_of_frame = shot_ids_for_frames(shots, n)
-    return pl.DataFrame(
-        {
-            "frame": np.arange(n, dtype=np.int64),
-            "pts": np.asarray(pts, dtype=np.int64),
-            "time_s": np.asarray(times, dtype=np.float64),
-            "key_frame": np.asarray(keys, dtype=bool),
-            "shot_id": shot_of_frame.astype(np.int32),
-            "sampled": sampled_mask(shot_of_frame, stride),
-        },
-        schema=FRAMES_SCHEMA,
-    )
+        timing.add(frame)
+    return timing.table()
+
+
+def build_frame_index(frame_times: pl.DataFrame, shots: pl.DataFrame, stride: int) -> pl.DataFrame:
+    """The frames table (:data:`FRAMES_SCHEMA`) from a pass's frame timing and the shots.
+
+    Frames past the shots table's last frame (a decoder that yields one more frame on
+    another pass) join the last shot.
+    """
+    missing = sorted(set(FRAME_TIMES_SCHEMA) - set(frame_times.columns))
+    if missing:
+        raise ValueError(f"the frame timing lacks column(s) {', '.join(missing)}")
+    shot_of_frame = shot_ids_for_frames(shots, frame_times.height)
+    return frame_times.select(list(FRAME_TIMES_SCHEMA)).with_columns(
+        pl.Series("shot_id", shot_of_frame.astype(np.int32), dtype=pl.Int32),
+        pl.Series("sampled", sampled_mask(shot_of_frame, stride), dtype=pl.Boolean),
+    ).cast(FRAMES_SCHEMA)
 
 
 def shot_ids_for_frames(shots: pl.DataFrame, n_frames: int) -> np.ndarray:

@@ -50,13 +50,35 @@ class ShotConfig:
     analysis_side: int = 256
 
 
+@dataclass(frozen=True)
+class ShotScan:
+    """What one decoding pass for shots gives.
+
+    Attributes:
+        shots: The shots table (:data:`SHOTS_SCHEMA`).
+        frame_times: Every decoded frame's number, timestamp, time and key-frame flag
+            (:data:`vcn.media.frames.FRAME_TIMES_SCHEMA`): the frame index without its shots,
+            so that building it needs no second pass.
+    """
+
+    shots: pl.DataFrame
+    frame_times: pl.DataFrame
+
+
 def detect_shots(reader: VideoReader, config: ShotConfig = ShotConfig()) -> pl.DataFrame:
-    """Runs one decoding pass and returns the shots table (:data:`SHOTS_SCHEMA`).
+    """Runs one decoding pass and returns the shots table (:data:`SHOTS_SCHEMA`); see :func:`scan_shots`."""
+    return scan_shots(reader, config).shots
+
+
+def scan_shots(reader: VideoReader, config: ShotConfig = ShotConfig()) -> ShotScan:
+    """Runs one decoding pass and returns the shots table and every frame's timing.
 
     The shots tile the whole video: the first starts at frame 0 and the last ends at
-    the last decoded frame.
+    the last decoded frame. ``reader.report`` is the pass's decode report afterwards.
     """
     from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode
+
+    from vcn.media.frames import FrameTimes
 
     fps = reader.info.fps or 25.0
     min_len = max(1, int(round(config.min_shot_s * fps)))
@@ -78,17 +100,18 @@ def detect_shots(reader: VideoReader, config: ShotConfig = ShotConfig()) -> pl.D
         progress=reader.progress,
     )
     cuts: list[int] = []
-    times: list[float] = []
+    timing = FrameTimes()
     last = None
     for frame in analysis.frames():
         bgr = cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR)
         last = FrameTimecode(frame.index, fps=fps)
         cuts.extend(tc.frame_num for tc in detector.process_frame(last, bgr))
-        times.append(frame.time_s)
+        timing.add(frame)
     if last is not None:
         cuts.extend(tc.frame_num for tc in detector.post_process(last))
     reader.report = analysis.report
-    return shots_from_cuts(cuts, np.asarray(times, dtype=np.float64))
+    frame_times = timing.table()
+    return ShotScan(shots_from_cuts(cuts, frame_times["time_s"].to_numpy()), frame_times)
 
 
 def shots_from_cuts(cuts: list[int], frame_times: np.ndarray) -> pl.DataFrame:

@@ -86,7 +86,8 @@ CREATE TABLE IF NOT EXISTS stage_metrics (
     items BIGINT,
     realtime_factor DOUBLE,
     details JSON,
-    recorded_at TIMESTAMPTZ
+    recorded_at TIMESTAMPTZ,
+    frames_decoded BIGINT
 );
 """
 
@@ -127,7 +128,7 @@ VIEWS: dict[str, tuple[tuple[str, ...], str]] = {
     "stage_runs": (
         ("stage_metrics",),
         """
-        SELECT movie_id, asset, run_id, seconds, frames, frames_per_s, items, realtime_factor,
+        SELECT movie_id, asset, run_id, seconds, frames, frames_decoded, frames_per_s, items, realtime_factor,
                details, recorded_at
         FROM stage_metrics ORDER BY recorded_at DESC
         """,
@@ -151,7 +152,10 @@ VIEWS: dict[str, tuple[tuple[str, ...], str]] = {
 #: existing rows) after every write that finds them missing (a warehouse written by an older
 #: release), whatever it wrote, so that the views that read them bind before the asset that
 #: fills them runs again.
-ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (("face_clusters", "unknown_reason", "VARCHAR"),)
+ADDED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("face_clusters", "unknown_reason", "VARCHAR"),
+    ("stage_metrics", "frames_decoded", "BIGINT"),
+)
 
 
 #: The share of the machine's memory (or of its cgroup's limit, if lower) that DuckDB may use. The stages
@@ -222,6 +226,7 @@ class Warehouse:
                 con = self._connect(duckdb, deadline, read_only=False)
                 try:
                     con.execute(_DDL)
+                    _add_release_columns(con)
                     con.execute("BEGIN TRANSACTION")
                     try:
                         yield con
@@ -317,6 +322,7 @@ class Warehouse:
         started_at: datetime,
         finished_at: datetime,
         frames: int | None = None,
+        frames_decoded: int | None = None,
         items: int | None = None,
         video_seconds: float | None = None,
         details: dict | None = None,
@@ -331,7 +337,8 @@ class Warehouse:
                 [asset, movie_id, run_id, code_version, artifact, row_count, started_at, finished_at],
             )
             con.execute(
-                "INSERT INTO stage_metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO stage_metrics (movie_id, asset, run_id, seconds, frames, frames_per_s, items, "
+                "realtime_factor, details, recorded_at, frames_decoded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     movie_id,
                     asset,
@@ -343,6 +350,7 @@ class Warehouse:
                     realtime,
                     json.dumps(details or {}),
                     finished_at,
+                    frames_decoded,
                 ],
             )
 

@@ -15,8 +15,8 @@ from vcn.faces.detection.video import appearance_matrix, detect_video_faces
 from vcn.faces.filters import FilterConfig, movie_cuts, track_reject_reason
 from vcn.faces.tracking import TrackerConfig, summarise_tracks, track_detections
 from vcn.media import VideoReader
-from vcn.media.frames import DEFAULT_DETECT_FPS, build_frame_index, sample_stride
-from vcn.media.shots import ShotConfig, detect_shots
+from vcn.media.frames import DEFAULT_DETECT_FPS, build_frame_index, read_frame_times, sample_stride
+from vcn.media.shots import ShotConfig, scan_shots
 from vcn_assets import artifacts
 from vcn_assets.assets.recording import movie_asset, preview, stage
 from vcn_assets.jobs import GPU_POOL
@@ -87,9 +87,11 @@ def shots(
     wh = warehouse.get()
     with stage(context, wh, "shots") as run:
         reader = _video(store, run.movie_id, progress=run.meter("frames decoded", "frames"))
-        table = detect_shots(
+        scan = scan_shots(
             reader, ShotConfig(detector=config.detector, threshold=config.threshold, min_shot_s=config.min_shot_s)
         )
+        table = scan.shots
+        store.write_parquet(run.movie_id, artifacts.FRAME_TIMES, scan.frame_times)
         path = store.write_parquet(run.movie_id, artifacts.SHOTS, table)
         info = reader.info.as_dict() | {
             "decoded_frames": reader.report.frames,
@@ -98,6 +100,7 @@ def shots(
         wh.replace_movie_rows("movies", run.movie_id, pl.DataFrame([info]))
         wh.replace_movie_rows("shots", run.movie_id, table)
         run.frames, run.items, run.row_count = reader.report.frames, table.height, table.height
+        run.frames_decoded = reader.report.frames
         run.video_seconds = float(table["end_s"].max() or 0.0) if table.height else 0.0
         run.artifact = str(path)
         for warning in reader.report.warnings:
@@ -120,12 +123,23 @@ def shots(
 def frames(
     context: dg.AssetExecutionContext, config: FramesConfig, store: ArtifactStore, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
-    """The frame index (time, key frame, shot of every frame) and the frames sampled for detection."""
+    """The frame index (time, key frame, shot of every frame) and the frames sampled for detection.
+
+    Built from the timing the shots pass recorded; only shots made by a release that kept none
+    (no ``frame_times`` artifact) send it over the video again.
+    """
     wh = warehouse.get()
     with stage(context, wh, "frames") as run:
-        reader = _video(store, run.movie_id, progress=run.meter("frames decoded", "frames"))
-        stride = sample_stride(reader.info.fps, config.detect_fps)
-        table = build_frame_index(reader, store.read_parquet(run.movie_id, artifacts.SHOTS), stride)
+        fps = wh.query("SELECT fps FROM movies WHERE movie_id = ?", [run.movie_id])
+        if store.exists(run.movie_id, artifacts.FRAME_TIMES) and fps.height:
+            frame_times = store.read_parquet(run.movie_id, artifacts.FRAME_TIMES)
+            stride = sample_stride(float(fps["fps"][0] or 0.0), config.detect_fps)
+        else:
+            reader = _video(store, run.movie_id, progress=run.meter("frames decoded", "frames"))
+            frame_times = read_frame_times(reader)
+            stride = sample_stride(reader.info.fps, config.detect_fps)
+            run.frames_decoded = reader.report.frames
+        table = build_frame_index(frame_times, store.read_parquet(run.movie_id, artifacts.SHOTS), stride)
         path = store.write_parquet(run.movie_id, artifacts.FRAMES, table)
         wh.replace_movie_rows("frames", run.movie_id, table)
         sampled = int(table["sampled"].sum())
@@ -152,6 +166,7 @@ def face_detections(
         reader = _video(store, run.movie_id, max_side=detector.max_side, progress=run.meter("frames decoded", "frames"))
         model = detector.create()
         table = detect_video_faces(reader, frame_table, model, batch_size=detector.batch_size)
+        run.frames_decoded = reader.report.frames
         path = store.write_parquet(run.movie_id, artifacts.DETECTIONS, table)
         sampled = int(frame_table["sampled"].sum())
         run.frames, run.items, run.row_count, run.artifact = sampled, table.height, table.height, str(path)
@@ -233,6 +248,7 @@ def track_crops(
         with store.writing(run.movie_id, artifacts.CROPS) as tmp:
             reader = _video(store, run.movie_id, progress=run.meter("frames decoded", "frames"))
             crops = write_track_crops(reader, tracked, tmp, crop_config)
+            run.frames_decoded = reader.report.frames
         path = store.uri(run.movie_id, artifacts.CROPS)
         wh.replace_movie_rows("track_crops", run.movie_id, crops)
         kept = int((~crops["rejected"]).sum()) if crops.height else 0

@@ -28,6 +28,8 @@ class StageRun:
     movie_id: str
     started_at: datetime = field(default_factory=utcnow)
     frames: int | None = None
+    #: Frames the stage decoded from the video (0: it read none), summed over its passes.
+    frames_decoded: int = 0
     items: int | None = None
     video_seconds: float | None = None
     artifact: str | None = None
@@ -89,6 +91,7 @@ def stage(context: dg.AssetExecutionContext, warehouse: Warehouse, asset: str) -
         started_at=run.started_at,
         finished_at=finished,
         frames=run.frames,
+        frames_decoded=run.frames_decoded,
         items=run.items,
         video_seconds=run.video_seconds,
         details=run.details,
