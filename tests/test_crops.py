@@ -72,3 +72,59 @@ def test_no_tracks_gives_an_empty_file(hamilton, tmp_path):
     out = tmp_path / "crops.parquet"
     meta = write_track_crops(VideoReader(hamilton), _rows([]), out)
     assert meta.height == 0 and pl.read_parquet(out).height == 0
+
+
+def _hamilton_detections(hamilton, chips_path, template: str):
+    """The Hamilton clip's detections at the pipeline's settings, with every detection's chip cut in the same pass."""
+    from vcn.faces.crops import ChipWriter, detections_key
+    from vcn.faces.detection.video import detect_video_faces
+    from vcn.media.frames import build_frame_index, sample_stride
+    from vcn.media.shots import scan_shots
+
+    reader = VideoReader(hamilton, max_side=640, keep_full=True)
+    scan = scan_shots(VideoReader(hamilton))
+    frames = build_frame_index(scan.frame_times, scan.shots, sample_stride(reader.info.fps))
+    with ChipWriter(chips_path, template) as chips:
+        detections = detect_video_faces(reader, frames, create_detector("retinaface"), chips=chips)
+        chips.detections = detections_key(detections)
+    assert chips.count == detections.height > 0
+    return detections, frames
+
+
+@pytest.mark.parametrize("template", ["arcface-112", "dlib-150"])
+def test_crops_from_the_detection_pass_chips_are_the_crops_cut_from_the_video(hamilton, tmp_path, template):
+    from vcn.faces.crops import chips_info, detections_key, track_crops_from_chips
+    from vcn.faces.detection.video import appearance_matrix
+    from vcn.faces.tracking import TrackerConfig, track_detections
+
+    chips_path = tmp_path / "chips.parquet"
+    detections, frames = _hamilton_detections(hamilton, chips_path, template)
+    assert chips_info(chips_path).template == template
+    assert chips_info(chips_path).detections == detections_key(detections)
+    samples_per_s = frames["sampled"].sum() / frames["time_s"].max()
+    tracked = track_detections(detections, appearance_matrix(detections), samples_per_s, TrackerConfig()).drop(
+        "appearance"
+    )
+    config = CropConfig(template=template)
+    decoded = write_track_crops(VideoReader(hamilton), tracked, tmp_path / "decoded.parquet", config)
+    chipped = track_crops_from_chips(chips_path, tracked, tmp_path / "chipped.parquet", config)
+    assert decoded.height > 20
+    assert chipped.equals(decoded)
+    # The same crops, byte for byte: the same frame, landmarks and JPEG encoder.
+    assert pl.read_parquet(tmp_path / "chipped.parquet").equals(pl.read_parquet(tmp_path / "decoded.parquet"))
+    with pytest.raises(ValueError, match="aligned for"):
+        track_crops_from_chips(chips_path, tracked, tmp_path / "x.parquet", CropConfig(template="dlib-150" if template != "dlib-150" else "arcface-112"))
+
+
+def test_chips_lacking_a_chosen_detection_are_refused(hamilton, tmp_path):
+    from vcn.faces.crops import ChipWriter, track_crops_from_chips
+
+    chips_path = tmp_path / "chips.parquet"
+    reader = VideoReader(hamilton)
+    frame = next(f for f in reader.frames(want=lambda i: i == 120) if f.index == 120)
+    found = create_detector("retinaface").detect([frame.image])[0]
+    with ChipWriter(chips_path, "arcface-112") as chips:
+        chips.add(frame.image, np.array([0]), found.landmarks[:1].astype(np.float32))
+    table = _rows([(0, 120, 0, found.boxes[0], found.landmarks[0]), (1, 124, 0, found.boxes[0], found.landmarks[0])])
+    with pytest.raises(ValueError, match="lack 1 of the 2"):
+        track_crops_from_chips(chips_path, table, tmp_path / "x.parquet", CropConfig(template="arcface-112", every_s=0.0))

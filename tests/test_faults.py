@@ -98,7 +98,7 @@ def test_a_killed_run_resumes_from_its_last_completed_asset(tmp_path, monkeypatc
     assert "kept (current)" not in captured.out
     assert _materialisations("h") == {name: 2 for name in MOVIE_ASSET_NAMES}
     # Its output is not a terminal: each stage's progress came as plain lines, the last one per loop saying done.
-    for stage in ("shots", "face_detections", "track_crops"):
+    for stage in ("shots", "face_detections"):
         assert f"{stage}: frames decoded 275 / 275 frames (100.0 %), " in captured.err
     assert "track_embeddings: crops embedded " in captured.err and ", done (" in captured.err
 

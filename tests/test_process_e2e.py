@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 
@@ -51,7 +52,8 @@ def test_every_asset_wrote_its_parquet_and_table(env):
 
 
 def test_each_stage_records_the_frames_it_decoded(env):
-    # The frame index comes from the shots pass's timing: three passes over the video, not four.
+    # The frame index comes from the shots pass's timing, the crops from the chips the detection pass cut:
+    # two passes over the video.
     wh = _warehouse(env)
     decoded = dict(
         wh.query(
@@ -62,10 +64,15 @@ def test_each_stage_records_the_frames_it_decoded(env):
     n = wh.query("SELECT count(*) FROM frames WHERE movie_id = 'hamilton'").item()
     assert n == 275
     assert decoded == {
-        "shots": n, "frames": 0, "face_detections": n, "face_tracks": 0, "track_crops": n, "finetuned_model": 0,
+        "shots": n, "frames": 0, "face_detections": n, "face_tracks": 0, "track_crops": 0, "finetuned_model": 0,
         "track_embeddings": 0, "face_clusters": 0,
     }
     assert hamilton_artifact(env, "frame_times.parquet").exists()
+    assert hamilton_artifact(env, "detection_chips.parquet").exists()
+    details = wh.query(
+        "SELECT arg_max(details, recorded_at) FROM stage_metrics WHERE movie_id = 'hamilton' AND asset = 'track_crops'"
+    ).item()
+    assert json.loads(details)["cut_from"] == "detection chips"
 
 
 def test_cuts_are_found(env):
@@ -166,9 +173,10 @@ def test_the_run_log_shows_each_stage_s_progress(env):
     with dg.DagsterInstance.get() as instance:
         (run,) = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": "hamilton"}), limit=1)
         messages = [event.user_message for event in instance.all_logs(run.run_id)]
-    for stage in ("shots", "face_detections", "track_crops"):
+    for stage in ("shots", "face_detections"):
         assert any(m.startswith(f"{stage}: frames decoded 275 / 275 frames (100.0 %)") for m in messages), stage
-    assert not any(m.startswith("frames: frames decoded") for m in messages)  # built from the shots pass's timing
+    # The frame index is built from the shots pass's timing, the crops taken from the detection pass's chips.
+    assert not any(m.startswith(("frames: frames decoded", "track_crops: frames decoded")) for m in messages)
     assert any(m.startswith("track_embeddings: crops embedded ") for m in messages)
     assert any(m.startswith("finetuned_model: round 1 epochs ") for m in messages)
 
@@ -678,3 +686,32 @@ def test_frames_of_shots_made_without_their_timing_decode_the_video(env):
         assert decoded == before.height
     finally:
         timing.write_bytes(kept)
+
+
+def test_crops_of_detections_made_without_chips_decode_the_video(env):
+    # Detections found by a release that cut no chips: the crops pass over the video, and are the same crops.
+    # (Last in the module: it adds a run of the track_crops asset alone.)
+    import dagster as dg
+
+    from vcn_assets.assets.preprocess import track_crops
+    from vcn_assets.definitions import build_resources
+    from vcn_assets.settings import Settings
+
+    before = pl.read_parquet(hamilton_artifact(env, "track_crops.parquet"))
+    chips = hamilton_artifact(env, "detection_chips.parquet")
+    kept = chips.read_bytes()
+    chips.unlink()
+    try:
+        with dg.DagsterInstance.get() as instance:
+            result = dg.materialize(
+                [track_crops], partition_key="hamilton", instance=instance, resources=build_resources(Settings.from_env())
+            )
+        assert result.success
+        assert pl.read_parquet(hamilton_artifact(env, "track_crops.parquet")).equals(before)
+        decoded, details = _warehouse(env).query(
+            "SELECT arg_max(frames_decoded, recorded_at), arg_max(details, recorded_at) FROM stage_metrics "
+            "WHERE movie_id = 'hamilton' AND asset = 'track_crops'"
+        ).row(0)
+        assert decoded == 275 and json.loads(details)["cut_from"] == "video"
+    finally:
+        chips.write_bytes(kept)

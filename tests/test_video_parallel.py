@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 
 import vcn.media.parallel as parallel
@@ -83,7 +84,7 @@ def test_default_workers(monkeypatch):
         parallel.default_workers()
 
 
-def test_the_pipeline_stages_are_the_same_with_workers(small_segments):
+def test_the_pipeline_stages_are_the_same_with_workers(small_segments, tmp_path):
     """Shots, the frames table and the detections of the clip, decoded in one pass and by three processes."""
     from polars.testing import assert_frame_equal
 
@@ -92,14 +93,19 @@ def test_the_pipeline_stages_are_the_same_with_workers(small_segments):
     from vcn.media.frames import build_frame_index
     from vcn.media.shots import scan_shots
 
+    from vcn.faces.crops import ChipWriter
+
     detector = RetinaFaceDetector(threads=2, engine="onnxruntime")
     tables = []
     for workers in (1, 3):
-        reader = VideoReader(media.HAMILTON, max_side=640, workers=workers)
+        reader = VideoReader(media.HAMILTON, max_side=640, workers=workers, keep_full=True)
         scan = scan_shots(reader)
         shots = scan.shots
         frames = build_frame_index(scan.frame_times, shots, stride=4)
-        tables.append((shots, frames, detect_video_faces(reader, frames, detector)))
+        chips_path = tmp_path / f"chips_{workers}.parquet"
+        with ChipWriter(chips_path, "arcface-112") as chips:
+            detections = detect_video_faces(reader, frames, detector, chips=chips)
+        tables.append((shots, frames, detections, pl.read_parquet(chips_path)))
     for one, many in zip(*tables):
         assert_frame_equal(one, many)
-    assert tables[0][2].height > 0
+    assert tables[0][2].height > 0 and tables[0][3].height == tables[0][2].height

@@ -21,6 +21,9 @@ FRAME_TIMES = "frame_times.parquet"
 FRAMES = "frames.parquet"
 #: Detections as the detector gave them (with appearance vectors for tracking).
 DETECTIONS = "face_detections.parquet"
+#: The aligned chip of every detection (JPEG), cut in the detection pass for the base model's template:
+#: the crops are picked from it without another pass over the video.
+DETECTION_CHIPS = "detection_chips.parquet"
 #: Detections with their track id: what ``vcn export`` writes out.
 TRACKED_DETECTIONS = "face_tracks.parquet"
 #: One row per track (shot, first and last frame, detections).

@@ -37,6 +37,8 @@ class DecodedFrame:
         time_s: Seconds since the first frame.
         key_frame: Whether the frame is a key frame.
         image: (H, W, 3) uint8 RGB, upright, possibly downscaled; None if not requested.
+        full: The same frame at the video's own size, for a reader asked to keep it
+            (``keep_full``; ``image`` itself where that is not downscaled); else None.
     """
 
     index: int
@@ -44,6 +46,7 @@ class DecodedFrame:
     time_s: float
     key_frame: bool
     image: np.ndarray | None
+    full: np.ndarray | None = None
 
 
 @dataclass
@@ -85,6 +88,9 @@ class VideoReader:
             Frames, their numbers and timestamps are the same either way.
         progress: Called as ``progress(frames so far, frames the container declares)``
             after each frame (e.g. a :class:`vcn.progress.Meter`).
+        keep_full: Also give each wanted frame at the video's own size (:attr:`DecodedFrame.full`),
+            converted from the same decoded picture: one pass serves a stage that works on
+            downscaled frames and one that cuts from full-resolution ones.
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class VideoReader:
         info: VideoInfo | None = None,
         workers: int = 1,
         progress: Callable[[int, int], None] | None = None,
+        keep_full: bool = False,
     ) -> None:
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
@@ -105,6 +112,7 @@ class VideoReader:
         self.max_side = max_side
         self.threads = threads
         self.progress = progress
+        self.keep_full = keep_full
         self.report = DecodeReport(declared_frames=self.info.frame_count)
         self.out_width, self.out_height = scaled_size(self.info.width, self.info.height, max_side)
 
@@ -146,10 +154,12 @@ class VideoReader:
         self.report = report = DecodeReport(declared_frames=self.info.frame_count)
         first_time: float | None = None
         try:
-            for index, pts, t, key, image in parallel_frames(self, plan, want, self.workers):
+            for index, pts, t, key, image, full in parallel_frames(self, plan, want, self.workers):
                 if first_time is None:
                     first_time = t
-                yield DecodedFrame(index=index, pts=pts, time_s=float(t - first_time), key_frame=key, image=image)
+                yield DecodedFrame(
+                    index=index, pts=pts, time_s=float(t - first_time), key_frame=key, image=image, full=full
+                )
                 report.frames = index + 1
         except SegmentFailed as exc:
             log.warning("%s: %s; decoding the rest in one pass", self.path, exc)
@@ -181,15 +191,16 @@ class VideoReader:
                         t = index / self.info.fps if self.info.fps else 0.0
                     if first_time is None:
                         first_time = t
-                    image = None
+                    image = full = None
                     if want is None or want(index):
-                        image = self._to_rgb(frame, index)
+                        image, full = self.convert(frame, index)
                     yield DecodedFrame(
                         index=index,
                         pts=frame.pts,
                         time_s=float(t - first_time),
                         key_frame=bool(frame.key_frame),
                         image=image,
+                        full=full,
                     )
                     index += 1
                     report.frames = index
@@ -252,11 +263,19 @@ class VideoReader:
                 self.path, f"{bad} of {total} packets failed to decode; the stream is corrupt"
             )
 
-    def _to_rgb(self, frame, index: int) -> np.ndarray:
+    def convert(self, frame, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """A decoded picture as (image, full): RGB at the reader's size, and at the video's own when kept."""
+        image = self._to_rgb(frame, index)
+        if not self.keep_full:
+            return image, None
+        scaled = (self.out_width, self.out_height) != (self.info.width, self.info.height)
+        return image, self._to_rgb(frame, index, full=True) if scaled else image
+
+    def _to_rgb(self, frame, index: int, full: bool = False) -> np.ndarray:
         import av
 
         rotation = normalise_rotation(getattr(frame, "rotation", 0))
-        w, h = self.out_width, self.out_height
+        w, h = (self.info.width, self.info.height) if full else (self.out_width, self.out_height)
         coded_w, coded_h = (h, w) if rotation in (90, 270) else (w, h)
         size = {"width": coded_w, "height": coded_h} if (coded_w, coded_h) != (frame.width, frame.height) else {}
         try:

@@ -120,14 +120,15 @@ def plan_segments(path: str, segment_frames: int | None = None) -> SegmentPlan |
 
 @dataclass
 class SegmentResult:
-    """What a worker decoded: per frame (pts, time, key frame, RGB image or None), or why it failed."""
+    """What a worker decoded: per frame (pts, time, key frame, RGB image or None, full-size RGB or None), or why
+    it failed."""
 
-    frames: list[tuple[int, float, bool, np.ndarray | None]]
+    frames: list[tuple[int, float, bool, np.ndarray | None, np.ndarray | None]]
     failure: str | None = None
 
 
 def decode_segment(
-    path: str, max_side: int | None, threads: int, info, pts: np.ndarray, wanted: np.ndarray
+    path: str, max_side: int | None, threads: int, info, pts: np.ndarray, wanted: np.ndarray, keep_full: bool = False
 ) -> SegmentResult:
     """Decodes the frames with timestamps ``pts`` (sorted), converting those where ``wanted`` is true.
 
@@ -138,7 +139,7 @@ def decode_segment(
 
     from vcn.media.decode import VideoReader
 
-    reader = VideoReader(path, max_side=max_side, threads=threads, info=info)
+    reader = VideoReader(path, max_side=max_side, threads=threads, info=info, keep_full=keep_full)
     first, last = int(pts[0]), int(pts[-1])
     position = {int(p): i for i, p in enumerate(pts.tolist())}
     out: list = [None] * len(pts)
@@ -161,8 +162,8 @@ def decode_segment(
                         continue
                     if out[i] is not None:
                         return SegmentResult([], f"frame at pts {frame.pts} decoded twice")
-                    image = reader._to_rgb(frame, i) if wanted[i] else None
-                    out[i] = (int(frame.pts), float(frame.time), bool(frame.key_frame), image)
+                    image, full = reader.convert(frame, i) if wanted[i] else (None, None)
+                    out[i] = (int(frame.pts), float(frame.time), bool(frame.key_frame), image, full)
                     remaining -= 1
                 if remaining == 0:
                     break
@@ -175,8 +176,8 @@ def decode_segment(
 
 def parallel_frames(
     reader, plan: SegmentPlan, want: Callable[[int], bool] | None, workers: int
-) -> Iterator[tuple[int, int, float, bool, np.ndarray | None]]:
-    """(index, pts, time, key frame, image) of every frame in order, decoded by ``workers`` processes.
+) -> Iterator[tuple[int, int, float, bool, np.ndarray | None, np.ndarray | None]]:
+    """(index, pts, time, key frame, image, full) of every frame in order, decoded by ``workers`` processes.
 
     Stops early (the caller goes on in one pass from the next frame) when a
     segment fails: the frames yielded so far are right, the rest are not given.
@@ -197,7 +198,7 @@ def parallel_frames(
             first, end = plan.segment(next_segment)
             pending.append(
                 pool.submit(decode_segment, reader.path, reader.max_side, threads, reader.info,
-                            plan.pts[first:end], wanted[first:end])
+                            plan.pts[first:end], wanted[first:end], reader.keep_full)
             )
             next_segment += 1
 
@@ -211,8 +212,8 @@ def parallel_frames(
                     future.cancel()
                 raise SegmentFailed(plan.segment(segment)[0], result.failure)
             first, _ = plan.segment(segment)
-            for offset, (pts, time, key, image) in enumerate(result.frames):
-                yield first + offset, pts, time, key, image
+            for offset, (pts, time, key, image, full) in enumerate(result.frames):
+                yield first + offset, pts, time, key, image, full
             segment += 1
             if next_segment < len(plan.starts):
                 submit()

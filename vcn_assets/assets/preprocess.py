@@ -10,7 +10,15 @@ from pydantic import Field
 
 from resources import ArtifactStore, BackboneResource, DetectorResource, MovieRegistry, WarehouseResource
 from vcn.errors import VideoError
-from vcn.faces.crops import CropConfig, write_track_crops
+from vcn.faces.crops import (
+    CHIP_KEY_COLUMNS,
+    ChipWriter,
+    CropConfig,
+    chips_info,
+    detections_key,
+    track_crops_from_chips,
+    write_track_crops,
+)
 from vcn.faces.detection.video import appearance_matrix, detect_video_faces
 from vcn.faces.filters import FilterConfig, movie_cuts, track_reject_reason
 from vcn.faces.tracking import TrackerConfig, summarise_tracks, track_detections
@@ -157,22 +165,33 @@ def frames(
 
 @movie_asset(group=GROUP, deps=[frames], kinds={"onnx", "parquet"}, pool=GPU_POOL)
 def face_detections(
-    context: dg.AssetExecutionContext, store: ArtifactStore, warehouse: WarehouseResource, detector: DetectorResource
+    context: dg.AssetExecutionContext,
+    store: ArtifactStore,
+    warehouse: WarehouseResource,
+    detector: DetectorResource,
+    backbone: BackboneResource,
 ) -> dg.MaterializeResult:
-    """Face boxes, five landmarks and scores on every sampled frame."""
+    """Face boxes, five landmarks and scores on every sampled frame; and, from the same decoded frames at full
+    resolution, every detection's chip aligned for the base model's template (``detection_chips.parquet``)."""
     wh = warehouse.get()
+    template = backbone.template()
     with stage(context, wh, "face_detections") as run:
         frame_table = store.read_parquet(run.movie_id, artifacts.FRAMES)
-        reader = _video(store, run.movie_id, max_side=detector.max_side, progress=run.meter("frames decoded", "frames"))
+        reader = _video(
+            store, run.movie_id, max_side=detector.max_side, keep_full=True, progress=run.meter("frames decoded", "frames")
+        )
         model = detector.create()
-        table = detect_video_faces(reader, frame_table, model, batch_size=detector.batch_size)
+        with store.writing(run.movie_id, artifacts.DETECTION_CHIPS) as chips_path:
+            with ChipWriter(chips_path, template) as chips:
+                table = detect_video_faces(reader, frame_table, model, batch_size=detector.batch_size, chips=chips)
+                chips.detections = detections_key(table)
         run.frames_decoded = reader.report.frames
         path = store.write_parquet(run.movie_id, artifacts.DETECTIONS, table)
         sampled = int(frame_table["sampled"].sum())
         run.frames, run.items, run.row_count, run.artifact = sampled, table.height, table.height, str(path)
         run.video_seconds = float(frame_table["time_s"].max() or 0.0) if frame_table.height else 0.0
         runs_on = getattr(model, "active_providers", None)
-        run.details = {"detector": model.name, "max_side": detector.max_side, "runs_on": runs_on}
+        run.details = {"detector": model.name, "max_side": detector.max_side, "runs_on": runs_on, "chips_template": template}
     return run.result(
         {
             "detections": table.height,
@@ -245,10 +264,15 @@ def track_crops(
             min_face_area=config.min_face_area, top_k=config.top_k, min_sharpness=config.min_sharpness
         )
         crop_config = CropConfig(template=template, every_s=config.every_s, filters=filters)
+        chips_path, why_not = _detection_chips(store, run.movie_id, template)
         with store.writing(run.movie_id, artifacts.CROPS) as tmp:
-            reader = _video(store, run.movie_id, progress=run.meter("frames decoded", "frames"))
-            crops = write_track_crops(reader, tracked, tmp, crop_config)
-            run.frames_decoded = reader.report.frames
+            if chips_path is not None:
+                crops = track_crops_from_chips(chips_path, tracked, tmp, crop_config)
+            else:
+                context.log.info(f"{run.movie_id}: cutting the crops from the video: {why_not}")
+                reader = _video(store, run.movie_id, progress=run.meter("frames decoded", "frames"))
+                crops = write_track_crops(reader, tracked, tmp, crop_config)
+                run.frames_decoded = reader.report.frames
         path = store.uri(run.movie_id, artifacts.CROPS)
         wh.replace_movie_rows("track_crops", run.movie_id, crops)
         kept = int((~crops["rejected"]).sum()) if crops.height else 0
@@ -258,6 +282,7 @@ def track_crops(
         run.details = {
             "kept": kept,
             "template": template,
+            "cut_from": "detection chips" if chips_path is not None else "video",
             "min_face_height": round(cuts.min_face_height, 2),
             "min_sharpness": round(cuts.min_sharpness, 2),
         }
@@ -287,6 +312,20 @@ def track_crops(
             "template": template,
         }
     )
+
+
+def _detection_chips(store: ArtifactStore, movie_id: str, template: str):
+    """(local path, None) of the movie's detection chips when they serve crops for ``template``; else (None, why)."""
+    if not store.exists(movie_id, artifacts.DETECTION_CHIPS):
+        return None, "its detections were found without chips (an earlier release)"
+    path = store.local(movie_id, artifacts.DETECTION_CHIPS)
+    info = chips_info(path)
+    if info.template != template:
+        return None, f"its detection chips are aligned for {info.template}, the crops for {template}"
+    detections = store.read_parquet(movie_id, artifacts.DETECTIONS, columns=CHIP_KEY_COLUMNS)
+    if info.detections != detections_key(detections):
+        return None, "its detection chips were cut at other detections than the stored ones"
+    return path, None
 
 
 def _sampling_rate(frame_table: pl.DataFrame) -> float:

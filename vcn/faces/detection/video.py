@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import polars as pl
@@ -10,6 +10,9 @@ import polars as pl
 from vcn.faces.detection.base import LANDMARK_NAMES, Detections, FaceDetector
 from vcn.faces.tracking import THUMB_SIDE, appearance_thumbnail
 from vcn.media import VideoReader
+
+if TYPE_CHECKING:
+    from vcn.faces.crops import ChipWriter
 
 LANDMARK_COLUMNS = [f"{name}_{axis}" for name in LANDMARK_NAMES for axis in ("x", "y")]
 
@@ -36,15 +39,23 @@ def detect_video_faces(
     frames: pl.DataFrame,
     detector: FaceDetector,
     batch_size: int = 8,
+    chips: ChipWriter | None = None,
 ) -> pl.DataFrame:
     """Detects faces on the frames flagged ``sampled`` in the frames table.
 
     The reader's ``max_side`` sets the detection resolution: frames are scaled
     while decoding and results are mapped back to original pixels.
 
+    Args:
+        chips: Where every detection's aligned chip goes, cut from the same decoded
+            frame at full resolution (the reader must keep it: ``keep_full``), so
+            the crops need no other pass over the video.
+
     Returns:
         The detections table (:data:`DETECTIONS_SCHEMA`), ordered by frame.
     """
+    if chips is not None and not reader.keep_full:
+        raise ValueError("cutting chips needs the full-resolution frames: open the reader with keep_full=True")
     sampled = frames.filter(pl.col("sampled"))
     wanted = set(sampled["frame"].to_list())
     shot_of = dict(zip(sampled["frame"].to_list(), sampled["shot_id"].to_list()))
@@ -61,6 +72,10 @@ def detect_video_faces(
                 columns["appearance"].append(_quantise(thumb))
             original = found.scaled(scale) if scale != 1.0 else found
             _append(columns, original, frame.index, shot_of[frame.index], time_of[frame.index], next_id)
+            if chips is not None and len(found):
+                # The landmarks as the table keeps them (float32), as the crops would read them back.
+                points = np.asarray(original.landmarks, dtype=np.float32).reshape(-1, 5, 2)
+                chips.add(frame.full, np.arange(next_id, next_id + len(found)), points)
             next_id += len(found)
     return pl.DataFrame(columns, schema=DETECTIONS_SCHEMA)
 
