@@ -60,14 +60,14 @@ def average_linkage(
             if a != b:
                 blocked[a].add(b)
                 blocked[b].add(a)
-    u = np.array(points.u, dtype=np.float64)
-    v = np.array(points.v, dtype=np.float64)
     size = keep.astype(np.float64)
     parent = np.arange(n)
     open_ = keep.copy()  # clusters that may still merge
-    # The open clusters' factors, packed; repacked when half of them have merged or been set aside.
+    # The open clusters' mean factors (float64), one row each: ``rows`` names the cluster of each row and
+    # ``position`` the row of each cluster. Repacked when half of the rows have merged or been set aside.
     rows = np.flatnonzero(open_)
-    packed_u, packed_v = u[rows], v[rows]
+    packed_u = np.asarray(points.u, dtype=np.float64)[rows]
+    packed_v = np.asarray(points.v, dtype=np.float64)[rows]
     position = np.full(n, -1, dtype=np.int64)
     position[rows] = np.arange(len(rows))
     alive = np.ones(len(rows), dtype=bool)
@@ -80,7 +80,7 @@ def average_linkage(
                 break
             chain.append(a)
         a = chain[-1]
-        d = points.offset + 0.5 * (packed_u @ v[a] + packed_v @ u[a])
+        d = points.offset + 0.5 * (packed_u @ packed_v[position[a]] + packed_v @ packed_u[position[a]])
         d[~alive] = np.inf
         d[position[a]] = np.inf
         if blocked[a]:
@@ -106,13 +106,13 @@ def average_linkage(
             chain.pop()
             # Merge b into a.
             total = size[a] + size[b]
-            u[a] = (size[a] * u[a] + size[b] * u[b]) / total
-            v[a] = (size[a] * v[a] + size[b] * v[b]) / total
+            pa, pb = position[a], position[b]
+            packed_u[pa] = (size[a] * packed_u[pa] + size[b] * packed_u[pb]) / total
+            packed_v[pa] = (size[a] * packed_v[pa] + size[b] * packed_v[pb]) / total
             size[a], size[b] = total, 0.0
             parent[b] = a
             open_[b] = False
-            packed_u[position[a]], packed_v[position[a]] = u[a], v[a]
-            alive[position[b]] = False
+            alive[pb] = False
             for c in blocked[b]:
                 blocked[c].discard(b)
                 blocked[c].add(a)
@@ -122,8 +122,7 @@ def average_linkage(
             chain.append(b)
         if alive.sum() * 2 < len(alive) and len(alive) > 64:
             position[rows] = -1
-            rows = rows[alive]
-            packed_u, packed_v = u[rows], v[rows]
+            rows, packed_u, packed_v = rows[alive], packed_u[alive], packed_v[alive]
             position[rows] = np.arange(len(rows))
             alive = np.ones(len(rows), dtype=bool)
     # Each item's cluster is the root of its chain of merges.
