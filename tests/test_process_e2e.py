@@ -425,21 +425,42 @@ def _latest_materialization(asset: str):
 
 def _recluster(**config):
     """Materialises face_clusters of hamilton alone, with its checks, on the project's instance."""
-    import dagster as dg
-
     from vcn_assets.assets.clusters import face_clusters
     from vcn_assets.checks import clusters_cover_tracks, clusters_respect_cannot_link
+
+    return _materialise_alone(
+        [face_clusters, clusters_respect_cannot_link, clusters_cover_tracks],
+        run_config={"ops": {"face_clusters": {"config": config}}} if config else None,
+    )
+
+
+def _materialise_alone(assets: list, run_config: dict | None = None):
+    """Materialises the given assets (and checks) of hamilton alone on the project's instance."""
+    import dagster as dg
+
     from vcn_assets.definitions import build_resources
     from vcn_assets.settings import Settings
 
     with dg.DagsterInstance.get() as instance:
         return dg.materialize(
-            [face_clusters, clusters_respect_cannot_link, clusters_cover_tracks],
-            partition_key="hamilton",
-            instance=instance,
-            resources=build_resources(Settings.from_env()),
-            run_config={"ops": {"face_clusters": {"config": config}}} if config else None,
+            assets, partition_key="hamilton", instance=instance, resources=build_resources(Settings.from_env()),
+            run_config=run_config,
         )
+
+
+def _without_artifact(env, name: str, asset) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Materialises ``asset`` alone with the artifact ``name`` gone (as a movie from an older release lacks it),
+    restores the artifact, and returns the asset's table before and after."""
+    table = hamilton_artifact(env, f"{asset.key.path[-1]}.parquet")
+    before = pl.read_parquet(table)
+    missing = hamilton_artifact(env, name)
+    kept = missing.read_bytes()
+    missing.unlink()
+    try:
+        assert _materialise_alone([asset]).success
+        return before, pl.read_parquet(table)
+    finally:
+        missing.write_bytes(kept)
 
 
 def test_every_track_has_one_cluster_row_with_model_version_and_run(env):
@@ -663,55 +684,25 @@ def test_analysts_label_clusters_and_later_runs_respect_it(env, capsys):
 def test_frames_of_shots_made_without_their_timing_decode_the_video(env):
     # Shots materialised by a release that kept no frame timing: the frame index passes over the video itself.
     # (Last in the module: it adds a run of the frames asset alone.)
-    import dagster as dg
-
     from vcn_assets.assets.preprocess import frames
-    from vcn_assets.definitions import build_resources
-    from vcn_assets.settings import Settings
 
-    before = pl.read_parquet(hamilton_artifact(env, "frames.parquet"))
-    timing = hamilton_artifact(env, "frame_times.parquet")
-    kept = timing.read_bytes()
-    timing.unlink()
-    try:
-        with dg.DagsterInstance.get() as instance:
-            result = dg.materialize(
-                [frames], partition_key="hamilton", instance=instance, resources=build_resources(Settings.from_env())
-            )
-        assert result.success
-        assert pl.read_parquet(hamilton_artifact(env, "frames.parquet")).equals(before)
-        decoded = _warehouse(env).query(
-            "SELECT arg_max(frames_decoded, recorded_at) FROM stage_metrics WHERE movie_id = 'hamilton' AND asset = 'frames'"
-        ).item()
-        assert decoded == before.height
-    finally:
-        timing.write_bytes(kept)
+    before, after = _without_artifact(env, "frame_times.parquet", frames)
+    assert after.equals(before)
+    decoded = _warehouse(env).query(
+        "SELECT arg_max(frames_decoded, recorded_at) FROM stage_metrics WHERE movie_id = 'hamilton' AND asset = 'frames'"
+    ).item()
+    assert decoded == before.height
 
 
 def test_crops_of_detections_made_without_chips_decode_the_video(env):
     # Detections found by a release that cut no chips: the crops pass over the video, and are the same crops.
     # (Last in the module: it adds a run of the track_crops asset alone.)
-    import dagster as dg
-
     from vcn_assets.assets.preprocess import track_crops
-    from vcn_assets.definitions import build_resources
-    from vcn_assets.settings import Settings
 
-    before = pl.read_parquet(hamilton_artifact(env, "track_crops.parquet"))
-    chips = hamilton_artifact(env, "detection_chips.parquet")
-    kept = chips.read_bytes()
-    chips.unlink()
-    try:
-        with dg.DagsterInstance.get() as instance:
-            result = dg.materialize(
-                [track_crops], partition_key="hamilton", instance=instance, resources=build_resources(Settings.from_env())
-            )
-        assert result.success
-        assert pl.read_parquet(hamilton_artifact(env, "track_crops.parquet")).equals(before)
-        decoded, details = _warehouse(env).query(
-            "SELECT arg_max(frames_decoded, recorded_at), arg_max(details, recorded_at) FROM stage_metrics "
-            "WHERE movie_id = 'hamilton' AND asset = 'track_crops'"
-        ).row(0)
-        assert decoded == 275 and json.loads(details)["cut_from"] == "video"
-    finally:
-        chips.write_bytes(kept)
+    before, after = _without_artifact(env, "detection_chips.parquet", track_crops)
+    assert after.equals(before)
+    decoded, details = _warehouse(env).query(
+        "SELECT arg_max(frames_decoded, recorded_at), arg_max(details, recorded_at) FROM stage_metrics "
+        "WHERE movie_id = 'hamilton' AND asset = 'track_crops'"
+    ).row(0)
+    assert decoded == 275 and json.loads(details)["cut_from"] == "video"
