@@ -52,8 +52,8 @@ def test_every_asset_wrote_its_parquet_and_table(env):
 
 
 def test_each_stage_records_the_frames_it_decoded(env):
-    # The frame index comes from the shots pass's timing, the crops from the chips the detection pass cut:
-    # two passes over the video.
+    # One pass over the video finds the shots, times the frames and feeds the detector; the crops come from the
+    # chips that pass cut.
     wh = _warehouse(env)
     decoded = dict(
         wh.query(
@@ -64,7 +64,7 @@ def test_each_stage_records_the_frames_it_decoded(env):
     n = wh.query("SELECT count(*) FROM frames WHERE movie_id = 'hamilton'").item()
     assert n == 275
     assert decoded == {
-        "shots": n, "frames": 0, "face_detections": n, "face_tracks": 0, "track_crops": 0, "finetuned_model": 0,
+        "shots": n, "frames": 0, "face_detections": 0, "face_tracks": 0, "track_crops": 0, "finetuned_model": 0,
         "track_embeddings": 0, "face_clusters": 0,
     }
     assert hamilton_artifact(env, "frame_times.parquet").exists()
@@ -173,10 +173,12 @@ def test_the_run_log_shows_each_stage_s_progress(env):
     with dg.DagsterInstance.get() as instance:
         (run,) = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/partition": "hamilton"}), limit=1)
         messages = [event.user_message for event in instance.all_logs(run.run_id)]
-    for stage in ("shots", "face_detections"):
-        assert any(m.startswith(f"{stage}: frames decoded 275 / 275 frames (100.0 %)") for m in messages), stage
-    # The frame index is built from the shots pass's timing, the crops taken from the detection pass's chips.
-    assert not any(m.startswith(("frames: frames decoded", "track_crops: frames decoded")) for m in messages)
+    assert any(m.startswith("shots: frames decoded 275 / 275 frames (100.0 %)") for m in messages)
+    # That one pass also built the frame index and fed the detector; the crops came from its chips.
+    assert not any(
+        m.startswith(("frames: frames decoded", "face_detections: frames decoded", "track_crops: frames decoded"))
+        for m in messages
+    )
     assert any(m.startswith("track_embeddings: crops embedded ") for m in messages)
     assert any(m.startswith("finetuned_model: round 1 epochs ") for m in messages)
 
@@ -434,8 +436,9 @@ def _recluster(**config):
     )
 
 
-def _materialise_alone(assets: list, run_config: dict | None = None):
-    """Materialises the given assets (and checks) of hamilton alone on the project's instance."""
+def _materialise_alone(assets: list, run_config: dict | None = None, selection: list[str] | None = None):
+    """Materialises the given assets (and checks) of hamilton alone on the project's instance; ``selection``
+    picks some assets of a multi-asset."""
     import dagster as dg
 
     from vcn_assets.definitions import build_resources
@@ -444,20 +447,20 @@ def _materialise_alone(assets: list, run_config: dict | None = None):
     with dg.DagsterInstance.get() as instance:
         return dg.materialize(
             assets, partition_key="hamilton", instance=instance, resources=build_resources(Settings.from_env()),
-            run_config=run_config,
+            run_config=run_config, selection=selection,
         )
 
 
-def _without_artifact(env, name: str, asset) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Materialises ``asset`` alone with the artifact ``name`` gone (as a movie from an older release lacks it),
-    restores the artifact, and returns the asset's table before and after."""
-    table = hamilton_artifact(env, f"{asset.key.path[-1]}.parquet")
+def _without_artifact(env, name: str, asset, key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Materialises the asset ``key`` (of the definition ``asset``) alone with the artifact ``name`` gone (as a
+    movie from an older release lacks it), restores the artifact, and returns the asset's table before and after."""
+    table = hamilton_artifact(env, f"{key}.parquet")
     before = pl.read_parquet(table)
     missing = hamilton_artifact(env, name)
     kept = missing.read_bytes()
     missing.unlink()
     try:
-        assert _materialise_alone([asset]).success
+        assert _materialise_alone([asset], selection=[key]).success
         return before, pl.read_parquet(table)
     finally:
         missing.write_bytes(kept)
@@ -684,9 +687,9 @@ def test_analysts_label_clusters_and_later_runs_respect_it(env, capsys):
 def test_frames_of_shots_made_without_their_timing_decode_the_video(env):
     # Shots materialised by a release that kept no frame timing: the frame index passes over the video itself.
     # (Last in the module: it adds a run of the frames asset alone.)
-    from vcn_assets.assets.preprocess import frames
+    from vcn_assets.assets.preprocess import movie_scan
 
-    before, after = _without_artifact(env, "frame_times.parquet", frames)
+    before, after = _without_artifact(env, "frame_times.parquet", movie_scan, "frames")
     assert after.equals(before)
     decoded = _warehouse(env).query(
         "SELECT arg_max(frames_decoded, recorded_at) FROM stage_metrics WHERE movie_id = 'hamilton' AND asset = 'frames'"
@@ -694,12 +697,29 @@ def test_frames_of_shots_made_without_their_timing_decode_the_video(env):
     assert decoded == before.height
 
 
+def test_detections_alone_pass_over_the_video_and_find_the_same_faces(env):
+    # The one pass made them; materialised alone (a subset of the pass's assets) they take a pass of their own.
+    # (Last in the module: it adds a run of the face_detections asset alone.)
+    from vcn_assets.assets.preprocess import movie_scan
+
+    table = hamilton_artifact(env, "face_detections.parquet")
+    chips = hamilton_artifact(env, "detection_chips.parquet")
+    before, chips_before = pl.read_parquet(table), pl.read_parquet(chips)
+    assert _materialise_alone([movie_scan], selection=["face_detections"]).success
+    assert pl.read_parquet(table).equals(before) and pl.read_parquet(chips).equals(chips_before)
+    decoded, details = _warehouse(env).query(
+        "SELECT arg_max(frames_decoded, recorded_at), arg_max(details, recorded_at) FROM stage_metrics "
+        "WHERE movie_id = 'hamilton' AND asset = 'face_detections'"
+    ).row(0)
+    assert decoded == 275 and "one_pass" not in json.loads(details)
+
+
 def test_crops_of_detections_made_without_chips_decode_the_video(env):
     # Detections found by a release that cut no chips: the crops pass over the video, and are the same crops.
     # (Last in the module: it adds a run of the track_crops asset alone.)
     from vcn_assets.assets.preprocess import track_crops
 
-    before, after = _without_artifact(env, "detection_chips.parquet", track_crops)
+    before, after = _without_artifact(env, "detection_chips.parquet", track_crops, "track_crops")
     assert after.equals(before)
     decoded, details = _warehouse(env).query(
         "SELECT arg_max(frames_decoded, recorded_at), arg_max(details, recorded_at) FROM stage_metrics "

@@ -196,8 +196,8 @@ def test_inbox_sensor_on_an_s3_prefix(s3, tmp_path, monkeypatch):
 
 
 def test_an_s3_object_that_is_not_a_video_fails_its_run_clearly_and_writes_nothing(s3, tmp_path, monkeypatch):
-    from resources import WarehouseResource
-    from vcn_assets.assets.preprocess import shots
+    from resources import BackboneResource, DetectorResource, WarehouseResource
+    from vcn_assets.assets.preprocess import movie_scan
 
     monkeypatch.setenv("VCN_HOME", str(tmp_path / "home"))
     s3.put_object(Bucket=BUCKET, Key="inbox/broken.mp4", Body=os.urandom(50_000))
@@ -206,9 +206,12 @@ def test_an_s3_object_that_is_not_a_video_fails_its_run_clearly_and_writes_nothi
     warehouse = WarehouseResource(path=str(tmp_path / "wh.duckdb"))
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("movies", ["broken"])
+        resources = {
+            "store": store, "warehouse": warehouse, "detector": DetectorResource(),
+            "backbone": BackboneResource(),
+        }
         result = dg.materialize(
-            [shots], partition_key="broken", instance=instance, resources={"store": store, "warehouse": warehouse},
-            raise_on_error=False,
+            [movie_scan], partition_key="broken", instance=instance, resources=resources, raise_on_error=False,
         )
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure).step_failure_data.error

@@ -157,5 +157,8 @@ def test_accelerator_steps_share_the_gpu_pool():
     from vcn_assets.definitions import defs
     from vcn_assets.jobs import GPU_POOL
 
-    pools = {key: defs.resolve_assets_def(key).node_def.pool for key in ("face_detections", "finetuned_model", "track_embeddings", "shots")}
-    assert pools == {"face_detections": GPU_POOL, "finetuned_model": GPU_POOL, "track_embeddings": GPU_POOL, "shots": None}
+    keys = ("face_detections", "finetuned_model", "track_embeddings", "face_tracks")
+    pools = {key: defs.resolve_assets_def(key).node_def.pool for key in keys}
+    assert pools == {"face_detections": GPU_POOL, "finetuned_model": GPU_POOL, "track_embeddings": GPU_POOL, "face_tracks": None}
+    # The shots and the frame index come from the detection's own pass over the video, in the same step.
+    assert defs.resolve_assets_def("shots") is defs.resolve_assets_def("face_detections")

@@ -8,10 +8,11 @@ so a pass over a two-hour movie holds one frame in memory at a time.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -174,6 +175,19 @@ class VideoReader:
 
     def _one_pass(self, want: Callable[[int], bool] | None) -> Iterator[DecodedFrame]:
         """Every frame from a single decoder, in this process."""
+        for frame, picture in self.pictures():
+            if want is None or want(frame.index):
+                image, full = self.convert(picture, frame.index)
+                frame = dataclasses.replace(frame, image=image, full=full)
+            yield frame
+
+    def pictures(self) -> Iterator[tuple[DecodedFrame, Any]]:
+        """Every frame from a single decoder, in this process, with the decoder's picture still unconverted.
+
+        For a caller that decides which pictures it wants only after later frames have come
+        (:class:`vcn.media.scan.MovieScan`): it converts them with :meth:`convert`. The frames
+        carry no image; ``report`` is filled in as for :meth:`frames`, and ``progress`` is not called.
+        """
         import av
 
         self.report = report = DecodeReport(declared_frames=self.info.frame_count)
@@ -191,17 +205,11 @@ class VideoReader:
                         t = index / self.info.fps if self.info.fps else 0.0
                     if first_time is None:
                         first_time = t
-                    image = full = None
-                    if want is None or want(index):
-                        image, full = self.convert(frame, index)
-                    yield DecodedFrame(
-                        index=index,
-                        pts=frame.pts,
-                        time_s=float(t - first_time),
-                        key_frame=bool(frame.key_frame),
-                        image=image,
-                        full=full,
+                    decoded_frame = DecodedFrame(
+                        index=index, pts=frame.pts, time_s=float(t - first_time), key_frame=bool(frame.key_frame),
+                        image=None,
                     )
+                    yield decoded_frame, frame
                     index += 1
                     report.frames = index
         report.finished = True

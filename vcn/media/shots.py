@@ -76,42 +76,67 @@ def scan_shots(reader: VideoReader, config: ShotConfig = ShotConfig()) -> ShotSc
     The shots tile the whole video: the first starts at frame 0 and the last ends at
     the last decoded frame. ``reader.report`` is the pass's decode report afterwards.
     """
-    from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode
-
     from vcn.media.frames import FrameTimes
 
-    fps = reader.info.fps or 25.0
-    min_len = max(1, int(round(config.min_shot_s * fps)))
-    if config.detector == "adaptive":
-        detector = AdaptiveDetector(
-            adaptive_threshold=config.threshold if config.threshold is not None else 3.0,
-            min_scene_len=min_len,
-        )
-    elif config.detector == "content":
-        detector = ContentDetector(
-            threshold=config.threshold if config.threshold is not None else 27.0,
-            min_scene_len=min_len,
-        )
-    else:
-        raise ValueError(f"unknown shot detector {config.detector!r}; known: adaptive, content")
-
+    cutter = ShotCutter(config, reader.info.fps or 25.0)
     analysis = VideoReader(
         reader.path, max_side=config.analysis_side, threads=reader.threads, info=reader.info, workers=reader.workers,
         progress=reader.progress,
     )
-    cuts: list[int] = []
     timing = FrameTimes()
-    last = None
     for frame in analysis.frames():
-        bgr = cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR)
-        last = FrameTimecode(frame.index, fps=fps)
-        cuts.extend(tc.frame_num for tc in detector.process_frame(last, bgr))
+        cutter.add(frame.index, frame.image)
         timing.add(frame)
-    if last is not None:
-        cuts.extend(tc.frame_num for tc in detector.post_process(last))
+    cutter.finish()
     reader.report = analysis.report
     frame_times = timing.table()
-    return ShotScan(shots_from_cuts(cuts, frame_times["time_s"].to_numpy()), frame_times)
+    return ShotScan(shots_from_cuts(cutter.cuts, frame_times["time_s"].to_numpy()), frame_times)
+
+
+class ShotCutter:
+    """PySceneDetect's detector fed frame by frame: the cuts so far, each the first frame of a new shot.
+
+    A cut comes out some frames after the frame it falls on (the detector waits out
+    ``min_shot_s`` before it calls a cut); :attr:`cuts` grows as it does.
+    """
+
+    def __init__(self, config: ShotConfig, fps: float) -> None:
+        from scenedetect import AdaptiveDetector, ContentDetector
+
+        self.fps = fps
+        #: Shortest shot in frames.
+        self.min_len = max(1, int(round(config.min_shot_s * fps)))
+        if config.detector == "adaptive":
+            self._detector = AdaptiveDetector(
+                adaptive_threshold=config.threshold if config.threshold is not None else 3.0,
+                min_scene_len=self.min_len,
+            )
+        elif config.detector == "content":
+            self._detector = ContentDetector(
+                threshold=config.threshold if config.threshold is not None else 27.0,
+                min_scene_len=self.min_len,
+            )
+        else:
+            raise ValueError(f"unknown shot detector {config.detector!r}; known: adaptive, content")
+        self.cuts: list[int] = []
+        self._last = None
+
+    def add(self, index: int, rgb: np.ndarray) -> list[int]:
+        """Feeds frame ``index`` (RGB at the analysis size); returns the cuts it brought out."""
+        from scenedetect import FrameTimecode
+
+        self._last = FrameTimecode(index, fps=self.fps)
+        found = [tc.frame_num for tc in self._detector.process_frame(self._last, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))]
+        self.cuts.extend(found)
+        return found
+
+    def finish(self) -> list[int]:
+        """Ends the stream; returns the cuts still held back."""
+        if self._last is None:
+            return []
+        found = [tc.frame_num for tc in self._detector.post_process(self._last)]
+        self.cuts.extend(found)
+        return found
 
 
 def shots_from_cuts(cuts: list[int], frame_times: np.ndarray) -> pl.DataFrame:

@@ -321,14 +321,16 @@ class Warehouse:
         row_count: int | None,
         started_at: datetime,
         finished_at: datetime,
+        seconds: float | None = None,
         frames: int | None = None,
         frames_decoded: int | None = None,
         items: int | None = None,
         video_seconds: float | None = None,
         details: dict | None = None,
     ) -> None:
-        """Appends one lineage row and one stage-metrics row."""
-        seconds = (finished_at - started_at).total_seconds()
+        """Appends one lineage row and one stage-metrics row; ``seconds`` defaults to the time from start to finish."""
+        if seconds is None:
+            seconds = (finished_at - started_at).total_seconds()
         fps = frames / seconds if frames and seconds > 0 else None
         realtime = video_seconds / seconds if video_seconds and seconds > 0 else None
         with self.writer() as con:

@@ -4,6 +4,9 @@ Each asset reads its inputs from the artifact store, calls the core, writes its
 Parquet file atomically, loads the warehouse table and returns metadata.
 """
 
+import time
+from typing import Iterator
+
 import dagster as dg
 import polars as pl
 from pydantic import Field
@@ -19,31 +22,36 @@ from vcn.faces.crops import (
     track_crops_from_chips,
     write_track_crops,
 )
-from vcn.faces.detection.video import appearance_matrix, detect_video_faces
+from vcn.faces.detection.video import appearance_matrix, detect_faces, detect_video_faces
 from vcn.faces.filters import FilterConfig, movie_cuts, track_reject_reason
 from vcn.faces.tracking import TrackerConfig, summarise_tracks, track_detections
 from vcn.media import VideoReader
 from vcn.media.frames import DEFAULT_DETECT_FPS, build_frame_index, read_frame_times, sample_stride
-from vcn.media.shots import ShotConfig, scan_shots
+from vcn.media.scan import CutBehindWindow, MovieScan
+from vcn.media.shots import ShotConfig, ShotScan, scan_shots
+from vcn.stores.warehouse import Warehouse
 from vcn_assets import artifacts
-from vcn_assets.assets.recording import movie_asset, preview, stage
+from vcn_assets.assets.recording import CODE_VERSION, StageRun, movie_asset, preview, stage
 from vcn_assets.jobs import GPU_POOL
+from vcn_assets.partitions import movies
 
 GROUP = "preprocess"
 
 
-class ShotsConfig(dg.Config):
+class ScanConfig(dg.Config):
+    """Settings of the pass over the video: the shot detector, and how often faces are detected."""
+
     detector: str = Field(
         default="content", description="PySceneDetect detector: 'content' (HSV change) or 'adaptive'."
     )
     threshold: float | None = Field(default=None, description="Detector threshold; None uses PySceneDetect's default.")
     min_shot_s: float = Field(default=0.4, description="Shortest shot in seconds; closer cuts merge.")
-
-
-class FramesConfig(dg.Config):
     detect_fps: float = Field(
         default=DEFAULT_DETECT_FPS, description="Frames per second of video on which faces are detected."
     )
+
+    def shot_config(self) -> ShotConfig:
+        return ShotConfig(detector=self.detector, threshold=self.threshold, min_shot_s=self.min_shot_s)
 
 
 class TracksConfig(dg.Config):
@@ -87,56 +95,167 @@ def _video(store: ArtifactStore, movie_id: str, **options) -> VideoReader:
         raise type(error)(registered, error.reason) from None
 
 
-@movie_asset(group=GROUP, kinds={"pyav", "parquet", "duckdb"})
-def shots(
-    context: dg.AssetExecutionContext, config: ShotsConfig, store: ArtifactStore, warehouse: WarehouseResource
-) -> dg.MaterializeResult:
-    """Shot boundaries (PySceneDetect); also records the movie's video facts."""
+#: The assets one pass over the video makes, in order, and the name of the step (op) that makes them.
+SCAN_ASSETS = ("shots", "frames", "face_detections")
+SCAN_OP = "movie_scan"
+
+
+@dg.multi_asset(
+    name=SCAN_OP,
+    specs=[
+        dg.AssetSpec(
+            "shots", description="Shot boundaries (PySceneDetect); also records the movie's video facts.",
+            group_name=GROUP, code_version=CODE_VERSION, kinds={"pyav", "parquet", "duckdb"},
+        ),
+        dg.AssetSpec(
+            "frames", deps=["shots"],
+            description="The frame index (time, key frame, shot of every frame) and the frames sampled for detection.",
+            group_name=GROUP, code_version=CODE_VERSION, kinds={"parquet", "duckdb"},
+        ),
+        dg.AssetSpec(
+            "face_detections", deps=["frames"],
+            description="Face boxes, five landmarks and scores on every sampled frame; and, from the same decoded "
+            "frames at full resolution, every detection's chip aligned for the base model's template "
+            "(detection_chips.parquet).",
+            group_name=GROUP, code_version=CODE_VERSION, kinds={"onnx", "parquet"},
+        ),
+    ],
+    partitions_def=movies,
+    can_subset=True,
+    pool=GPU_POOL,
+)
+def movie_scan(
+    context: dg.AssetExecutionContext,
+    config: ScanConfig,
+    store: ArtifactStore,
+    warehouse: WarehouseResource,
+    detector: DetectorResource,
+    backbone: BackboneResource,
+) -> Iterator[dg.MaterializeResult]:
+    """Shots, the frame index and face detections, from one pass over the video when all three are wanted.
+
+    The pass (:class:`vcn.media.scan.MovieScan`) decodes each frame once: the shot detector sees
+    every frame, and the frames sampled for detection go on to the detector as soon as their shot's
+    start is known. Each asset is still recorded as its own stage. A subset (one asset alone, say
+    ``frames`` after its settings changed) runs the asset's own step; so does the whole when the video
+    is decoded by several processes (:func:`vcn.media.parallel.default_workers`), whose shot detector
+    would have to start afresh in each segment.
+    """
+    from vcn.media.parallel import default_workers
+
+    wanted = [name for name in SCAN_ASSETS if dg.AssetKey(name) in context.selected_asset_keys]
     wh = warehouse.get()
+    if len(wanted) == len(SCAN_ASSETS) and default_workers() == 1:
+        try:
+            yield from _one_pass(context, config, store, wh, detector, backbone)
+            return
+        except CutBehindWindow as exc:
+            context.log.warning(f"{context.partition_key}: {exc}; finding the shots and faces in separate passes")
+    if "shots" in wanted:
+        yield _shots(context, config, store, wh)
+    if "frames" in wanted:
+        yield _frames(context, config, store, wh)
+    if "face_detections" in wanted:
+        yield _face_detections(context, store, wh, detector, backbone)
+
+
+def _one_pass(
+    context: dg.AssetExecutionContext,
+    config: ScanConfig,
+    store: ArtifactStore,
+    wh: Warehouse,
+    detector: DetectorResource,
+    backbone: BackboneResource,
+) -> list[dg.MaterializeResult]:
+    """The three assets from one pass: the pass is the ``shots`` stage, less the detector's time, which is
+    ``face_detections``'s."""
+    template = backbone.template()
+    with stage(context, wh, "shots") as shots_run:
+        reader = _video(
+            store, shots_run.movie_id, max_side=detector.max_side, keep_full=True,
+            progress=shots_run.meter("frames decoded", "frames"),
+        )
+        scan = MovieScan(reader, config.shot_config(), sample_stride(reader.info.fps, config.detect_fps))
+        model = detector.create()
+        passing = [0.0]
+        started = time.perf_counter()
+        sampled = ((frame, shot, frame.time_s) for frame, shot in _timed(scan.sampled_frames(), passing))
+        with store.writing(shots_run.movie_id, artifacts.DETECTION_CHIPS) as chips_path:
+            with ChipWriter(chips_path, template) as chips:
+                detections = detect_faces(sampled, reader, model, batch_size=detector.batch_size, chips=chips)
+                chips.detections = detections_key(detections)
+        detecting_s = time.perf_counter() - started - passing[0]
+        shots_run.seconds_adjust = -detecting_s
+        shots_run.details["one_pass"] = True
+        shots_metadata = _record_shots(context, shots_run, store, wh, reader, scan.shot_scan)
+    results = [shots_run.result(shots_metadata, of_one_of_several=True)]
+    with stage(context, wh, "frames") as run:
+        metadata = _record_frames(run, store, wh, scan.frames, scan.stride)
+    results.append(run.result(metadata, of_one_of_several=True))
+    with stage(context, wh, "face_detections") as run:
+        run.seconds_adjust = detecting_s
+        run.details["one_pass"] = True
+        metadata = _record_detections(run, store, wh, detections, scan.frames, model, detector, template)
+    results.append(run.result(metadata, of_one_of_several=True))
+    return results
+
+
+def _timed(items: Iterator, spent: list[float]) -> Iterator:
+    """``items``, adding the seconds spent producing them to ``spent[0]``."""
+    while True:
+        started = time.perf_counter()
+        try:
+            item = next(items)
+        except StopIteration:
+            spent[0] += time.perf_counter() - started
+            return
+        spent[0] += time.perf_counter() - started
+        yield item
+
+
+def _shots(context: dg.AssetExecutionContext, config: ScanConfig, store: ArtifactStore, wh: Warehouse) -> dg.MaterializeResult:
+    """The shots in a pass of their own."""
     with stage(context, wh, "shots") as run:
         reader = _video(store, run.movie_id, progress=run.meter("frames decoded", "frames"))
-        scan = scan_shots(
-            reader, ShotConfig(detector=config.detector, threshold=config.threshold, min_shot_s=config.min_shot_s)
-        )
-        table = scan.shots
-        store.write_parquet(run.movie_id, artifacts.FRAME_TIMES, scan.frame_times)
-        path = store.write_parquet(run.movie_id, artifacts.SHOTS, table)
-        info = reader.info.as_dict() | {
-            "decoded_frames": reader.report.frames,
-            "decode_warnings": "; ".join(reader.report.warnings),
-        }
-        wh.replace_movie_rows("movies", run.movie_id, pl.DataFrame([info]))
-        wh.replace_movie_rows("shots", run.movie_id, table)
-        run.frames, run.items, run.row_count = reader.report.frames, table.height, table.height
-        run.frames_decoded = reader.report.frames
-        run.video_seconds = float(table["end_s"].max() or 0.0) if table.height else 0.0
-        run.artifact = str(path)
-        for warning in reader.report.warnings:
-            context.log.warning(f"{run.movie_id}: {warning}")
-    return run.result(
-        {
-            "shots": table.height,
-            "frames": reader.report.frames,
-            "width": reader.info.width,
-            "height": reader.info.height,
-            "fps": reader.info.fps,
-            "rotation": reader.info.rotation,
-            "decode_warnings": dg.MetadataValue.text("; ".join(reader.report.warnings) or "none"),
-            "preview": preview(table),
-        }
-    )
+        metadata = _record_shots(context, run, store, wh, reader, scan_shots(reader, config.shot_config()))
+    return run.result(metadata, of_one_of_several=True)
 
 
-@movie_asset(group=GROUP, deps=[shots], kinds={"pyav", "parquet", "duckdb"})
-def frames(
-    context: dg.AssetExecutionContext, config: FramesConfig, store: ArtifactStore, warehouse: WarehouseResource
-) -> dg.MaterializeResult:
-    """The frame index (time, key frame, shot of every frame) and the frames sampled for detection.
+def _record_shots(
+    context: dg.AssetExecutionContext, run: StageRun, store: ArtifactStore, wh: Warehouse, reader: VideoReader,
+    scan: ShotScan,
+) -> dict:
+    """Writes the shots and the frame timing of the pass ``reader`` made; the asset's metadata."""
+    table = scan.shots
+    store.write_parquet(run.movie_id, artifacts.FRAME_TIMES, scan.frame_times)
+    path = store.write_parquet(run.movie_id, artifacts.SHOTS, table)
+    info = reader.info.as_dict() | {
+        "decoded_frames": reader.report.frames,
+        "decode_warnings": "; ".join(reader.report.warnings),
+    }
+    wh.replace_movie_rows("movies", run.movie_id, pl.DataFrame([info]))
+    wh.replace_movie_rows("shots", run.movie_id, table)
+    run.frames, run.items, run.row_count = reader.report.frames, table.height, table.height
+    run.frames_decoded = reader.report.frames
+    run.video_seconds = float(table["end_s"].max() or 0.0) if table.height else 0.0
+    run.artifact = str(path)
+    for warning in reader.report.warnings:
+        context.log.warning(f"{run.movie_id}: {warning}")
+    return {
+        "shots": table.height,
+        "frames": reader.report.frames,
+        "width": reader.info.width,
+        "height": reader.info.height,
+        "fps": reader.info.fps,
+        "rotation": reader.info.rotation,
+        "decode_warnings": dg.MetadataValue.text("; ".join(reader.report.warnings) or "none"),
+        "preview": preview(table),
+    }
 
-    Built from the timing the shots pass recorded; only shots made by a release that kept none
-    (no ``frame_times`` artifact) send it over the video again.
-    """
-    wh = warehouse.get()
+
+def _frames(context: dg.AssetExecutionContext, config: ScanConfig, store: ArtifactStore, wh: Warehouse) -> dg.MaterializeResult:
+    """The frame index from the timing the shots pass recorded; only shots made by a release that kept none
+    (no ``frame_times`` artifact) send it over the video again."""
     with stage(context, wh, "frames") as run:
         fps = wh.query("SELECT fps FROM movies WHERE movie_id = ?", [run.movie_id])
         if store.exists(run.movie_id, artifacts.FRAME_TIMES) and fps.height:
@@ -148,32 +267,26 @@ def frames(
             stride = sample_stride(reader.info.fps, config.detect_fps)
             run.frames_decoded = reader.report.frames
         table = build_frame_index(frame_times, store.read_parquet(run.movie_id, artifacts.SHOTS), stride)
-        path = store.write_parquet(run.movie_id, artifacts.FRAMES, table)
-        wh.replace_movie_rows("frames", run.movie_id, table)
-        sampled = int(table["sampled"].sum())
-        run.frames, run.items, run.row_count, run.artifact = table.height, sampled, table.height, str(path)
-        run.video_seconds = float(table["time_s"].max() or 0.0) if table.height else 0.0
-        run.details = {"stride": stride}
-    return run.result(
-        {
-            "frames": table.height,
-            "sampled_frames": sampled,
-            "stride": stride,
-        }
-    )
+        metadata = _record_frames(run, store, wh, table, stride)
+    return run.result(metadata, of_one_of_several=True)
 
 
-@movie_asset(group=GROUP, deps=[frames], kinds={"onnx", "parquet"}, pool=GPU_POOL)
-def face_detections(
-    context: dg.AssetExecutionContext,
-    store: ArtifactStore,
-    warehouse: WarehouseResource,
-    detector: DetectorResource,
+def _record_frames(run: StageRun, store: ArtifactStore, wh: Warehouse, table: pl.DataFrame, stride: int) -> dict:
+    """Writes the frame index; the asset's metadata."""
+    path = store.write_parquet(run.movie_id, artifacts.FRAMES, table)
+    wh.replace_movie_rows("frames", run.movie_id, table)
+    sampled = int(table["sampled"].sum())
+    run.frames, run.items, run.row_count, run.artifact = table.height, sampled, table.height, str(path)
+    run.video_seconds = float(table["time_s"].max() or 0.0) if table.height else 0.0
+    run.details["stride"] = stride
+    return {"frames": table.height, "sampled_frames": sampled, "stride": stride}
+
+
+def _face_detections(
+    context: dg.AssetExecutionContext, store: ArtifactStore, wh: Warehouse, detector: DetectorResource,
     backbone: BackboneResource,
 ) -> dg.MaterializeResult:
-    """Face boxes, five landmarks and scores on every sampled frame; and, from the same decoded frames at full
-    resolution, every detection's chip aligned for the base model's template (``detection_chips.parquet``)."""
-    wh = warehouse.get()
+    """The faces on the sampled frames of the frame index, in a pass of their own."""
     template = backbone.template()
     with stage(context, wh, "face_detections") as run:
         frame_table = store.read_parquet(run.movie_id, artifacts.FRAMES)
@@ -186,25 +299,32 @@ def face_detections(
                 table = detect_video_faces(reader, frame_table, model, batch_size=detector.batch_size, chips=chips)
                 chips.detections = detections_key(table)
         run.frames_decoded = reader.report.frames
-        path = store.write_parquet(run.movie_id, artifacts.DETECTIONS, table)
-        sampled = int(frame_table["sampled"].sum())
-        run.frames, run.items, run.row_count, run.artifact = sampled, table.height, table.height, str(path)
-        run.video_seconds = float(frame_table["time_s"].max() or 0.0) if frame_table.height else 0.0
-        runs_on = getattr(model, "active_providers", None)
-        run.details = {"detector": model.name, "max_side": detector.max_side, "runs_on": runs_on, "chips_template": template}
-    return run.result(
-        {
-            "detections": table.height,
-            "frames_searched": sampled,
-            "frames_with_faces": table["frame"].n_unique() if table.height else 0,
-            "detector": model.name,
-            "detector_runs_on": ", ".join(runs_on) if runs_on else "-",
-            "preview": preview(table.drop("appearance")),
-        }
-    )
+        metadata = _record_detections(run, store, wh, table, frame_table, model, detector, template)
+    return run.result(metadata, of_one_of_several=True)
 
 
-@movie_asset(group=GROUP, deps=[face_detections], kinds={"parquet", "duckdb"})
+def _record_detections(
+    run: StageRun, store: ArtifactStore, wh: Warehouse, table: pl.DataFrame, frame_table: pl.DataFrame, model,
+    detector: DetectorResource, template: str,
+) -> dict:
+    """Writes the detections; the asset's metadata."""
+    path = store.write_parquet(run.movie_id, artifacts.DETECTIONS, table)
+    sampled = int(frame_table["sampled"].sum())
+    run.frames, run.items, run.row_count, run.artifact = sampled, table.height, table.height, str(path)
+    run.video_seconds = float(frame_table["time_s"].max() or 0.0) if frame_table.height else 0.0
+    runs_on = getattr(model, "active_providers", None)
+    run.details |= {"detector": model.name, "max_side": detector.max_side, "runs_on": runs_on, "chips_template": template}
+    return {
+        "detections": table.height,
+        "frames_searched": sampled,
+        "frames_with_faces": table["frame"].n_unique() if table.height else 0,
+        "detector": model.name,
+        "detector_runs_on": ", ".join(runs_on) if runs_on else "-",
+        "preview": preview(table.drop("appearance")),
+    }
+
+
+@movie_asset(group=GROUP, deps=["face_detections"], kinds={"parquet", "duckdb"})
 def face_tracks(
     context: dg.AssetExecutionContext, config: TracksConfig, store: ArtifactStore, warehouse: WarehouseResource
 ) -> dg.MaterializeResult:
@@ -335,4 +455,4 @@ def _sampling_rate(frame_table: pl.DataFrame) -> float:
     return sampled / duration if duration > 0 and sampled > 1 else DEFAULT_DETECT_FPS
 
 
-preprocess_assets = [shots, frames, face_detections, face_tracks, track_crops]
+preprocess_assets = [movie_scan, face_tracks, track_crops]

@@ -36,6 +36,9 @@ class StageRun:
     row_count: int | None = None
     details: dict = field(default_factory=dict)
     progress: Progress | None = None
+    #: Seconds added to the body's wall time where one body does several stages' work: the one pass
+    #: over the video gives the detector's time to ``face_detections`` and takes it from ``shots``.
+    seconds_adjust: float = 0.0
 
     def meter(self, what: str, unit: str):
         """A :class:`vcn.progress.Meter` of the stage's long loop (a ``progress(done, total)`` callback)."""
@@ -46,12 +49,16 @@ class StageRun:
         """Wall seconds of the asset body (set when the body has finished)."""
         return self.details["seconds"]
 
-    def result(self, metadata: dict, data_version: str | None = None) -> dg.MaterializeResult:
-        """The asset's result: ``metadata`` plus what every stage shows (its seconds, and where its artifact is)."""
+    def result(self, metadata: dict, data_version: str | None = None, *, of_one_of_several: bool = False) -> dg.MaterializeResult:
+        """The asset's result: ``metadata`` plus what every stage shows (its seconds, and where its artifact is).
+
+        ``of_one_of_several``: the body materialises several assets (a multi-asset), so the result names its own.
+        """
         tail = {"seconds": round(self.seconds, 3)}
         if self.artifact is not None:
             tail["path"] = dg.MetadataValue.path(self.artifact)
         return dg.MaterializeResult(
+            asset_key=dg.AssetKey(self.asset) if of_one_of_several else None,
             metadata={**metadata, **tail},
             data_version=None if data_version is None else dg.DataVersion(data_version),
         )
@@ -81,6 +88,7 @@ def stage(context: dg.AssetExecutionContext, warehouse: Warehouse, asset: str) -
         raise
     run.progress.close()
     finished = utcnow()
+    seconds = (finished - run.started_at).total_seconds() + run.seconds_adjust
     warehouse.record_stage(
         asset=asset,
         movie_id=run.movie_id,
@@ -90,13 +98,14 @@ def stage(context: dg.AssetExecutionContext, warehouse: Warehouse, asset: str) -
         row_count=run.row_count,
         started_at=run.started_at,
         finished_at=finished,
+        seconds=seconds,
         frames=run.frames,
         frames_decoded=run.frames_decoded,
         items=run.items,
         video_seconds=run.video_seconds,
         details=run.details,
     )
-    run.details["seconds"] = (finished - run.started_at).total_seconds()
+    run.details["seconds"] = seconds
 
 
 def preview(frame: pl.DataFrame, rows: int = 10) -> dg.MetadataValue:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 import polars as pl
 
 from vcn.faces.detection.base import LANDMARK_NAMES, Detections, FaceDetector
 from vcn.faces.tracking import THUMB_SIDE, appearance_thumbnail
-from vcn.media import VideoReader
+from vcn.media import DecodedFrame, VideoReader
 
 if TYPE_CHECKING:
     from vcn.faces.crops import ChipWriter
@@ -41,7 +41,7 @@ def detect_video_faces(
     batch_size: int = 8,
     chips: ChipWriter | None = None,
 ) -> pl.DataFrame:
-    """Detects faces on the frames flagged ``sampled`` in the frames table.
+    """Detects faces on the frames flagged ``sampled`` in the frames table, in a pass of its own over the video.
 
     The reader's ``max_side`` sets the detection resolution: frames are scaled
     while decoding and results are mapped back to original pixels.
@@ -54,24 +54,43 @@ def detect_video_faces(
     Returns:
         The detections table (:data:`DETECTIONS_SCHEMA`), ordered by frame.
     """
-    if chips is not None and not reader.keep_full:
-        raise ValueError("cutting chips needs the full-resolution frames: open the reader with keep_full=True")
     sampled = frames.filter(pl.col("sampled"))
     wanted = set(sampled["frame"].to_list())
     shot_of = dict(zip(sampled["frame"].to_list(), sampled["shot_id"].to_list()))
     time_of = dict(zip(sampled["frame"].to_list(), sampled["time_s"].to_list()))
-    scale = reader.scale
+    source = (
+        (frame, shot_of[frame.index], time_of[frame.index])
+        for frame in reader.frames(want=wanted.__contains__)
+        if frame.image is not None
+    )
+    return detect_faces(source, reader, detector, batch_size, chips)
 
+
+def detect_faces(
+    frames: Iterable[tuple[DecodedFrame, int, float]],
+    reader: VideoReader,
+    detector: FaceDetector,
+    batch_size: int = 8,
+    chips: ChipWriter | None = None,
+) -> pl.DataFrame:
+    """Detects faces on ``frames``: (frame decoded by ``reader``, its shot id, its time in seconds), in order.
+
+    See :func:`detect_video_faces`; this takes the frames from any pass, e.g. the one that
+    also finds the shots (:class:`vcn.media.scan.MovieScan`).
+    """
+    if chips is not None and not reader.keep_full:
+        raise ValueError("cutting chips needs the full-resolution frames: open the reader with keep_full=True")
+    scale = reader.scale
     columns: dict[str, list] = {name: [] for name in DETECTIONS_SCHEMA}
     next_id = 0
-    for batch in _batches(reader, wanted, batch_size):
-        results = detector.detect([f.image for f in batch])
-        for frame, found in zip(batch, results):
+    for batch in _batches(frames, batch_size):
+        results = detector.detect([f.image for f, _, _ in batch])
+        for (frame, shot, time_s), found in zip(batch, results):
             for i in range(len(found)):
                 thumb = appearance_thumbnail(frame.image, found.boxes[i])
                 columns["appearance"].append(_quantise(thumb))
             original = found.scaled(scale) if scale != 1.0 else found
-            _append(columns, original, frame.index, shot_of[frame.index], time_of[frame.index], next_id)
+            _append(columns, original, frame.index, shot, time_s, next_id)
             if chips is not None and len(found):
                 # The landmarks as the table keeps them (float32), as the crops would read them back.
                 points = np.asarray(original.landmarks, dtype=np.float32).reshape(-1, 5, 2)
@@ -92,12 +111,10 @@ def _quantise(vector: np.ndarray) -> bytes:
     return np.clip(np.round(vector * 127.0), -127, 127).astype(np.int8).tobytes()
 
 
-def _batches(reader: VideoReader, wanted: set[int], size: int) -> Iterator[list]:
+def _batches(frames: Iterable, size: int) -> Iterator[list]:
     batch = []
-    for frame in reader.frames(want=wanted.__contains__):
-        if frame.image is None:
-            continue
-        batch.append(frame)
+    for item in frames:
+        batch.append(item)
         if len(batch) == size:
             yield batch
             batch = []
