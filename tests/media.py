@@ -203,12 +203,14 @@ def make_with_cuts(
     frames: int = 64,
     size: tuple[int, int] = (320, 240),
     fps: int = 24,
+    keyint: int | None = None,
 ) -> Path:
     """Synthetic shots separated by hard cuts at the given frame indices.
 
     Each shot has its own flat colour with a bar moving across it, so frames
     change a little within a shot and completely at each cut: frame ``c`` for
-    ``c`` in ``cuts`` is the first frame of a new shot.
+    ``c`` in ``cuts`` is the first frame of a new shot. ``keyint``: a key frame
+    every so many frames, and nowhere else.
     """
     width, height = size
     cuts = sorted(cuts)
@@ -223,8 +225,8 @@ def make_with_cuts(
             image[:height, x : x + 16] = 255 - luma
             yield image
 
-    path = Path(directory) / f"with_cuts_{'_'.join(map(str, cuts))}.mp4"
-    _encode(path, shots(), width, height, fps=fps)
+    path = Path(directory) / f"with_cuts_{'_'.join(map(str, cuts))}{f'_k{keyint}' if keyint else ''}.mp4"
+    _encode(path, shots(), width, height, fps=fps, keyint=keyint)
     return path
 
 
@@ -236,16 +238,19 @@ def _encode(
     fps: int = 24,
     time_base: Fraction | None = None,
     tune: str | None = None,
+    keyint: int | None = None,
 ) -> None:
     """Encode yuv420p frames to H.264 with the fastest x264 preset.
 
     Numpy frames are laid out as PyAV's ``yuv420p`` ndarray (``height * 3 // 2``
     rows) and get consecutive pts at ``fps``; ``VideoFrame`` objects keep the
     pts they carry, on ``time_base``. ``tune`` is an x264 tune such as
-    ``zerolatency``.
+    ``zerolatency``; ``keyint`` puts a key frame every so many frames, and nowhere else.
     """
     with av.open(str(path), "w") as container:
         options = {"preset": "ultrafast"} | ({"tune": tune} if tune else {})
+        if keyint:
+            options["x264-params"] = f"keyint={keyint}:min-keyint={keyint}:scenecut=0"
         stream = container.add_stream("libx264", rate=fps, options=options)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if time_base is not None:

@@ -726,3 +726,28 @@ def test_crops_of_detections_made_without_chips_decode_the_video(env):
         "WHERE movie_id = 'hamilton' AND asset = 'track_crops'"
     ).row(0)
     assert decoded == 275 and json.loads(details)["cut_from"] == "video"
+
+
+def test_the_scan_falls_back_to_separate_passes_where_one_cannot_stand_in(env, monkeypatch):
+    # With decoding processes the one pass needs the content detector; asked for the adaptive one, the step
+    # makes the three assets in their own passes and says why. (Last in the module: it changes the shot detector.)
+    import vcn.media.parallel as parallel
+    from vcn_assets.assets.preprocess import SCAN_ASSETS, SCAN_OP, movie_scan
+
+    monkeypatch.setenv("VCN_DECODE_WORKERS", "2")
+    monkeypatch.setattr(parallel, "SEGMENT_FRAMES", 50)
+    result = _materialise_alone([movie_scan], run_config={"ops": {SCAN_OP: {"config": {"detector": "adaptive"}}}})
+    assert result.success
+    import dagster as dg
+
+    with dg.DagsterInstance.get() as instance:
+        messages = [event.user_message for event in instance.all_logs(result.run_id)]
+    assert any("runs in one process only; finding the shots and faces in separate passes" in m for m in messages)
+    decoded = dict(
+        _warehouse(env).query(
+            "SELECT asset, arg_max(frames_decoded, recorded_at) FROM stage_metrics WHERE movie_id = 'hamilton' "
+            "AND asset IN ('shots', 'frames', 'face_detections') GROUP BY asset"
+        ).rows()
+    )
+    assert decoded == {"shots": 275, "frames": 0, "face_detections": 275}
+    assert {m.asset_key.to_user_string() for m in result.asset_materializations_for_node(SCAN_OP)} == set(SCAN_ASSETS)

@@ -4,36 +4,52 @@ Which frames get face detection depends on where their shot starts
 (:func:`vcn.media.frames.sampled_mask`), and the shot detector calls a cut only
 some frames after the frame it falls on: PySceneDetect's content detector waits
 out the shortest shot length before it calls a cut it might still merge with a
-flash. So the pass keeps the last few decoded pictures unconverted, a window a
-little longer than the shortest shot, and decides about a frame once it leaves
-the window: by then every cut at or before it has come out. Only the frames
-sampled for detection are converted, at the detector's size and at full size,
-from the same decoded picture the shot detector saw.
+flash (the detector's ``event_buffer_length`` bounds the wait). So the pass keeps
+the last few decoded pictures unconverted, as many as that bound, and decides
+about a frame once it leaves the window: by then every cut at or before it has
+come out. Only the frames sampled for detection are converted, at the
+detector's size and at full size, from the same decoded picture the shot
+detector saw.
 
-Should a cut ever come for a frame that has already left the window, the pass
-stops with :class:`CutBehindWindow` and the caller goes back to separate passes;
-the tables it builds at the end are checked against the frames it handed on.
+With several decoding processes (:mod:`vcn.media.parallel`) each worker runs the
+pass over its own key-frame segment with a shot detector of its own, converts
+the frames that detector samples, and sends back every frame's content score.
+A frame's score depends on it and the frame before alone, so the scores are the
+whole movie's but for each segment's first frame, which this process scores
+from the two workers' boundary pictures; one cut decision over all the scores
+(:class:`vcn.media.shots.ScoreCutter`) then gives the cuts of a single pass. A
+worker's own cuts can differ from those only near its segment's start or end;
+a sampled frame its worker did not convert is decoded again here (counted in
+:attr:`MovieScan.frames_decoded`).
+
+Should a cut ever come for a frame that has already left the window, or a
+segment fail to decode exactly, the pass stops with :class:`OnePassUnavailable`
+and the caller goes back to separate passes; the tables the pass builds at the
+end are checked against the frames it handed on.
 """
 
 from __future__ import annotations
 
 import heapq
+import multiprocessing
 from collections import deque
-from typing import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
 
-from vcn.media.decode import DecodedFrame, VideoReader
+from vcn.media.decode import DecodedFrame, DecodeReport, VideoReader
 from vcn.media.frames import FrameTimes, build_frame_index
-from vcn.media.shots import ShotConfig, ShotCutter, ShotScan, shots_from_cuts
-
-#: Frames the window holds beyond the shortest shot. The content detector calls a cut
-#: either on its frame or exactly ``min_len`` frames later; the adaptive one two frames later.
-WINDOW_MARGIN = 4
+from vcn.media.shots import ScoreCutter, ShotConfig, ShotCutter, ShotScan, frame_score, shots_from_cuts
 
 
-class CutBehindWindow(RuntimeError):
+class OnePassUnavailable(RuntimeError):
+    """The one pass cannot give what separate passes give; the caller should make those."""
+
+
+class CutBehindWindow(OnePassUnavailable):
     """The shot detector called a cut on a frame that had already been handed on."""
 
     def __init__(self, cut: int, released: int) -> None:
@@ -46,13 +62,16 @@ class MovieScan:
     """The shots, the frame index and the frames sampled for detection, from one pass over the video.
 
     Args:
-        reader: Decodes the video (in this process, whatever its ``workers``); the frames handed
-            on have its sizes: ``image`` at its ``max_side`` and, with ``keep_full``, ``full``.
+        reader: Decodes the video; the frames handed on have its sizes: ``image`` at its
+            ``max_side`` and, with ``keep_full``, ``full``. With ``workers`` above 1 its worker
+            processes decode key-frame segments (the content detector only; the adaptive one
+            raises :class:`OnePassUnavailable` there).
         shots: The shot detector's settings.
         stride: Every ``stride``-th frame of a shot, from its first, is sampled for detection.
 
     After :meth:`sampled_frames` is exhausted, :attr:`shot_scan` and :attr:`frames` hold what
-    :func:`vcn.media.shots.scan_shots` and :func:`vcn.media.frames.build_frame_index` give.
+    :func:`vcn.media.shots.scan_shots` and :func:`vcn.media.frames.build_frame_index` give, and
+    :attr:`frames_decoded` the frames decoded in all.
     """
 
     def __init__(self, reader: VideoReader, shots: ShotConfig, stride: int) -> None:
@@ -61,78 +80,294 @@ class MovieScan:
         self.stride = stride
         self.shot_scan: ShotScan | None = None
         self.frames: pl.DataFrame | None = None
+        self.frames_decoded = 0
 
     def sampled_frames(self) -> Iterator[tuple[DecodedFrame, int]]:
         """Yields (frame, shot id) for each frame sampled for detection, in order, as the pass goes.
 
         Raises:
-            CutBehindWindow: A cut came too late for the frames already handed on.
+            OnePassUnavailable: A cut came too late for the frames already handed on, or a segment
+                could not be decoded exactly, or the adaptive detector with worker processes.
             EmptyVideoError, CorruptVideoError: As :meth:`VideoReader.frames`.
         """
+        plan = None
+        if self.reader.workers > 1:
+            from vcn.media.parallel import plan_segments
+
+            plan = plan_segments(self.reader.path)
+        if plan is not None and len(plan.starts) > 1:
+            if self.config.detector != "content":
+                raise OnePassUnavailable(f"the {self.config.detector} shot detector runs in one process only")
+            yield from self._parallel(plan)
+        else:
+            yield from self._one_process()
+
+    def _one_process(self) -> Iterator[tuple[DecodedFrame, int]]:
         reader = self.reader
         cutter = ShotCutter(self.config, reader.info.fps or 25.0)
         analysis = VideoReader(reader.path, max_side=self.config.analysis_side, info=reader.info)
-        window = cutter.min_len + WINDOW_MARGIN
         timing = FrameTimes()
-        pending: deque = deque()
-        upcoming: list[int] = []  # cuts not yet reached by the frames handed on (a heap)
-        known: set[int] = set()
-        state = _Release(self.stride)
+        window = _Window(self.stride, cutter.lookback)
         declared = reader.info.frame_count
         for frame, picture in reader.pictures():
             timing.add(frame)
-            found = cutter.add(frame.index, analysis.convert(picture, frame.index)[0])
-            self._take(found, known, upcoming, state.released)
-            pending.append((frame, picture))
-            while pending[0][0].index <= frame.index - window:
-                yield from state.release(reader, *pending.popleft(), upcoming)
+            window.take(cutter.add(frame.index, analysis.convert(picture, frame.index)[0]))
+            for kept, held, shot, sampled in window.push(frame, picture):
+                if sampled:
+                    image, full = reader.convert(held, kept.index)
+                    yield _with_images(kept, image, full), shot
             if reader.progress is not None:
                 reader.progress(frame.index + 1, declared)
-        self._take(cutter.finish(), known, upcoming, state.released)
-        while pending:
-            yield from state.release(reader, *pending.popleft(), upcoming)
+        window.take(cutter.finish())
+        for kept, held, shot, sampled in window.flush():
+            if sampled:
+                image, full = reader.convert(held, kept.index)
+                yield _with_images(kept, image, full), shot
+        self.frames_decoded = reader.report.frames
+        self._finish(timing, cutter.cuts, window)
 
+    def _parallel(self, plan) -> Iterator[tuple[DecodedFrame, int]]:
+        from vcn.media.parallel import decode_segment
+
+        reader = self.reader
+        fps = reader.info.fps or 25.0
+        cutter = ScoreCutter(self.config, fps)
+        timing = FrameTimes()
+        window = _Window(self.stride, cutter.lookback)
+        declared = reader.info.frame_count
+        redecoded: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        extra = 0
+        first_time: float | None = None
+        previous_last: np.ndarray | None = None
+
+        def images(index: int, segment: int, converted: dict) -> tuple[np.ndarray, np.ndarray | None]:
+            """A sampled frame's images: its worker's, or decoded again with the rest of its segment's frames."""
+            nonlocal extra
+            local = index - plan.starts[segment]
+            if local in converted:
+                return converted.pop(local)
+            if index not in redecoded:
+                first, end = plan.segment(segment)
+                wanted = np.zeros(end - first, dtype=bool)
+                wanted[local:] = True
+                result = decode_segment(
+                    reader.path, reader.max_side, max(1, reader.threads or 2), reader.info, plan.pts[first:end], wanted,
+                    reader.keep_full,
+                )
+                if result.failure is not None:
+                    raise OnePassUnavailable(f"segment from frame {first} could not be decoded again: {result.failure}")
+                extra += end - first
+                for offset in range(local, end - first):
+                    redecoded[first + offset] = result.frames[offset][3:5]
+            return redecoded.pop(index)
+
+        held_by: dict[int, tuple[int, dict]] = {}  # frame -> (segment, that segment's converted frames)
+        for segment, result in enumerate(_scanned_segments(reader, plan, self.config, self.stride)):
+            first, _ = plan.segment(segment)
+            scores = result.scores
+            scores[0] = 0.0 if previous_last is None else frame_score(previous_last, result.first_analysis)
+            previous_last = result.last_analysis
+            for offset, (pts, t, key) in enumerate(result.frames):
+                index = first + offset
+                if first_time is None:
+                    first_time = t
+                frame = DecodedFrame(index=index, pts=pts, time_s=float(t - first_time), key_frame=key, image=None)
+                timing.add(frame)
+                window.take(cutter.add(index, float(scores[offset])))
+                held_by[index] = (segment, result.converted)
+                for kept, _, shot, sampled in window.push(frame, None):
+                    where = held_by.pop(kept.index)
+                    if sampled:
+                        yield _with_images(kept, *images(kept.index, *where)), shot
+                if reader.progress is not None:
+                    reader.progress(index + 1, declared)
+        for kept, _, shot, sampled in window.flush():
+            where = held_by.pop(kept.index)
+            if sampled:
+                yield _with_images(kept, *images(kept.index, *where)), shot
+        reader.report = DecodeReport(
+            frames=len(plan.pts), packets=plan.packets, declared_frames=reader.info.frame_count, finished=True
+        )
+        reader._report_truncation(reader.report)
+        self.frames_decoded = len(plan.pts) + extra
+        self._finish(timing, cutter.cuts, window)
+
+    def _finish(self, timing: FrameTimes, cuts: list[int], window: _Window) -> None:
         frame_times = timing.table()
-        self.shot_scan = ShotScan(shots_from_cuts(cutter.cuts, frame_times["time_s"].to_numpy()), frame_times)
+        self.shot_scan = ShotScan(shots_from_cuts(cuts, frame_times["time_s"].to_numpy()), frame_times)
         self.frames = build_frame_index(frame_times, self.shot_scan.shots, self.stride)
         if not (
-            np.array_equal(self.frames["shot_id"].to_numpy(), np.asarray(state.shot_ids, dtype=np.int32))
-            and np.array_equal(self.frames["sampled"].to_numpy(), np.asarray(state.sampled, dtype=bool))
+            np.array_equal(self.frames["shot_id"].to_numpy(), np.asarray(window.shot_ids, dtype=np.int32))
+            and np.array_equal(self.frames["sampled"].to_numpy(), np.asarray(window.sampled, dtype=bool))
         ):
-            raise CutBehindWindow(-1, state.released)  # cannot happen while every cut came inside the window
-
-    @staticmethod
-    def _take(found: list[int], known: set[int], upcoming: list[int], released: int) -> None:
-        for cut in found:
-            if cut <= 0 or cut in known:
-                continue
-            if cut <= released:
-                raise CutBehindWindow(cut, released)
-            known.add(cut)
-            heapq.heappush(upcoming, cut)
+            raise OnePassUnavailable("the frames handed on do not match the shots found")  # a bug if ever seen
 
 
-class _Release:
-    """The frames handed on so far: the shot each is in and whether it was sampled."""
+def _with_images(frame: DecodedFrame, image: np.ndarray, full: np.ndarray | None) -> DecodedFrame:
+    return DecodedFrame(
+        index=frame.index, pts=frame.pts, time_s=frame.time_s, key_frame=frame.key_frame, image=image, full=full
+    )
 
-    def __init__(self, stride: int) -> None:
+
+class _Window:
+    """The frames not yet handed on, and the cuts, as they come: a frame leaves once no cut can still fall on or
+    before it (``lookback`` frames later), with its shot and whether it is sampled."""
+
+    def __init__(self, stride: int, lookback: int) -> None:
         self.stride = stride
+        self.lookback = lookback
+        self.pending: deque = deque()
+        self.upcoming: list[int] = []  # cuts the frames handed on have not reached (a heap)
+        self.known: set[int] = set()
         self.released = -1
         self.shot_start = 0
         self.shot_id = 0
         self.shot_ids: list[int] = []
         self.sampled: list[bool] = []
 
-    def release(self, reader: VideoReader, frame: DecodedFrame, picture, upcoming: list[int]):
-        while upcoming and upcoming[0] <= frame.index:
-            self.shot_start = heapq.heappop(upcoming)
+    def take(self, cuts: list[int]) -> None:
+        """Cuts the detector called.
+
+        Raises:
+            CutBehindWindow: One falls on a frame already handed on.
+        """
+        for cut in cuts:
+            if cut <= 0 or cut in self.known:
+                continue
+            if cut <= self.released:
+                raise CutBehindWindow(cut, self.released)
+            self.known.add(cut)
+            heapq.heappush(self.upcoming, cut)
+
+    def push(self, frame: DecodedFrame, picture: Any) -> Iterator[tuple[DecodedFrame, Any, int, bool]]:
+        """Adds the newest frame; yields (frame, picture, shot id, sampled) of each frame that leaves."""
+        self.pending.append((frame, picture))
+        while self.pending[0][0].index <= frame.index - self.lookback:
+            yield self._leave(*self.pending.popleft())
+
+    def flush(self) -> Iterator[tuple[DecodedFrame, Any, int, bool]]:
+        """At the end of the stream (its last cuts taken): every frame left."""
+        while self.pending:
+            yield self._leave(*self.pending.popleft())
+
+    def _leave(self, frame: DecodedFrame, picture: Any) -> tuple[DecodedFrame, Any, int, bool]:
+        while self.upcoming and self.upcoming[0] <= frame.index:
+            self.shot_start = heapq.heappop(self.upcoming)
             self.shot_id += 1
         self.released = frame.index
         sampled = (frame.index - self.shot_start) % self.stride == 0
         self.shot_ids.append(self.shot_id)
         self.sampled.append(sampled)
-        if sampled:
-            image, full = reader.convert(picture, frame.index)
-            yield DecodedFrame(
-                index=frame.index, pts=frame.pts, time_s=frame.time_s, key_frame=frame.key_frame, image=image, full=full
-            ), self.shot_id
+        return frame, picture, self.shot_id, sampled
+
+
+@dataclass
+class SegmentScan:
+    """What a worker's pass over one segment gives.
+
+    Attributes:
+        frames: (pts, time, key frame) of each frame.
+        scores: The content detector's score of each frame against the one before; the first is
+            unknown here (the frame before is another segment's) and left 0.
+        first_analysis, last_analysis: The first and last frames at the analysis size (RGB).
+        converted: (image, full) of the frames the worker's own shot detector sampled, by offset.
+        failure: Why the segment could not be scanned exactly, or None.
+    """
+
+    frames: list[tuple[int, float, bool]] = field(default_factory=list)
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    first_analysis: np.ndarray | None = None
+    last_analysis: np.ndarray | None = None
+    converted: dict[int, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+    failure: str | None = None
+
+
+def scan_segment(
+    path: str, max_side: int | None, threads: int, info, pts: np.ndarray, first: int, shots: ShotConfig, stride: int,
+    keep_full: bool,
+) -> SegmentScan:
+    """The pass over the frames with timestamps ``pts`` (sorted; frame numbers from ``first``), in a worker process."""
+    import av
+
+    reader = VideoReader(path, max_side=max_side, threads=threads, info=info, keep_full=keep_full)
+    analysis = VideoReader(path, max_side=shots.analysis_side, info=info)
+    cutter = ShotCutter(shots, info.fps or 25.0, keep_scores=True)
+    window = _Window(stride, cutter.lookback)
+    out = SegmentScan()
+    start, last = int(pts[0]), int(pts[-1])
+    position = {int(p): i for i, p in enumerate(pts.tolist())}
+
+    def keep(left) -> None:
+        for kept, picture, _, sampled in left:
+            if sampled:
+                out.converted[kept.index - first] = reader.convert(picture, kept.index)
+
+    try:
+        with av.open(path, metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            if threads:
+                stream.codec_context.thread_count = threads
+            container.seek(start, stream=stream, backward=True, any_frame=False)
+            for packet in container.demux(stream):
+                for picture in packet.decode():
+                    if picture.pts is None:
+                        return SegmentScan(failure="a decoded frame has no timestamp")
+                    i = position.get(int(picture.pts))
+                    if i is None:
+                        if start <= picture.pts <= last:
+                            return SegmentScan(failure=f"frame at pts {picture.pts} is not among the stream's packets")
+                        continue
+                    if i != len(out.frames):
+                        return SegmentScan(failure=f"frame at pts {picture.pts} came out of order")
+                    out.frames.append((int(picture.pts), float(picture.time), bool(picture.key_frame)))
+                    rgb = analysis.convert(picture, first + i)[0]
+                    if i == 0:
+                        out.first_analysis = rgb
+                    out.last_analysis = rgb
+                    window.take(cutter.add(first + i, rgb))
+                    frame = DecodedFrame(index=first + i, pts=None, time_s=0.0, key_frame=False, image=None)
+                    keep(window.push(frame, picture))
+                if len(out.frames) == len(pts):
+                    break
+    except av.error.FFmpegError as exc:
+        return SegmentScan(failure=f"decoding failed ({exc})")
+    except CutBehindWindow as exc:
+        return SegmentScan(failure=str(exc))
+    if len(out.frames) != len(pts):
+        return SegmentScan(failure=f"{len(pts) - len(out.frames)} of the segment's {len(pts)} frames did not decode")
+    keep(window.flush())
+    out.scores = np.asarray([0.0, *cutter.scores], dtype=np.float64)
+    return out
+
+
+def _scanned_segments(reader: VideoReader, plan, shots: ShotConfig, stride: int) -> Iterator[SegmentScan]:
+    """Each segment's :class:`SegmentScan` in order, scanned by ``reader.workers`` processes, a few in flight."""
+    threads = max(1, reader.threads or 2)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=reader.workers, mp_context=context) as pool:
+        pending = []
+        next_segment = 0
+
+        def submit() -> None:
+            nonlocal next_segment
+            first, end = plan.segment(next_segment)
+            pending.append(
+                pool.submit(scan_segment, reader.path, reader.max_side, threads, reader.info, plan.pts[first:end], first,
+                            shots, stride, reader.keep_full)
+            )
+            next_segment += 1
+
+        while next_segment < len(plan.starts) and len(pending) < reader.workers + 1:
+            submit()
+        segment = 0
+        while pending:
+            result = pending.pop(0).result()
+            if result.failure is not None:
+                for future in pending:
+                    future.cancel()
+                raise OnePassUnavailable(f"segment from frame {plan.segment(segment)[0]}: {result.failure}")
+            yield result
+            segment += 1
+            if next_segment < len(plan.starts):
+                submit()

@@ -96,30 +96,42 @@ def scan_shots(reader: VideoReader, config: ShotConfig = ShotConfig()) -> ShotSc
 class ShotCutter:
     """PySceneDetect's detector fed frame by frame: the cuts so far, each the first frame of a new shot.
 
-    A cut comes out some frames after the frame it falls on (the detector waits out
-    ``min_shot_s`` before it calls a cut); :attr:`cuts` grows as it does.
+    A cut comes out up to :attr:`lookback` frames after the frame it falls on (the content
+    detector waits out ``min_shot_s`` before it calls a cut it might still merge with a flash);
+    :attr:`cuts` grows as it does. With ``keep_scores`` the content detector's score of each frame
+    against the one before is kept (:attr:`scores`, from the second frame fed on), which is all
+    :class:`ScoreCutter` needs to find the same cuts again.
     """
 
-    def __init__(self, config: ShotConfig, fps: float) -> None:
+    def __init__(self, config: ShotConfig, fps: float, keep_scores: bool = False) -> None:
         from scenedetect import AdaptiveDetector, ContentDetector
 
         self.fps = fps
         #: Shortest shot in frames.
         self.min_len = max(1, int(round(config.min_shot_s * fps)))
+        self.threshold = config.threshold
         if config.detector == "adaptive":
             self._detector = AdaptiveDetector(
                 adaptive_threshold=config.threshold if config.threshold is not None else 3.0,
                 min_scene_len=self.min_len,
             )
         elif config.detector == "content":
-            self._detector = ContentDetector(
-                threshold=config.threshold if config.threshold is not None else 27.0,
-                min_scene_len=self.min_len,
-            )
+            self.threshold = config.threshold if config.threshold is not None else 27.0
+            self._detector = ContentDetector(threshold=self.threshold, min_scene_len=self.min_len)
         else:
             raise ValueError(f"unknown shot detector {config.detector!r}; known: adaptive, content")
+        self.scores: list[float] = []
+        if keep_scores:
+            if config.detector != "content":
+                raise ValueError("frame scores are kept for the content detector only")
+            self._detector.stats_manager = _ScoreSink(self.scores)
         self.cuts: list[int] = []
         self._last = None
+
+    @property
+    def lookback(self) -> int:
+        """The most frames by which a cut can come out after the frame it falls on (the detector's own bound)."""
+        return int(self._detector.event_buffer_length)
 
     def add(self, index: int, rgb: np.ndarray) -> list[int]:
         """Feeds frame ``index`` (RGB at the analysis size); returns the cuts it brought out."""
@@ -135,6 +147,56 @@ class ShotCutter:
         if self._last is None:
             return []
         found = [tc.frame_num for tc in self._detector.post_process(self._last)]
+        self.cuts.extend(found)
+        return found
+
+
+class _ScoreSink:
+    """Takes the content detector's metrics of each frame (it reports them to a stats manager) and keeps the score."""
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = scores
+
+    def set_metrics(self, timecode, metrics: dict) -> None:
+        from scenedetect import ContentDetector
+
+        self.scores.append(float(metrics[ContentDetector.FRAME_SCORE_KEY]))
+
+
+def frame_score(before: np.ndarray, after: np.ndarray) -> float:
+    """The content detector's score of frame ``after`` against ``before`` (RGB at the analysis size)."""
+    cutter = ShotCutter(ShotConfig(), 25.0, keep_scores=True)
+    cutter.add(0, before)
+    cutter.add(1, after)
+    return cutter.scores[0]
+
+
+class ScoreCutter:
+    """The content detector's cuts from its frame scores: what :class:`ShotCutter` calls when fed the frames.
+
+    The score of a frame against the one before depends on those two frames alone, so scores
+    computed apart (by the worker processes that decode the movie's segments) give, in order,
+    the cuts of one detector over the whole movie: only the cut decision, with its flash filter,
+    runs here.
+    """
+
+    def __init__(self, config: ShotConfig, fps: float) -> None:
+        from scenedetect.detector import FlashFilter
+
+        reference = ShotCutter(config, fps)
+        if config.detector != "content":
+            raise ValueError("only the content detector's cuts can be found from its scores")
+        self.fps = fps
+        self.threshold = reference.threshold
+        self.lookback = reference.lookback
+        self._filter = FlashFilter(mode=FlashFilter.Mode.MERGE, length=reference.min_len)
+        self.cuts: list[int] = []
+
+    def add(self, index: int, score: float) -> list[int]:
+        """Frame ``index``'s score against the frame before (0 for the first frame); returns the cuts it brought out."""
+        from scenedetect import FrameTimecode
+
+        found = [tc.frame_num for tc in self._filter.filter(FrameTimecode(index, fps=self.fps), score >= self.threshold)]
         self.cuts.extend(found)
         return found
 

@@ -27,7 +27,7 @@ from vcn.faces.filters import FilterConfig, movie_cuts, track_reject_reason
 from vcn.faces.tracking import TrackerConfig, summarise_tracks, track_detections
 from vcn.media import VideoReader
 from vcn.media.frames import DEFAULT_DETECT_FPS, build_frame_index, read_frame_times, sample_stride
-from vcn.media.scan import CutBehindWindow, MovieScan
+from vcn.media.scan import MovieScan, OnePassUnavailable
 from vcn.media.shots import ShotConfig, ShotScan, scan_shots
 from vcn.stores.warehouse import Warehouse
 from vcn_assets import artifacts
@@ -136,20 +136,19 @@ def movie_scan(
 
     The pass (:class:`vcn.media.scan.MovieScan`) decodes each frame once: the shot detector sees
     every frame, and the frames sampled for detection go on to the detector as soon as their shot's
-    start is known. Each asset is still recorded as its own stage. A subset (one asset alone, say
-    ``frames`` after its settings changed) runs the asset's own step; so does the whole when the video
-    is decoded by several processes (:func:`vcn.media.parallel.default_workers`), whose shot detector
-    would have to start afresh in each segment.
+    start is known; with several decoding processes each takes a segment of the movie. Each asset is
+    still recorded as its own stage. A subset (one asset alone, say ``frames`` after its settings
+    changed) runs each selected asset's own step, as does the whole where the pass cannot stand in
+    for them (:class:`vcn.media.scan.OnePassUnavailable`: the adaptive shot detector with several
+    decoding processes, a segment that does not decode exactly).
     """
-    from vcn.media.parallel import default_workers
-
     wanted = [name for name in SCAN_ASSETS if dg.AssetKey(name) in context.selected_asset_keys]
     wh = warehouse.get()
-    if len(wanted) == len(SCAN_ASSETS) and default_workers() == 1:
+    if len(wanted) == len(SCAN_ASSETS):
         try:
             yield from _one_pass(context, config, store, wh, detector, backbone)
             return
-        except CutBehindWindow as exc:
+        except OnePassUnavailable as exc:
             context.log.warning(f"{context.partition_key}: {exc}; finding the shots and faces in separate passes")
     if "shots" in wanted:
         yield _shots(context, config, store, wh)
@@ -188,6 +187,7 @@ def _one_pass(
         shots_run.seconds_adjust = -detecting_s
         shots_run.details["one_pass"] = True
         shots_metadata = _record_shots(context, shots_run, store, wh, reader, scan.shot_scan)
+        shots_run.frames_decoded = scan.frames_decoded
     results = [shots_run.result(shots_metadata, of_one_of_several=True)]
     with stage(context, wh, "frames") as run:
         metadata = _record_frames(run, store, wh, scan.frames, scan.stride)
