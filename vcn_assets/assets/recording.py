@@ -11,6 +11,7 @@ import dagster as dg
 import polars as pl
 
 from vcn import __version__
+from vcn.memory import release_freed_memory
 from vcn.progress import LogLines, Progress, console_now
 from vcn.stores.warehouse import Warehouse, utcnow
 from vcn_assets.partitions import movies
@@ -76,9 +77,11 @@ def movie_asset(*, group: str, kinds: set[str], deps: Sequence = (), pool: str |
 def stage(context: dg.AssetExecutionContext, warehouse: Warehouse, asset: str) -> Iterator[StageRun]:
     """Times an asset body and, if it succeeds, records lineage and metrics.
 
-    Its meters (:meth:`StageRun.meter`) report to the run log every :data:`RUN_LOG_PROGRESS_EVERY_S`
+    It starts by handing what earlier stages of the process freed back to the system
+    (:func:`vcn.memory.release_freed_memory`). Its meters (:meth:`StageRun.meter`) report to the run log every :data:`RUN_LOG_PROGRESS_EVERY_S`
     seconds, and to the console of ``vcn process`` (:func:`vcn.progress.console`).
     """
+    release_freed_memory()  # what earlier stages of this process freed, before this one allocates
     run = StageRun(asset=asset, movie_id=context.partition_key)
     run.progress = Progress(asset, [LogLines(context.log.info, every_s=RUN_LOG_PROGRESS_EVERY_S), *console_now()])
     try:

@@ -1,0 +1,46 @@
+"""Freed heap memory goes back to the system between stages."""
+
+from __future__ import annotations
+
+import ctypes
+
+import psutil
+import pytest
+
+from vcn.memory import _libc, release_freed_memory
+
+
+@pytest.mark.skipif(_libc() is None, reason="the C library has no malloc_trim (not glibc)")
+def test_freed_heap_pages_go_back_to_the_system():
+    libc = _libc()
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    proc = psutil.Process()
+    block = 64 * 1024  # below glibc's mmap threshold: from the heap
+    blocks = [libc.malloc(block) for _ in range(4000)]  # 250 MiB
+    for address in blocks:
+        ctypes.memset(address, 1, block)
+    kept = libc.malloc(block)  # above them all: the freed blocks cannot leave from the heap's top
+    ctypes.memset(kept, 1, block)
+    for address in blocks:
+        libc.free(address)
+    held = proc.memory_info().rss
+    try:
+        assert release_freed_memory()
+        assert held - proc.memory_info().rss > 150 * 2**20
+    finally:
+        libc.free(kept)
+
+
+def test_each_stage_starts_by_releasing_what_earlier_ones_freed(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import vcn_assets.assets.recording as recording
+    from vcn.stores.warehouse import Warehouse
+
+    calls = []
+    monkeypatch.setattr(recording, "release_freed_memory", lambda: calls.append("released"))
+    context = SimpleNamespace(partition_key="m", run=SimpleNamespace(run_id="r"), log=SimpleNamespace(info=print))
+    with recording.stage(context, Warehouse(str(tmp_path / "wh.duckdb")), "shots"):
+        calls.append("body")
+    assert calls == ["released", "body"]
