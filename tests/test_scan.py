@@ -6,6 +6,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+import vcn.media.scan as scan_module
 from tests import media
 from vcn.faces.crops import ChipWriter
 from vcn.faces.detection.video import detect_faces, detect_video_faces
@@ -108,14 +109,16 @@ def test_worker_processes_give_the_one_process_pass(tmp_path, detector, monkeypa
     assert decoded >= 275
 
 
-def test_worker_segments_starting_on_cuts_and_a_merged_cut_across_a_boundary(tmp_path, detector, monkeypatch):
+@pytest.mark.parametrize("head_frames", [scan_module.HEAD_FRAMES, 0])
+def test_worker_segments_starting_on_cuts_and_a_merged_cut_across_a_boundary(tmp_path, detector, monkeypatch, head_frames):
     # Key frames every 10 frames, so segments start on the cuts at 20, 40 and 60: their first frame's score comes
     # from the frame before, in another worker. The cut at 45 merges with 40 and is called at 55, by the next
-    # segment's worker; the worker that holds frame 45 started its detector afresh at 40 and sampled other frames,
-    # so those are decoded again.
+    # segment's worker. The worker that holds frame 45 started its detector afresh at 40: it converts every frame
+    # of its first shot; told to convert none of them, it samples other frames, and those are decoded again.
     import vcn.media.parallel as parallel
 
     monkeypatch.setattr(parallel, "SEGMENT_FRAMES", 10)
+    monkeypatch.setattr(scan_module, "HEAD_FRAMES", head_frames)
     path = media.make_with_cuts(tmp_path, cuts=(16, 20, 40, 45, 60), frames=80, keyint=10)
     plan = parallel.plan_segments(str(path))
     assert plan.starts == list(range(0, 80, 10))
@@ -125,7 +128,10 @@ def test_worker_segments_starting_on_cuts_and_a_merged_cut_across_a_boundary(tmp
     for a, b in zip(separate, tables):
         assert_frame_equal(a, b)
     assert tables[0]["start_frame"].to_list() == [0, 16, 45, 60]
-    assert decoded > 80  # a segment was decoded again for frames its worker did not sample
+    if head_frames:
+        assert decoded == 80
+    else:
+        assert decoded > 80  # frames its worker did not sample were decoded again
 
 
 def test_the_adaptive_detector_with_workers_leaves_it_to_separate_passes(monkeypatch):

@@ -18,9 +18,11 @@ A frame's score depends on it and the frame before alone, so the scores are the
 whole movie's but for each segment's first frame, which this process scores
 from the two workers' boundary pictures; one cut decision over all the scores
 (:class:`vcn.media.shots.ScoreCutter`) then gives the cuts of a single pass. A
-worker's own cuts can differ from those only near its segment's start or end;
-a sampled frame its worker did not convert is decoded again here (counted in
-:attr:`MovieScan.frames_decoded`).
+worker cannot know where its segment's first shot started, so it converts all
+of that shot's frames (up to :data:`HEAD_FRAMES`); after its first cut its own
+detector samples what the single pass samples, but for a cut it merges or
+calls differently near its segment's ends. A sampled frame its worker did not
+convert is decoded again here (counted in :attr:`MovieScan.frames_decoded`).
 
 Should a cut ever come for a frame that has already left the window, or a
 segment fail to decode exactly, the pass stops with :class:`OnePassUnavailable`
@@ -43,6 +45,13 @@ import polars as pl
 from vcn.media.decode import DecodedFrame, DecodeReport, VideoReader
 from vcn.media.frames import FrameTimes, build_frame_index
 from vcn.media.shots import ScoreCutter, ShotConfig, ShotCutter, ShotScan, frame_score, shots_from_cuts
+
+
+#: A worker converts every frame of its segment's first shot, up to this many frames: it cannot know
+#: where that shot starts (in an earlier segment), so not which of them are sampled.
+HEAD_FRAMES = 240
+#: A sampled frame that its worker did not convert is decoded again with up to this many frames after it.
+REDECODE_FRAMES = 240
 
 
 class OnePassUnavailable(RuntimeError):
@@ -148,16 +157,17 @@ class MovieScan:
                 return converted.pop(local)
             if index not in redecoded:
                 first, end = plan.segment(segment)
-                wanted = np.zeros(end - first, dtype=bool)
+                upto = min(end, index + REDECODE_FRAMES)
+                wanted = np.zeros(upto - first, dtype=bool)
                 wanted[local:] = True
                 result = decode_segment(
-                    reader.path, reader.max_side, max(1, reader.threads or 2), reader.info, plan.pts[first:end], wanted,
+                    reader.path, reader.max_side, max(1, reader.threads or 2), reader.info, plan.pts[first:upto], wanted,
                     reader.keep_full,
                 )
                 if result.failure is not None:
                     raise OnePassUnavailable(f"segment from frame {first} could not be decoded again: {result.failure}")
-                extra += end - first
-                for offset in range(local, end - first):
+                extra += upto - first
+                for offset in range(local, upto - first):
                     redecoded[first + offset] = result.frames[offset][3:5]
             return redecoded.pop(index)
 
@@ -270,7 +280,8 @@ class SegmentScan:
         scores: The content detector's score of each frame against the one before; the first is
             unknown here (the frame before is another segment's) and left 0.
         first_analysis, last_analysis: The first and last frames at the analysis size (RGB).
-        converted: (image, full) of the frames the worker's own shot detector sampled, by offset.
+        converted: (image, full) of the frames the worker's own shot detector sampled, and of every
+            frame of the segment's first shot (up to :data:`HEAD_FRAMES`), by offset.
         failure: Why the segment could not be scanned exactly, or None.
     """
 
@@ -284,9 +295,10 @@ class SegmentScan:
 
 def scan_segment(
     path: str, max_side: int | None, threads: int, info, pts: np.ndarray, first: int, shots: ShotConfig, stride: int,
-    keep_full: bool,
+    keep_full: bool, head_frames: int,
 ) -> SegmentScan:
-    """The pass over the frames with timestamps ``pts`` (sorted; frame numbers from ``first``), in a worker process."""
+    """The pass over the frames with timestamps ``pts`` (sorted; frame numbers from ``first``), in a worker process;
+    it converts the frames its shot detector samples and up to ``head_frames`` frames of the first shot."""
     import av
 
     reader = VideoReader(path, max_side=max_side, threads=threads, info=info, keep_full=keep_full)
@@ -298,8 +310,9 @@ def scan_segment(
     position = {int(p): i for i, p in enumerate(pts.tolist())}
 
     def keep(left) -> None:
-        for kept, picture, _, sampled in left:
-            if sampled:
+        for kept, picture, shot, sampled in left:
+            # Before the first cut this worker finds, the frame's shot started in an earlier segment.
+            if sampled or (shot == 0 and kept.index - first < head_frames):
                 out.converted[kept.index - first] = reader.convert(picture, kept.index)
 
     try:
@@ -354,7 +367,7 @@ def _scanned_segments(reader: VideoReader, plan, shots: ShotConfig, stride: int)
             first, end = plan.segment(next_segment)
             pending.append(
                 pool.submit(scan_segment, reader.path, reader.max_side, threads, reader.info, plan.pts[first:end], first,
-                            shots, stride, reader.keep_full)
+                            shots, stride, reader.keep_full, HEAD_FRAMES)
             )
             next_segment += 1
 
