@@ -28,7 +28,7 @@ import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -135,14 +135,37 @@ def decode_segment(
     Runs in a worker process: seeks to the key frame at ``pts[0]`` and decodes
     until every timestamp of the segment has come out.
     """
-    import av
-
     from vcn.media.decode import VideoReader
 
     reader = VideoReader(path, max_side=max_side, threads=threads, info=info, keep_full=keep_full)
+    out: list = [None] * len(pts)
+    try:
+        for i, frame in segment_pictures(path, threads, pts):
+            image, full = reader.convert(frame, i) if wanted[i] else (None, None)
+            out[i] = (int(frame.pts), float(frame.time), bool(frame.key_frame), image, full)
+    except SegmentError as exc:
+        return SegmentResult([], str(exc))
+    return SegmentResult(out)
+
+
+class SegmentError(Exception):
+    """A segment's frames cannot be decoded as one pass numbers them; the message says why."""
+
+
+def segment_pictures(path: str, threads: int, pts: np.ndarray) -> Iterator[tuple[int, Any]]:
+    """(position in ``pts``, decoded picture) of each frame with a timestamp in ``pts`` (sorted), in decoder order.
+
+    Seeks to the key frame at ``pts[0]`` and decodes until every timestamp has come out.
+
+    Raises:
+        SegmentError: A frame without a timestamp, one not among the stream's packets or decoded twice,
+            a decoding error, or frames that never came.
+    """
+    import av
+
     first, last = int(pts[0]), int(pts[-1])
     position = {int(p): i for i, p in enumerate(pts.tolist())}
-    out: list = [None] * len(pts)
+    seen = np.zeros(len(pts), dtype=bool)
     remaining = len(pts)
     try:
         with av.open(path, metadata_errors="ignore") as container:
@@ -154,24 +177,23 @@ def decode_segment(
             for packet in container.demux(stream):
                 for frame in packet.decode():
                     if frame.pts is None:
-                        return SegmentResult([], "a decoded frame has no timestamp")
+                        raise SegmentError("a decoded frame has no timestamp")
                     i = position.get(int(frame.pts))
                     if i is None:
                         if first <= frame.pts <= last:
-                            return SegmentResult([], f"frame at pts {frame.pts} is not among the stream's packets")
+                            raise SegmentError(f"frame at pts {frame.pts} is not among the stream's packets")
                         continue
-                    if out[i] is not None:
-                        return SegmentResult([], f"frame at pts {frame.pts} decoded twice")
-                    image, full = reader.convert(frame, i) if wanted[i] else (None, None)
-                    out[i] = (int(frame.pts), float(frame.time), bool(frame.key_frame), image, full)
+                    if seen[i]:
+                        raise SegmentError(f"frame at pts {frame.pts} decoded twice")
+                    seen[i] = True
                     remaining -= 1
+                    yield i, frame
                 if remaining == 0:
                     break
     except av.error.FFmpegError as exc:
-        return SegmentResult([], f"decoding failed ({exc})")
+        raise SegmentError(f"decoding failed ({exc})") from exc
     if remaining:
-        return SegmentResult([], f"{remaining} of the segment's {len(pts)} frames did not decode")
-    return SegmentResult(out)
+        raise SegmentError(f"{remaining} of the segment's {len(pts)} frames did not decode")
 
 
 def parallel_frames(

@@ -299,15 +299,13 @@ def scan_segment(
 ) -> SegmentScan:
     """The pass over the frames with timestamps ``pts`` (sorted; frame numbers from ``first``), in a worker process;
     it converts the frames its shot detector samples and up to ``head_frames`` frames of the first shot."""
-    import av
+    from vcn.media.parallel import SegmentError, segment_pictures
 
     reader = VideoReader(path, max_side=max_side, threads=threads, info=info, keep_full=keep_full)
     analysis = VideoReader(path, max_side=shots.analysis_side, info=info)
     cutter = ShotCutter(shots, info.fps or 25.0, keep_scores=True)
     window = _Window(stride, cutter.lookback)
     out = SegmentScan()
-    start, last = int(pts[0]), int(pts[-1])
-    position = {int(p): i for i, p in enumerate(pts.tolist())}
 
     def keep(left) -> None:
         for kept, picture, shot, sampled in left:
@@ -316,39 +314,19 @@ def scan_segment(
                 out.converted[kept.index - first] = reader.convert(picture, kept.index)
 
     try:
-        with av.open(path, metadata_errors="ignore") as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            if threads:
-                stream.codec_context.thread_count = threads
-            container.seek(start, stream=stream, backward=True, any_frame=False)
-            for packet in container.demux(stream):
-                for picture in packet.decode():
-                    if picture.pts is None:
-                        return SegmentScan(failure="a decoded frame has no timestamp")
-                    i = position.get(int(picture.pts))
-                    if i is None:
-                        if start <= picture.pts <= last:
-                            return SegmentScan(failure=f"frame at pts {picture.pts} is not among the stream's packets")
-                        continue
-                    if i != len(out.frames):
-                        return SegmentScan(failure=f"frame at pts {picture.pts} came out of order")
-                    out.frames.append((int(picture.pts), float(picture.time), bool(picture.key_frame)))
-                    rgb = analysis.convert(picture, first + i)[0]
-                    if i == 0:
-                        out.first_analysis = rgb
-                    out.last_analysis = rgb
-                    window.take(cutter.add(first + i, rgb))
-                    frame = DecodedFrame(index=first + i, pts=None, time_s=0.0, key_frame=False, image=None)
-                    keep(window.push(frame, picture))
-                if len(out.frames) == len(pts):
-                    break
-    except av.error.FFmpegError as exc:
-        return SegmentScan(failure=f"decoding failed ({exc})")
-    except CutBehindWindow as exc:
+        for i, picture in segment_pictures(path, threads, pts):
+            if i != len(out.frames):
+                return SegmentScan(failure=f"frame at pts {picture.pts} came out of order")
+            out.frames.append((int(picture.pts), float(picture.time), bool(picture.key_frame)))
+            rgb = analysis.convert(picture, first + i)[0]
+            if i == 0:
+                out.first_analysis = rgb
+            out.last_analysis = rgb
+            window.take(cutter.add(first + i, rgb))
+            frame = DecodedFrame(index=first + i, pts=None, time_s=0.0, key_frame=False, image=None)
+            keep(window.push(frame, picture))
+    except (SegmentError, CutBehindWindow) as exc:
         return SegmentScan(failure=str(exc))
-    if len(out.frames) != len(pts):
-        return SegmentScan(failure=f"{len(pts) - len(out.frames)} of the segment's {len(pts)} frames did not decode")
     keep(window.flush())
     out.scores = np.asarray([0.0, *cutter.scores], dtype=np.float64)
     return out
