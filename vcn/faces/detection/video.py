@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from vcn.faces.detection.base import LANDMARK_NAMES, Detections, FaceDetector
 from vcn.faces.tracking import THUMB_SIDE, appearance_thumbnail
@@ -81,34 +82,92 @@ def detect_faces(
     if chips is not None and not reader.keep_full:
         raise ValueError("cutting chips needs the full-resolution frames: open the reader with keep_full=True")
     scale = reader.scale
-    columns: dict[str, list] = {name: [] for name in DETECTIONS_SCHEMA}
+    parts = _Columns()
     next_id = 0
     for batch in _batches(frames, batch_size):
         results = detector.detect([f.image for f, _, _ in batch])
         for (frame, shot, time_s), found in zip(batch, results):
-            for i in range(len(found)):
-                thumb = appearance_thumbnail(frame.image, found.boxes[i])
-                columns["appearance"].append(_quantise(thumb))
+            n = len(found)
+            if not n:
+                continue
+            thumbs = np.stack([appearance_thumbnail(frame.image, found.boxes[i]) for i in range(n)])
             original = found.scaled(scale) if scale != 1.0 else found
-            _append(columns, original, frame.index, shot, time_s, next_id)
-            if chips is not None and len(found):
+            parts.add(original, frame.index, shot, time_s, next_id, _quantise(thumbs))
+            if chips is not None:
                 # The landmarks as the table keeps them (float32), as the crops would read them back.
                 points = np.asarray(original.landmarks, dtype=np.float32).reshape(-1, 5, 2)
-                chips.add(frame.full, np.arange(next_id, next_id + len(found)), points)
-            next_id += len(found)
-    return pl.DataFrame(columns, schema=DETECTIONS_SCHEMA)
+                chips.add(frame.full, np.arange(next_id, next_id + n), points)
+            next_id += n
+    return parts.table()
+
+
+class _Columns:
+    """The detections table built from per-frame numpy arrays, joined once at the end.
+
+    A feature film has hundreds of thousands of detections: kept as Python floats
+    and bytes until the end, they cost about a kilobyte each and leave the heap
+    fragmented long after the table is built.
+    """
+
+    def __init__(self) -> None:
+        self.ids: list[np.ndarray] = []
+        self.frames: list[np.ndarray] = []
+        self.shots: list[np.ndarray] = []
+        self.times: list[np.ndarray] = []
+        self.boxes: list[np.ndarray] = []
+        self.scores: list[np.ndarray] = []
+        self.landmarks: list[np.ndarray] = []
+        self.appearance: list[np.ndarray] = []
+
+    def add(self, found: Detections, frame: int, shot: int, time_s: float, first_id: int, appearance: np.ndarray) -> None:
+        n = len(found)
+        self.ids.append(np.arange(first_id, first_id + n, dtype=np.int64))
+        self.frames.append(np.full(n, frame, np.int64))
+        self.shots.append(np.full(n, shot, np.int32))
+        self.times.append(np.full(n, time_s, np.float64))
+        self.boxes.append(np.asarray(found.boxes, np.float32).reshape(n, 4))
+        self.scores.append(np.asarray(found.scores, np.float32).reshape(n))
+        self.landmarks.append(np.asarray(found.landmarks, np.float32).reshape(n, 10))
+        self.appearance.append(appearance)
+
+    def table(self) -> pl.DataFrame:
+        if not self.ids:
+            return pl.DataFrame(schema=DETECTIONS_SCHEMA)
+        boxes, landmarks = np.concatenate(self.boxes), np.concatenate(self.landmarks)
+        appearance = np.concatenate(self.appearance)
+        columns = {
+            "detection_id": np.concatenate(self.ids),
+            "frame": np.concatenate(self.frames),
+            "shot_id": np.concatenate(self.shots),
+            "time_s": np.concatenate(self.times),
+            **{name: boxes[:, j] for j, name in enumerate(("x1", "y1", "x2", "y2"))},
+            "score": np.concatenate(self.scores),
+            **{name: landmarks[:, j] for j, name in enumerate(LANDMARK_COLUMNS)},
+            "appearance": _binary_rows(appearance),
+        }
+        return pl.DataFrame(columns, schema=DETECTIONS_SCHEMA)
+
+
+def _binary_rows(matrix: np.ndarray) -> pl.Series:
+    """A Binary column whose row i holds the bytes of ``matrix[i]``, built without a Python object per row."""
+    n, width = matrix.shape
+    offsets = pa.py_buffer((np.arange(n + 1, dtype=np.int64) * width).tobytes())
+    data = pa.py_buffer(np.ascontiguousarray(matrix).tobytes())
+    return pl.from_arrow(pa.Array.from_buffers(pa.large_binary(), n, [None, offsets, data]))
 
 
 def appearance_matrix(detections: pl.DataFrame) -> np.ndarray:
     """(N, 256) float32 appearance vectors back from the ``appearance`` column."""
     if detections.is_empty():
         return np.zeros((0, THUMB_SIDE * THUMB_SIDE), np.float32)
-    raw = np.frombuffer(b"".join(detections["appearance"].to_list()), dtype=np.int8)
-    return raw.reshape(detections.height, -1).astype(np.float32) / 127.0
+    side = THUMB_SIDE * THUMB_SIDE
+    raw = detections.get_column("appearance").bin.reinterpret(dtype=pl.Array(pl.Int8, side)).to_numpy()
+    return raw.reshape(detections.height, side).astype(np.float32) / 127.0
 
 
-def _quantise(vector: np.ndarray) -> bytes:
-    return np.clip(np.round(vector * 127.0), -127, 127).astype(np.int8).tobytes()
+def _quantise(vectors: np.ndarray) -> np.ndarray:
+    """The appearance vectors as int8 (scale 127), the table's storage."""
+    return np.clip(np.round(vectors * 127.0), -127, 127).astype(np.int8)
 
 
 def _batches(frames: Iterable, size: int) -> Iterator[list]:
@@ -120,17 +179,3 @@ def _batches(frames: Iterable, size: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
-
-
-def _append(columns: dict[str, list], found: Detections, frame: int, shot: int, time_s: float, first_id: int) -> None:
-    n = len(found)
-    columns["detection_id"].extend(range(first_id, first_id + n))
-    columns["frame"].extend([frame] * n)
-    columns["shot_id"].extend([shot] * n)
-    columns["time_s"].extend([time_s] * n)
-    for j, name in enumerate(("x1", "y1", "x2", "y2")):
-        columns[name].extend(found.boxes[:, j].tolist())
-    columns["score"].extend(found.scores.tolist())
-    flat = found.landmarks.reshape(n, 10)
-    for j, name in enumerate(LANDMARK_COLUMNS):
-        columns[name].extend(flat[:, j].tolist())
