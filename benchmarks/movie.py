@@ -250,6 +250,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=720, help="frame height (16:9, 24 fps)")
     parser.add_argument("--base-minutes", type=float, default=20, help="longest edit encoded; longer movies loop it")
     parser.add_argument("--backbone", help="base model registered before processing (default: a new install's)")
+    parser.add_argument("--note", help="a remark on this invocation's runs, printed with them (e.g. what ran beside them)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -268,6 +269,8 @@ def main() -> None:
         if child.returncode != 0:
             sys.exit(f"benchmark of {video} failed:\n{child.stdout[-2000:]}\n{child.stderr[-4000:]}")
         result = json.loads(child.stdout.strip().splitlines()[-1])
+        if args.note:
+            result["note"] = args.note
         runs.append(result)
         print(json.dumps(result, indent=2), flush=True)
 
@@ -333,6 +336,9 @@ def _markdown(report: dict) -> str:
         "Decoded frames per frame: the frames all stages together decoded from the video (`stage_metrics.frames_decoded`) "
         "over the movie's frames; '-' where the stages did not record it yet.",
     ]
+    noted = [r for r in report["runs"] if r.get("note")]
+    if noted:
+        lines += ["", "Notes:", "", *(f"- {r['video']} ({r['measured_at']}): {r['note']}" for r in noted)]
     lines += ["", "Seconds per stage:", "", "| movie | " + " | ".join(STAGES) + " |", "|---|" + "---|" * len(STAGES)]
     for r in report["runs"]:
         lines.append(f"| {r['video']} | " + " | ".join(str(r["stages_s"].get(s, "-")) for s in STAGES) + " |")

@@ -32,6 +32,20 @@ def test_freed_heap_pages_go_back_to_the_system():
         libc.free(kept)
 
 
+def test_arrow_pool_pages_go_back_to_the_system():
+    np = pytest.importorskip("numpy")
+    pa = pytest.importorskip("pyarrow")
+    proc = psutil.Process()
+    pool = pa.default_memory_pool()
+    buffers = [pa.allocate_buffer(4096, memory_pool=pool) for _ in range(50_000)]  # 195 MiB of small blocks
+    for buffer in buffers:
+        np.frombuffer(buffer, dtype=np.uint8)[:] = 1
+    del buffers
+    held = proc.memory_info().rss
+    release_freed_memory()
+    assert held - proc.memory_info().rss > 100 * 2**20, pool.backend_name
+
+
 def test_each_stage_starts_by_releasing_what_earlier_ones_freed(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

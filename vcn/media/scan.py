@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import heapq
 import multiprocessing
+from array import array
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -45,7 +46,6 @@ import polars as pl
 from vcn.media.decode import DecodedFrame, DecodeReport, VideoReader
 from vcn.media.frames import FrameTimes, build_frame_index
 from vcn.media.shots import ScoreCutter, ShotConfig, ShotCutter, ShotScan, frame_score, shots_from_cuts
-
 
 #: A worker converts every frame of its segment's first shot, up to this many frames: it cannot know
 #: where that shot starts (in an earlier segment), so not which of them are sampled.
@@ -207,8 +207,8 @@ class MovieScan:
         self.shot_scan = ShotScan(shots_from_cuts(cuts, frame_times["time_s"].to_numpy()), frame_times)
         self.frames = build_frame_index(frame_times, self.shot_scan.shots, self.stride)
         if not (
-            np.array_equal(self.frames["shot_id"].to_numpy(), np.asarray(window.shot_ids, dtype=np.int32))
-            and np.array_equal(self.frames["sampled"].to_numpy(), np.asarray(window.sampled, dtype=bool))
+            np.array_equal(self.frames["shot_id"].to_numpy(), np.frombuffer(window.shot_ids, dtype=np.int32))
+            and np.array_equal(self.frames["sampled"].to_numpy(), np.frombuffer(window.sampled, dtype=np.int8).astype(bool))
         ):
             raise OnePassUnavailable("the frames handed on do not match the shots found")  # a bug if ever seen
 
@@ -232,8 +232,8 @@ class _Window:
         self.released = -1
         self.shot_start = 0
         self.shot_id = 0
-        self.shot_ids: list[int] = []
-        self.sampled: list[bool] = []
+        self.shot_ids = array("i")  # of each frame handed on
+        self.sampled = array("b")
 
     def take(self, cuts: list[int]) -> None:
         """Cuts the detector called.
