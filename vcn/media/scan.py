@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import heapq
 import multiprocessing
+import time
 from array import array
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -79,8 +80,9 @@ class MovieScan:
         stride: Every ``stride``-th frame of a shot, from its first, is sampled for detection.
 
     After :meth:`sampled_frames` is exhausted, :attr:`shot_scan` and :attr:`frames` hold what
-    :func:`vcn.media.shots.scan_shots` and :func:`vcn.media.frames.build_frame_index` give, and
-    :attr:`frames_decoded` the frames decoded in all.
+    :func:`vcn.media.shots.scan_shots` and :func:`vcn.media.frames.build_frame_index` give,
+    :attr:`frames_decoded` the frames decoded in all, and :attr:`seconds` the time the pass itself
+    took (decoding, shot detection, the frame index), not what was done with the frames it handed on.
     """
 
     def __init__(self, reader: VideoReader, shots: ShotConfig, stride: int) -> None:
@@ -90,6 +92,7 @@ class MovieScan:
         self.shot_scan: ShotScan | None = None
         self.frames: pl.DataFrame | None = None
         self.frames_decoded = 0
+        self.seconds = 0.0
 
     def sampled_frames(self) -> Iterator[tuple[DecodedFrame, int]]:
         """Yields (frame, shot id) for each frame sampled for detection, in order, as the pass goes.
@@ -99,6 +102,7 @@ class MovieScan:
                 could not be decoded exactly, or the adaptive detector with worker processes.
             EmptyVideoError, CorruptVideoError: As :meth:`VideoReader.frames`.
         """
+        started = time.perf_counter()
         plan = None
         if self.reader.workers > 1:
             from vcn.media.parallel import plan_segments
@@ -107,9 +111,19 @@ class MovieScan:
         if plan is not None and len(plan.starts) > 1:
             if self.config.detector != "content":
                 raise OnePassUnavailable(f"the {self.config.detector} shot detector runs in one process only")
-            yield from self._parallel(plan)
+            frames = self._parallel(plan)
         else:
-            yield from self._one_process()
+            frames = self._one_process()
+        self.seconds += time.perf_counter() - started
+        while True:
+            started = time.perf_counter()
+            try:
+                item = next(frames)
+            except StopIteration:
+                self.seconds += time.perf_counter() - started
+                return
+            self.seconds += time.perf_counter() - started
+            yield item
 
     def _one_process(self) -> Iterator[tuple[DecodedFrame, int]]:
         reader = self.reader

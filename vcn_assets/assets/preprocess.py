@@ -176,14 +176,13 @@ def _one_pass(
         )
         scan = MovieScan(reader, config.shot_config(), sample_stride(reader.info.fps, config.detect_fps))
         model = detector.create()
-        passing = [0.0]
         started = time.perf_counter()
-        sampled = ((frame, shot, frame.time_s) for frame, shot in _timed(scan.sampled_frames(), passing))
+        sampled = ((frame, shot, frame.time_s) for frame, shot in scan.sampled_frames())
         with store.writing(shots_run.movie_id, artifacts.DETECTION_CHIPS) as chips_path:
             with ChipWriter(chips_path, template) as chips:
                 detections = detect_faces(sampled, reader, model, batch_size=detector.batch_size, chips=chips)
                 chips.detections = detections_key(detections)
-        detecting_s = time.perf_counter() - started - passing[0]
+        detecting_s = time.perf_counter() - started - scan.seconds
         shots_run.seconds_adjust = -detecting_s
         shots_run.details["one_pass"] = True
         shots_metadata = _record_shots(context, shots_run, store, wh, reader, scan.shot_scan)
@@ -198,19 +197,6 @@ def _one_pass(
         metadata = _record_detections(run, store, wh, detections, scan.frames, model, detector, template)
     results.append(run.result(metadata, of_one_of_several=True))
     return results
-
-
-def _timed(items: Iterator, spent: list[float]) -> Iterator:
-    """``items``, adding the seconds spent producing them to ``spent[0]``."""
-    while True:
-        started = time.perf_counter()
-        try:
-            item = next(items)
-        except StopIteration:
-            spent[0] += time.perf_counter() - started
-            return
-        spent[0] += time.perf_counter() - started
-        yield item
 
 
 def _shots(context: dg.AssetExecutionContext, config: ScanConfig, store: ArtifactStore, wh: Warehouse) -> dg.MaterializeResult:
