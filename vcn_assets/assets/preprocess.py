@@ -22,7 +22,7 @@ from vcn.faces.crops import (
     track_crops_from_chips,
     write_track_crops,
 )
-from vcn.faces.detection.video import appearance_matrix, detect_faces, detect_video_faces
+from vcn.faces.detection.video import appearance_matrix, detect_faces, sampled_frames
 from vcn.faces.filters import FilterConfig, movie_cuts, track_reject_reason
 from vcn.faces.tracking import TrackerConfig, summarise_tracks, track_detections
 from vcn.media import VideoReader
@@ -178,10 +178,7 @@ def _one_pass(
         model = detector.create()
         started = time.perf_counter()
         sampled = ((frame, shot, frame.time_s) for frame, shot in scan.sampled_frames())
-        with store.writing(shots_run.movie_id, artifacts.DETECTION_CHIPS) as chips_path:
-            with ChipWriter(chips_path, template) as chips:
-                detections = detect_faces(sampled, reader, model, batch_size=detector.batch_size, chips=chips)
-                chips.detections = detections_key(detections)
+        detections = _detect_with_chips(store, shots_run.movie_id, template, sampled, reader, model, detector)
         detecting_s = time.perf_counter() - started - scan.seconds
         shots_run.seconds_adjust = -detecting_s
         shots_run.details["one_pass"] = True
@@ -280,13 +277,23 @@ def _face_detections(
             store, run.movie_id, max_side=detector.max_side, keep_full=True, progress=run.meter("frames decoded", "frames")
         )
         model = detector.create()
-        with store.writing(run.movie_id, artifacts.DETECTION_CHIPS) as chips_path:
-            with ChipWriter(chips_path, template) as chips:
-                table = detect_video_faces(reader, frame_table, model, batch_size=detector.batch_size, chips=chips)
-                chips.detections = detections_key(table)
+        frames = sampled_frames(reader, frame_table)
+        table = _detect_with_chips(store, run.movie_id, template, frames, reader, model, detector)
         run.frames_decoded = reader.report.frames
         metadata = _record_detections(run, store, wh, table, frame_table, model, detector, template)
     return run.result(metadata, of_one_of_several=True)
+
+
+def _detect_with_chips(
+    store: ArtifactStore, movie_id: str, template: str, frames: Iterator, reader: VideoReader, model,
+    detector: DetectorResource,
+) -> pl.DataFrame:
+    """The faces on ``frames`` (frame, shot id, time), each detection's chip going to the movie's detection chips."""
+    with store.writing(movie_id, artifacts.DETECTION_CHIPS) as chips_path:
+        with ChipWriter(chips_path, template) as chips:
+            table = detect_faces(frames, reader, model, batch_size=detector.batch_size, chips=chips)
+            chips.detections = detections_key(table)
+    return table
 
 
 def _record_detections(

@@ -55,16 +55,19 @@ def detect_video_faces(
     Returns:
         The detections table (:data:`DETECTIONS_SCHEMA`), ordered by frame.
     """
+    return detect_faces(sampled_frames(reader, frames), reader, detector, batch_size, chips)
+
+
+def sampled_frames(reader: VideoReader, frames: pl.DataFrame) -> Iterator[tuple[DecodedFrame, int, float]]:
+    """(frame, shot id, time in seconds) of each frame flagged ``sampled`` in the frames table, decoded by ``reader``
+    in a pass of its own: what :func:`detect_faces` takes."""
     sampled = frames.filter(pl.col("sampled"))
     wanted = set(sampled["frame"].to_list())
     shot_of = dict(zip(sampled["frame"].to_list(), sampled["shot_id"].to_list()))
     time_of = dict(zip(sampled["frame"].to_list(), sampled["time_s"].to_list()))
-    source = (
-        (frame, shot_of[frame.index], time_of[frame.index])
-        for frame in reader.frames(want=wanted.__contains__)
-        if frame.image is not None
-    )
-    return detect_faces(source, reader, detector, batch_size, chips)
+    for frame in reader.frames(want=wanted.__contains__):
+        if frame.image is not None:
+            yield frame, shot_of[frame.index], time_of[frame.index]
 
 
 def detect_faces(
@@ -119,7 +122,9 @@ class _Columns:
         self.landmarks: list[np.ndarray] = []
         self.appearance: list[np.ndarray] = []
 
-    def add(self, found: Detections, frame: int, shot: int, time_s: float, first_id: int, appearance: np.ndarray) -> None:
+    def add(
+        self, found: Detections, frame: int, shot: int, time_s: float, first_id: int, appearance: np.ndarray
+    ) -> None:
         n = len(found)
         self.ids.append(np.arange(first_id, first_id + n, dtype=np.int64))
         self.frames.append(np.full(n, frame, np.int64))
