@@ -403,18 +403,27 @@ def _sql(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
-    import polars as pl
-
-    from vcn.faces.tracking import boxes_every_frame
+def _movie_results(movie_id: str):
+    """(artifact store, tracked detections, latest clustering) of a processed movie."""
     from vcn_assets.definitions import build_resources
     from vcn_assets.settings import Settings
 
     store = build_resources(Settings.from_env())["store"]
-    tracked = store.read_parquet(args.movie_id, artifacts.TRACKED_DETECTIONS)
+    return (
+        store,
+        store.read_parquet(movie_id, artifacts.TRACKED_DETECTIONS),
+        store.read_parquet(movie_id, artifacts.FACE_CLUSTERS),
+    )
+
+
+def _export(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from vcn.faces.tracking import boxes_every_frame
+
+    _, tracked, clusters = _movie_results(args.movie_id)
     # The latest clustering of the movie (its current model version); an empty cluster is Unknown, and
     # unknown_reason says why (empty for a clustering made before the column existed).
-    clusters = store.read_parquet(args.movie_id, artifacts.FACE_CLUSTERS)
     if "unknown_reason" not in clusters.columns:
         clusters = clusters.with_columns(pl.lit(None, pl.String).alias("unknown_reason"))
     clusters = clusters.select("track_id", "cluster", "unknown_reason").sort("track_id")
@@ -444,13 +453,9 @@ def _preview(args: argparse.Namespace) -> int:
     from vcn.faces.tracking import boxes_every_frame
     from vcn.media.preview import TrackLabel, render_preview
     from vcn.progress import Progress, console_sinks
-    from vcn_assets.definitions import build_resources
-    from vcn_assets.settings import Settings
     from resources import MovieRegistry
 
-    store = build_resources(Settings.from_env())["store"]
-    tracked = store.read_parquet(args.movie_id, artifacts.TRACKED_DETECTIONS)
-    clusters = store.read_parquet(args.movie_id, artifacts.FACE_CLUSTERS)
+    store, tracked, clusters = _movie_results(args.movie_id)
     names = clusters["name"] if "name" in clusters.columns else [None] * clusters.height
     labels = {
         int(track): TrackLabel(None if cluster is None else int(cluster), name)
