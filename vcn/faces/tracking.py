@@ -249,8 +249,10 @@ def stitch_fragments(
     """
     out = track_of.copy()
     tracked = np.flatnonzero(out >= 0)
-    for shot in np.unique(shots[tracked]):
-        rows = tracked[shots[tracked] == shot]
+    # The tracked rows of each shot, by one sort (a mask per shot would cost shots x detections: minutes on a film).
+    tracked = tracked[np.argsort(shots[tracked], kind="stable")]
+    bounds = np.flatnonzero(np.diff(shots[tracked])) + 1
+    for rows in np.split(tracked, bounds) if len(tracked) else []:
         members = {int(t): rows[out[rows] == t] for t in np.unique(out[rows])}
         if len(members) < 2:
             continue
