@@ -329,3 +329,42 @@ def test_torch_graph_runner_refuses_what_it_does_not_implement():
     graph = helper.make_graph([conv], "g", [x], [y], initializer=[w])
     with pytest.raises(UnsupportedGraphError, match="asymmetric pads"):
         OnnxModule(onnx.helper.make_model(graph).SerializeToString())
+
+
+def test_the_detections_table_is_the_same_across_its_storage_blocks(monkeypatch):
+    """Faces gathered into fixed-size blocks: a frame's faces may straddle two; frames without faces add none."""
+    import polars as pl
+
+    import vcn.faces.detection.video as video
+    from vcn.faces.detection.base import Detections
+    from vcn.media import DecodedFrame
+
+    class Random:
+        """0-3 faces a frame, the same ones for the same seed."""
+
+        name = "random"
+
+        def __init__(self, seed: int) -> None:
+            self.rng = np.random.default_rng(seed)
+
+        def detect(self, images):
+            out = []
+            for _ in images:
+                n = int(self.rng.integers(0, 4))
+                boxes = np.sort(self.rng.uniform(0, 60, (n, 4)).astype(np.float32), axis=1)
+                scores = self.rng.random(n).astype(np.float32)
+                out.append(Detections(boxes=boxes, scores=scores, landmarks=self.rng.uniform(0, 60, (n, 5, 2))))
+            return out
+
+    class Reader:
+        scale, keep_full = 1.0, False
+
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    frames = [(DecodedFrame(index=i, pts=i, time_s=i / 8, key_frame=False, image=image), i // 5, i / 8) for i in range(40)]
+    one_block = video.detect_faces(frames, Reader(), Random(3))
+    monkeypatch.setattr(video._Columns, "BLOCK", 4)
+    small_blocks = video.detect_faces(frames, Reader(), Random(3))
+    assert one_block.height > 8 and one_block.schema == pl.Schema(video.DETECTIONS_SCHEMA)
+    assert small_blocks.equals(one_block)
+    assert one_block["detection_id"].to_list() == list(range(one_block.height))
+    assert video.detect_faces([], Reader(), Random(3)).equals(pl.DataFrame(schema=video.DETECTIONS_SCHEMA))

@@ -105,50 +105,69 @@ def detect_faces(
 
 
 class _Columns:
-    """The detections table built from per-frame numpy arrays, joined once at the end.
+    """The detections table filled row by row into fixed-size numpy blocks, joined once at the end.
 
-    A feature film has hundreds of thousands of detections: kept as Python floats
-    and bytes until the end, they cost about a kilobyte each and leave the heap
-    fragmented long after the table is built.
+    A feature film has hundreds of thousands of detections: kept as Python floats and bytes, or as
+    small numpy arrays per frame, they cost about a kilobyte each; here a detection costs its 344
+    bytes of values (256 of them its appearance thumbnail).
     """
 
+    BLOCK = 8192  # rows per block
+
     def __init__(self) -> None:
-        self.ids: list[np.ndarray] = []
-        self.frames: list[np.ndarray] = []
-        self.shots: list[np.ndarray] = []
-        self.times: list[np.ndarray] = []
-        self.boxes: list[np.ndarray] = []
-        self.scores: list[np.ndarray] = []
-        self.landmarks: list[np.ndarray] = []
-        self.appearance: list[np.ndarray] = []
+        self.blocks: list[dict[str, np.ndarray]] = []
+        self.used = self.BLOCK  # rows of the last block in use
+
+    def _new_block(self) -> None:
+        self.blocks.append({
+            "ids": np.empty(self.BLOCK, np.int64),
+            "frames": np.empty(self.BLOCK, np.int64),
+            "shots": np.empty(self.BLOCK, np.int32),
+            "times": np.empty(self.BLOCK, np.float64),
+            "values": np.empty((self.BLOCK, 15), np.float32),  # box (4), score, landmarks (10)
+            "appearance": np.empty((self.BLOCK, THUMB_SIDE * THUMB_SIDE), np.int8),
+        })
+        self.used = 0
 
     def add(
         self, found: Detections, frame: int, shot: int, time_s: float, first_id: int, appearance: np.ndarray
     ) -> None:
-        n = len(found)
-        self.ids.append(np.arange(first_id, first_id + n, dtype=np.int64))
-        self.frames.append(np.full(n, frame, np.int64))
-        self.shots.append(np.full(n, shot, np.int32))
-        self.times.append(np.full(n, time_s, np.float64))
-        self.boxes.append(np.asarray(found.boxes, np.float32).reshape(n, 4))
-        self.scores.append(np.asarray(found.scores, np.float32).reshape(n))
-        self.landmarks.append(np.asarray(found.landmarks, np.float32).reshape(n, 10))
-        self.appearance.append(appearance)
+        n, done = len(found), 0
+        values = np.concatenate(
+            [np.reshape(found.boxes, (n, 4)), np.reshape(found.scores, (n, 1)), np.reshape(found.landmarks, (n, 10))],
+            axis=1,
+        )
+        while done < n:
+            if self.used == self.BLOCK:
+                self._new_block()
+            block, at = self.blocks[-1], self.used
+            take = min(n - done, self.BLOCK - at)
+            rows = slice(at, at + take)
+            block["ids"][rows] = np.arange(first_id + done, first_id + done + take)
+            block["frames"][rows] = frame
+            block["shots"][rows] = shot
+            block["times"][rows] = time_s
+            block["values"][rows] = values[done : done + take]
+            block["appearance"][rows] = appearance[done : done + take]
+            self.used += take
+            done += take
 
     def table(self) -> pl.DataFrame:
-        if not self.ids:
+        if not self.blocks:
             return pl.DataFrame(schema=DETECTIONS_SCHEMA)
-        boxes, landmarks = np.concatenate(self.boxes), np.concatenate(self.landmarks)
-        appearance = np.concatenate(self.appearance)
+
+        def joined(name: str) -> np.ndarray:
+            parts = [block[name] for block in self.blocks[:-1]] + [self.blocks[-1][name][: self.used]]
+            return np.concatenate(parts)
+
+        values = joined("values")
         columns = {
-            "detection_id": np.concatenate(self.ids),
-            "frame": np.concatenate(self.frames),
-            "shot_id": np.concatenate(self.shots),
-            "time_s": np.concatenate(self.times),
-            **{name: boxes[:, j] for j, name in enumerate(("x1", "y1", "x2", "y2"))},
-            "score": np.concatenate(self.scores),
-            **{name: landmarks[:, j] for j, name in enumerate(LANDMARK_COLUMNS)},
-            "appearance": _binary_rows(appearance),
+            "detection_id": joined("ids"),
+            "frame": joined("frames"),
+            "shot_id": joined("shots"),
+            "time_s": joined("times"),
+            **{name: values[:, j] for j, name in enumerate(("x1", "y1", "x2", "y2", "score", *LANDMARK_COLUMNS))},
+            "appearance": _binary_rows(joined("appearance")),
         }
         return pl.DataFrame(columns, schema=DETECTIONS_SCHEMA)
 
