@@ -130,3 +130,25 @@ def test_a_face_moving_fast_stays_one_track():
     rows = [(118 + 4 * k, 0, x, y) for k, (x, y) in enumerate(corners)]
     tracked = track_detections(_detections(rows, side=90), _features(len(rows), [0] * len(rows)), samples_per_s=7.5)
     assert tracked["track_id"].to_list() == [0] * len(rows)
+
+
+def test_tracking_runs_its_kalman_solves_on_one_blas_thread(monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import vcn.faces.tracking as tracking
+
+    seen = []
+    update = tracking.ShotTracker.update
+
+    def spy(self, *args):
+        seen.append({lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+        return update(self, *args)
+
+    monkeypatch.setattr(tracking.ShotTracker, "update", spy)
+    rows = [(3 * k, 0, 100 + 4 * k, 100) for k in range(6)]
+    with threadpool_limits(2):  # as on a machine of 2 cores or more
+        track_detections(_detections(rows), _features(len(rows), [0] * len(rows)), samples_per_s=8)
+        after = {lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+    assert seen and all(threads == 1 for frame in seen for threads in frame.values())
+    assert any(frame for frame in seen)  # scipy's BLAS, which the Kalman filter calls, was loaded and limited
+    assert all(threads == 2 for threads in after.values()), "the limit is lifted after tracking"

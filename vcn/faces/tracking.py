@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 import polars as pl
+from threadpoolctl import threadpool_limits
 
 #: Per-track summary table written by the ``face_tracks`` stage.
 TRACKS_SCHEMA = {
@@ -146,19 +147,25 @@ def track_detections(
     local_to_global: dict[int, int] = {}
     starts = np.flatnonzero(np.r_[True, frames[1:] != frames[:-1]]) if len(frames) else np.zeros(0, int)
     ends = np.r_[starts[1:], len(frames)]
-    for a, b in zip(starts, ends):
-        if shots[a] != current_shot:
-            current_shot = shots[a]
-            tracker = ShotTracker(config, samples_per_s)
-            local_to_global = {}
-        local = tracker.update(boxes[a:b], scores[a:b], features[a:b])
-        for i, lid in enumerate(local):
-            if lid < 0:
-                continue
-            if lid not in local_to_global:
-                local_to_global[lid] = next_id
-                next_id += 1
-            track_of[a + i] = local_to_global[lid]
+    # The Kalman filter's solves are 4x4: with more than one BLAS thread each call waits on the others, which
+    # made tracking 3x slower on a busy 2-core machine (same tracks). The limit reaches the BLAS libraries
+    # loaded when it is set: the tracker's (scipy's) are loaded first.
+    import deep_sort_realtime.deepsort_tracker  # noqa: F401
+
+    with threadpool_limits(1):
+        for a, b in zip(starts, ends):
+            if shots[a] != current_shot:
+                current_shot = shots[a]
+                tracker = ShotTracker(config, samples_per_s)
+                local_to_global = {}
+            local = tracker.update(boxes[a:b], scores[a:b], features[a:b])
+            for i, lid in enumerate(local):
+                if lid < 0:
+                    continue
+                if lid not in local_to_global:
+                    local_to_global[lid] = next_id
+                    next_id += 1
+                track_of[a + i] = local_to_global[lid]
 
     track_of = stitch_fragments(
         track_of, shots, detections["time_s"].to_numpy(), frames, boxes,
