@@ -58,3 +58,34 @@ def test_each_stage_starts_by_releasing_what_earlier_ones_freed(tmp_path, monkey
     with recording.stage(context, Warehouse(str(tmp_path / "wh.duckdb")), "shots"):
         calls.append("body")
     assert calls == ["released", "body"]
+
+
+@pytest.mark.skipif(_libc() is None, reason="the C library has no mallopt (not glibc)")
+def test_large_blocks_stay_in_the_heap_inside_heap_reused_and_not_after():
+    import resource
+
+    from vcn.memory import heap_reused
+
+    libc = _libc()
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 64 << 20  # above glibc's largest sliding mmap threshold (32 MiB): mapped on its own by default
+    pages = size // 4096
+
+    def faults_of_a_block() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        address = libc.malloc(size)
+        ctypes.memset(address, 1, size)
+        libc.free(address)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    assert faults_of_a_block() > pages // 2  # glibc's default: every block faulted in afresh
+    with heap_reused() as tuned:
+        assert tuned
+        faults_of_a_block()  # the heap grows once
+        again = [faults_of_a_block() for _ in range(3)]  # and its pages serve the next blocks
+        held = psutil.Process().memory_info().rss
+    assert max(again) < pages // 10
+    # Leaving handed the kept heap back, and blocks are mapped afresh again.
+    assert held - psutil.Process().memory_info().rss > size // 2
+    assert faults_of_a_block() > pages // 2

@@ -130,3 +130,23 @@ def test_the_loss_metric_needs_a_finetuned_model(backbone, movie):
     by_loss = cluster(embedded, len(PEOPLE), similarity="loss")
     by_cosine = cluster(embedded, len(PEOPLE))
     assert by_loss.dissimilarity == "cosine" and np.array_equal(by_loss.labels, by_cosine.labels)
+
+
+def test_a_cpu_embeds_at_most_cpu_batch_size_chips_a_pass(backbone, movie, monkeypatch):
+    import vcn.identity.quality as quality
+
+    _, in_memory = movie
+    seen = []
+    real = quality.embed_and_score
+
+    def spy(model, chips, *, batch_size, **kwargs):
+        seen.append(batch_size)
+        return real(model, chips, batch_size=batch_size, **kwargs)
+
+    monkeypatch.setattr(quality, "embed_and_score", spy)
+    capped = embed(backbone, in_memory, batch_size=256)
+    assert seen and set(seen) == {pipeline.CPU_BATCH_SIZE}
+    # The batch changes what the chips give by float rounding at most (the convolutions' summation order).
+    embeddings, scores = real(backbone, in_memory.chips, batch_size=len(in_memory.chips))
+    np.testing.assert_allclose(capped.embeddings, embeddings, atol=1e-5)
+    np.testing.assert_allclose(capped.quality, scores, atol=1e-5)

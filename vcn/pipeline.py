@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import polars as pl
 
+from vcn.memory import heap_reused
 from vcn.progress import ProgressCallback
 
 if TYPE_CHECKING:
@@ -51,6 +52,11 @@ SIMILARITIES = ("cosine", "loss")
 #: every chunk, so a crop's quality depends on its place in the chunk: both roads
 #: chunk the same way, and the same chips in the same order score the same.
 CHUNK_SIZE = 512
+
+#: Most chips per forward pass on a CPU. There a pass of 16 chips runs as fast per chip as one
+#: of 128, and its activations take a fifth of the memory
+#: (``benchmarks/results/embed_cpu_batch.md``); a GPU takes the configured batch.
+CPU_BATCH_SIZE = 16
 
 
 class ChipSource(Protocol):
@@ -289,7 +295,7 @@ def embed(
         max_loss_crops: Most chips that get logits; default
             :data:`~vcn.identity.selfsup.loss_metric.MAX_CROPS`. Each costs K
             floats here and more in the clustering.
-        batch_size: Chips per forward pass.
+        batch_size: Chips per forward pass (at most :data:`CPU_BATCH_SIZE` on a CPU).
         progress: Called as ``progress(done, total)`` after each chunk.
 
     Returns:
@@ -310,25 +316,29 @@ def embed(
     if loss_metric is not None and loss_metric.version != model.version:
         raise ValueError(f"the loss metric is that of {loss_metric.version}, the chips are embedded by {model.version}")
     loss_rows = None if loss_metric is None else loss_metric_rows(crop_track, max_loss_crops)
+    if not str(model.device).startswith("cuda"):
+        batch_size = min(batch_size, CPU_BATCH_SIZE)
 
     started = time.perf_counter()
     embeddings, qualities, logits = [], [], []
     done = 0
-    for chips in source.chunks(CHUNK_SIZE):
-        if scored:
-            chunk_embeddings, chunk_quality = embed_and_score(model, chips, batch_size=min(batch_size, 128))
-            qualities.append(chunk_quality)
-        else:
-            chunk_embeddings = model.embed(chips, batch_size=batch_size)
-        embeddings.append(chunk_embeddings)
-        if loss_rows is not None:
-            # The sampled chips of this chunk, while it is at hand.
-            first, last = np.searchsorted(loss_rows, [done, done + len(chips)])
-            if last > first:
-                logits.append(loss_metric.logits(chips[loss_rows[first:last] - done], batch_size=batch_size))
-        done += len(chips)
-        if progress is not None:
-            progress(done, total)
+    # Batch after batch allocates and frees the same activations: they stay in the heap meanwhile.
+    with heap_reused():
+        for chips in source.chunks(CHUNK_SIZE):
+            if scored:
+                chunk_embeddings, chunk_quality = embed_and_score(model, chips, batch_size=min(batch_size, 128))
+                qualities.append(chunk_quality)
+            else:
+                chunk_embeddings = model.embed(chips, batch_size=batch_size)
+            embeddings.append(chunk_embeddings)
+            if loss_rows is not None:
+                # The sampled chips of this chunk, while it is at hand.
+                first, last = np.searchsorted(loss_rows, [done, done + len(chips)])
+                if last > first:
+                    logits.append(loss_metric.logits(chips[loss_rows[first:last] - done], batch_size=batch_size))
+            done += len(chips)
+            if progress is not None:
+                progress(done, total)
     if done != total:
         raise ValueError(f"the chip source gave {done} chips for {total} crops")
 

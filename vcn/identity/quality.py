@@ -135,6 +135,15 @@ def embed_and_score(
     module = backbone.module
     device = torch.device(backbone.device)
     generator = torch.Generator(device=device).manual_seed(seed)
+    # One noise buffer for the whole call, reused by every chunk of every batch. A fresh one per
+    # chunk (120 MiB for SFace) is a fresh mapping from the C allocator each time, and the kernel
+    # faulted and zeroed every page of it again: a third of embedding's CPU time went to the kernel.
+    noise_buffer: list[torch.Tensor] = []
+
+    def noise_for(rows: int, d: int) -> torch.Tensor:
+        if not noise_buffer or noise_buffer[0].shape[0] < rows or noise_buffer[0].shape[2] != d:
+            noise_buffer[:] = [torch.empty((rows, passes, d), device=device)]
+        return noise_buffer[0][:rows]
 
     def score(part: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         # A failed attempt (out of memory) rewinds the generator, so that its retry draws the same masks.
@@ -149,7 +158,7 @@ def embed_and_score(
             for first in range(0, n, step):
                 chunk = features[first : first + step]
                 # One chip's masks per draw: the same masks for a chip whatever the batch around it.
-                noise = torch.empty((len(chunk), passes, d), device=device)
+                noise = noise_for(min(step, n), d)[: len(chunk)]
                 for row in noise:
                     row.uniform_(generator=generator)
                 # The masked, rescaled copies built in place in the noise buffer (no temporaries: with
