@@ -303,10 +303,18 @@ def _merged_runs(path: Path, report: dict) -> list[dict]:
     runs = {r["video"]: r | {"measured_at": report["measured_at"]} for r in report["runs"]}
     if path.exists():
         earlier = json.loads(path.read_text())
-        if earlier.get("machine") == report["machine"] and earlier.get("backbone") == report["backbone"]:
+        if _same_machine(earlier.get("machine"), report["machine"]) and earlier.get("backbone") == report["backbone"]:
             for r in earlier["runs"]:
                 runs.setdefault(r["video"], r | {"measured_at": r.get("measured_at", earlier["measured_at"])})
     return sorted(runs.values(), key=lambda r: r["duration_s"])
+
+
+def _same_machine(a: dict | None, b: dict) -> bool:
+    """The same kind of machine: all alike but the memory the system reports, which moves by a few MiB between boots."""
+    if not a:
+        return False
+    alike = {k: v for k, v in a.items() if k != "memory_gb"} == {k: v for k, v in b.items() if k != "memory_gb"}
+    return alike and abs(a.get("memory_gb", 0) - b.get("memory_gb", 0)) <= 0.5
 
 
 def _markdown(report: dict) -> str:
