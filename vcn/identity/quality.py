@@ -136,8 +136,8 @@ def embed_and_score(
     device = torch.device(backbone.device)
     generator = torch.Generator(device=device).manual_seed(seed)
     # One noise buffer for the whole call, reused by every chunk of every batch. A fresh one per
-    # chunk (120 MiB for SFace) is a fresh mapping from the C allocator each time, and the kernel
-    # faulted and zeroed every page of it again: a third of embedding's CPU time went to the kernel.
+    # chunk (120 MiB for SFace) is a fresh mapping from the C allocator each time, whose every page
+    # the kernel faulted in and zeroed again (a quarter of embedding's page faults with SFace).
     noise_buffer: list[torch.Tensor] = []
 
     def noise_for(rows: int, d: int) -> torch.Tensor:
