@@ -102,3 +102,15 @@ def heap_reused() -> Iterator[bool]:
         libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_AFTER)
         libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_AFTER)
         release_freed_memory()
+
+
+def trim_heap() -> None:
+    """Hands the C heap's free pages back to the system (glibc's ``malloc_trim``), without collecting garbage.
+
+    Inside :func:`heap_reused`, once per chunk of many batches: the pages of blocks freed in holes the next
+    batches cannot fit would otherwise stay resident and pile up (measured on 6,144 chips with SFace:
+    933 -> 1,041 MB across the chunks without it, flat at 538-540 MB with it, at the same speed).
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

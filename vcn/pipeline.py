@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import polars as pl
 
-from vcn.memory import heap_reused
+from vcn.memory import heap_reused, trim_heap
 from vcn.progress import ProgressCallback
 
 if TYPE_CHECKING:
@@ -337,6 +337,7 @@ def embed(
                 if last > first:
                     logits.append(loss_metric.logits(chips[loss_rows[first:last] - done], batch_size=batch_size))
             done += len(chips)
+            trim_heap()  # the free pages of holes no batch can fit, once a chunk
             if progress is not None:
                 progress(done, total)
     if done != total:
