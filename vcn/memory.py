@@ -65,11 +65,7 @@ def release_freed_memory() -> bool:
     arrow = sys.modules.get("pyarrow")  # only where it is in use: importing it here would cost memory
     if arrow is not None:
         arrow.default_memory_pool().release_unused()
-    libc = _libc()
-    if libc is None:
-        return False
-    libc.malloc_trim(0)
-    return True
+    return trim_heap()
 
 
 @contextmanager
@@ -104,13 +100,18 @@ def heap_reused() -> Iterator[bool]:
         release_freed_memory()
 
 
-def trim_heap() -> None:
+def trim_heap() -> bool:
     """Hands the C heap's free pages back to the system (glibc's ``malloc_trim``), without collecting garbage.
 
     Inside :func:`heap_reused`, once per chunk of many batches: the pages of blocks freed in holes the next
     batches cannot fit would otherwise stay resident and pile up (measured on 6,144 chips with SFace:
     933 -> 1,041 MB across the chunks without it, flat at 538-540 MB with it, at the same speed).
+
+    Returns:
+        Whether the heap was trimmed: False where the C library has no ``malloc_trim`` (musl, macOS).
     """
     libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
