@@ -89,3 +89,45 @@ def test_large_blocks_stay_in_the_heap_inside_heap_reused_and_not_after():
     # Leaving handed the kept heap back, and blocks are mapped afresh again.
     assert held - psutil.Process().memory_info().rss > size // 2
     assert faults_of_a_block() > pages // 2
+
+
+def _binary_parquet(path, groups: int, rows: int, size: int):
+    np = pytest.importorskip("numpy")
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rng = np.random.default_rng(0)
+    schema = pa.schema([("id", pa.int64()), ("image", pa.binary())])
+    with pq.ParquetWriter(str(path), schema, compression="zstd") as writer:
+        for g in range(groups):
+            images = [rng.bytes(size) for _ in range(rows)]  # incompressible, as JPEG is
+            ids = pa.array(range(g * rows, (g + 1) * rows), pa.int64())
+            writer.write_table(pa.table({"id": ids, "image": pa.array(images, pa.binary())}, schema=schema))
+    return path
+
+
+def test_parquet_batches_gives_every_row_in_order_within_row_groups(tmp_path):
+    from vcn.stores.files import parquet_batches
+
+    path = _binary_parquet(tmp_path / "rows.parquet", groups=5, rows=30, size=8)
+    batches = list(parquet_batches(path, 8, ["id"]))
+    assert [b.num_columns for b in batches] == [1] * len(batches)
+    assert [i for b in batches for i in b.column("id").to_pylist()] == list(range(150))
+    assert [b.num_rows for b in batches] == [8, 8, 8, 6] * 5  # no batch spans two row groups
+    assert sum(b.num_rows for b in parquet_batches(path, 1000)) == 150
+
+
+def test_reading_a_binary_column_in_batches_holds_one_row_group_not_the_column(tmp_path):
+    # pyarrow's whole-file iter_batches keeps what it decoded of a binary column until the file
+    # object goes (here it would hold most of the 20 MiB column by the end).
+    pa = pytest.importorskip("pyarrow")
+    from vcn.stores.files import parquet_batches
+
+    rows, size = 32, 16 * 1024  # 512 KiB a row group
+    path = _binary_parquet(tmp_path / "images.parquet", groups=40, rows=rows, size=size)
+    pool = pa.default_memory_pool()
+    before, most, seen = pool.bytes_allocated(), 0, 0
+    for batch in parquet_batches(path, 16, ["id", "image"]):
+        seen += batch.num_rows
+        most = max(most, pool.bytes_allocated() - before)
+    assert seen == 40 * rows
+    assert most < 4 * rows * size, f"Arrow held {most / 2**20:.1f} MiB while reading"

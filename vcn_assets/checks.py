@@ -2,10 +2,10 @@
 
 import dagster as dg
 import polars as pl
-import pyarrow.parquet as pq
 
 from resources import ArtifactStore, WarehouseResource
 from vcn.clustering.cannot_link import on_screen_together
+from vcn.stores.files import parquet_batches
 from vcn_assets import artifacts
 from vcn_assets.assets.clusters import face_clusters
 from vcn_assets.assets.models import finetuned_model, read_tracks
@@ -40,7 +40,7 @@ def crop_coverage(tracks: pl.DataFrame, crops_path, batch_rows: int = 4096) -> t
     a time and only track ids and a count are kept.
     """
     covered, empty_images = set(), 0
-    for batch in pq.ParquetFile(str(crops_path)).iter_batches(batch_size=batch_rows, columns=["track_id", "image"]):
+    for batch in parquet_batches(crops_path, batch_rows, ["track_id", "image"]):
         crops = pl.from_arrow(batch)
         covered.update(crops["track_id"].unique().to_list())
         empty_images += crops.filter(pl.col("image").bin.size() == 0).height

@@ -32,6 +32,7 @@ from vcn.faces.align import align_face, get_template
 from vcn.faces.detection.video import LANDMARK_COLUMNS
 from vcn.faces.filters import FilterConfig, face_rank_in_frame, judge_crops, sharpness
 from vcn.media import VideoReader
+from vcn.stores.files import parquet_batches
 
 #: Schema of the ``track_crops`` table; ``image`` holds the aligned crop as JPEG.
 CROPS_SCHEMA = {
@@ -293,7 +294,7 @@ def track_crops_from_chips(
         waiting: dict[int, tuple] = {}
         next_row = 0
         columns = ["detection_id", "sharpness", "unalignable", "image"]
-        for batch in pq.ParquetFile(str(chips_path)).iter_batches(batch_size=config.row_group, columns=columns):
+        for batch in parquet_batches(chips_path, config.row_group, columns):
             batch = batch.filter(pc.is_in(batch.column("detection_id"), value_set=wanted))
             ids, sharp, unalignable, images = (batch.column(c).to_pylist() for c in columns)
             for detection_id, s, bad, image in zip(ids, sharp, unalignable, images):
@@ -368,7 +369,7 @@ def _write_verdicts(source: Path, out_path: Path, table: pl.DataFrame, row_group
     names = _ARROW_SCHEMA.names
     with pq.ParquetWriter(str(out_path), _ARROW_SCHEMA, compression="zstd") as writer:
         done = 0
-        for batch in pq.ParquetFile(str(source)).iter_batches(batch_size=row_group):
+        for batch in parquet_batches(source, row_group):
             part = pa.Table.from_batches([batch])
             n = part.num_rows
             part = part.set_column(names.index("rejected"), "rejected", rejected.slice(done, n))
@@ -401,7 +402,7 @@ def read_crop_images(path: str | os.PathLike, crop_ids: list[int] | None = None)
     wanted = None if crop_ids is None else pa.array(crop_ids, type=pa.int64())
     ids: list[np.ndarray] = []
     images: list[np.ndarray] = []
-    for batch in pq.ParquetFile(str(path)).iter_batches(batch_size=1024, columns=["crop_id", "image"]):
+    for batch in parquet_batches(path, 1024, ["crop_id", "image"]):
         if wanted is not None:
             batch = batch.filter(pc.is_in(batch.column("crop_id"), value_set=wanted))
         if batch.num_rows == 0:

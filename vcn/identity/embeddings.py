@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from vcn.faces.crops import decode_jpeg
+from vcn.stores.files import parquet_batches
 
 #: Rows of the crop-embeddings table; row ``i`` is row ``i`` of the .npy matrix.
 #: ``quality`` is the crop's SER-FIQ quality (:func:`vcn.identity.quality.embed_and_score`),
@@ -51,9 +51,8 @@ def read_kept_crops(crops_path: str | os.PathLike, template: str) -> pl.DataFram
     Raises:
         ValueError: The crops were aligned for another template than ``template``.
     """
-    source = pq.ParquetFile(str(crops_path))
     tables = []
-    for batch in source.iter_batches(batch_size=65536, columns=["crop_id", "track_id", "rejected", "template"]):
+    for batch in parquet_batches(crops_path, 65536, ["crop_id", "track_id", "rejected", "template"]):
         table = pl.from_arrow(batch).filter(~pl.col("rejected"))
         if not table.is_empty():
             _check_template(crops_path, table, template)
@@ -92,7 +91,7 @@ def read_kept_chips(
     table = kept[rows] if len(rows) < kept.height else kept
     chips: np.ndarray | None = None
     seen = done = 0  # kept crops passed, chips decoded
-    for batch in pq.ParquetFile(str(crops_path)).iter_batches(batch_size=1024, columns=["rejected", "image"]):
+    for batch in parquet_batches(crops_path, 1024, ["rejected", "image"]):
         if done == len(rows):
             break
         kept_mask = ~batch.column("rejected").to_numpy(zero_copy_only=False)
@@ -127,8 +126,7 @@ def read_kept_chip_chunks(crops_path: str | os.PathLike, template: str, size: in
         ValueError: The crops were aligned for another template than ``template``.
     """
     pending: list[np.ndarray] = []
-    source = pq.ParquetFile(str(crops_path))
-    for batch in source.iter_batches(batch_size=max(size, 64), columns=["rejected", "template", "image"]):
+    for batch in parquet_batches(crops_path, max(size, 64), ["rejected", "template", "image"]):
         table = pl.from_arrow(batch).filter(~pl.col("rejected"))
         if table.is_empty():
             continue

@@ -8,7 +8,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from resources import ArtifactStore, ClusteringResource, WarehouseResource
@@ -23,6 +22,7 @@ from vcn.clustering.report import (
 from vcn.faces.crops import decode_jpeg, encode_jpeg
 from vcn.faces.filters import track_reject_reason
 from vcn.pipeline import Embedded, cluster, track_rows
+from vcn.stores.files import parquet_batches
 from vcn.stores.warehouse import utcnow
 from vcn_assets import artifacts
 from vcn_assets.assets.models import read_tracks, track_embeddings
@@ -299,7 +299,7 @@ def _write_report(store: ArtifactStore, movie_id: str, table: pl.DataFrame) -> t
     track_of = dict(zip(middle["crop_id"].to_list(), middle["track_id"].to_list()))
     thumbnails, paths = {}, {}
     wanted = pa.array(middle["crop_id"].to_list(), type=pa.int64())
-    for batch in pq.ParquetFile(str(crops_path)).iter_batches(batch_size=256, columns=["crop_id", "image"]):
+    for batch in parquet_batches(crops_path, 256, ["crop_id", "image"]):
         batch = batch.filter(pc.is_in(batch.column("crop_id"), value_set=wanted))
         for crop_id, data in zip(batch.column("crop_id").to_pylist(), batch.column("image").to_pylist()):
             track, image = track_of[crop_id], decode_jpeg(data)
