@@ -2,7 +2,7 @@
 
 Runs :func:`vcn.pipeline.embed` over the kept crops of a ``track_crops`` file
 as ``track_embeddings`` does (a :class:`vcn.pipeline.CropFile`, SER-FIQ quality,
-the default backbone), once with each way of reading the file, each in a fresh
+SFace, the default backbone), once with each way of reading the file, each in a fresh
 process: ``row group`` (the product: :func:`vcn.stores.files.parquet_batches`,
 one reader per row group) and ``whole file`` (one ``ParquetFile.iter_batches``
 over the whole file, how every reader of the crops worked before). After each
