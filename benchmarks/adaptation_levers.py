@@ -1,0 +1,131 @@
+"""A cheap adaptation lever measured on saved embeddings: within-track covariance normalisation.
+
+The self-distillation of ``vcn.identity.selfsup`` adapts the backbone to a movie from
+pairs of crops of one track. A closed-form relative of it needs no training: the
+movie's tracks give the within-person scatter S_w of the crop embeddings around
+their track's mean (pose, expression, lighting, and in ``dev-mv`` a change of photo
+inside a track), and whitening by it, x -> S_w^(-1/2) x, shrinks the directions a
+person varies along before the cosine is taken (within-class covariance
+normalisation, as in speaker verification). It uses positives only (tracks), never
+the on-screen-together pairs, so the label-free check stays fair to it.
+
+For each dump of ``benchmarks/cluster_quality.py --dump`` this reports, for the
+pretrained embeddings and for the whitened ones at several shrinkages of S_w
+towards a multiple of the identity (0: plain S_w; Ledoit-Wolf's estimate of the
+best one), the label-free separation the pipeline's check compares, the true
+recall at the check's false-merge rates (labels) and the default clustering
+(``cluster_movie``: quality screen, cannot-link, negative cut).
+
+Usage::
+
+    python benchmarks/adaptation_levers.py benchmarks/work/dumps/mv_sface.npz benchmarks/work/dumps/ep_sface.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.adaptation_check import true_recall
+from benchmarks.cluster_rules import _scores, write_results
+from vcn.clustering.parameter_free import cluster_movie
+from vcn.identity.selfsup.separation import FALSE_MERGE_RATES, separation
+
+#: Shrinkages of S_w towards trace(S_w)/d * I measured besides Ledoit-Wolf's.
+SHRINKAGES = (0.0, 0.1, 0.3, 0.5)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def track_residuals(x: np.ndarray, crop_track: np.ndarray) -> np.ndarray:
+    """Each crop's offset from its track's mean, for tracks of at least two crops."""
+    _, rows, counts = np.unique(crop_track, return_inverse=True, return_counts=True)
+    means = np.zeros((len(counts), x.shape[1]))
+    np.add.at(means, rows, x)
+    means /= counts[:, None]
+    keep = counts[rows] > 1
+    return (x - means[rows])[keep]
+
+
+def ledoit_wolf(residuals: np.ndarray) -> float:
+    """Ledoit and Wolf's (2004) shrinkage intensity of the residuals' covariance towards a scaled identity."""
+    n, d = residuals.shape
+    s = residuals.T @ residuals / n
+    mu = np.trace(s) / d
+    delta = float(((s - mu * np.eye(d)) ** 2).sum())
+    # beta = mean over rows of ||r r^T - S||_F^2, divided by n (Ledoit-Wolf's b-bar squared).
+    squares = (residuals**2).sum(axis=1)
+    beta = float((squares**2).mean() - 2 * np.einsum("ij,jk,ik->i", residuals, s, residuals).mean() + (s**2).sum())
+    return float(min(1.0, max(0.0, beta / n / delta)))
+
+
+def whitening(residuals: np.ndarray, shrink: float) -> np.ndarray:
+    """S^(-1/2) of the residuals' covariance shrunk by ``shrink`` towards trace(S)/d * I."""
+    d = residuals.shape[1]
+    s = residuals.T @ residuals / len(residuals)
+    s = (1 - shrink) * s + shrink * np.trace(s) / d * np.eye(d)
+    values, vectors = np.linalg.eigh(s)
+    return vectors @ np.diag(np.maximum(values, 1e-12) ** -0.5) @ vectors.T
+
+
+def evaluate(path: Path) -> list[dict]:
+    data = np.load(path)
+    crop_track, pairs, labels, quality = data["crop_track"], data["cannot_link"], data["labels"], data["quality"]
+    x = _unit(data["pretrained"].astype(np.float64))
+    residuals = track_residuals(x, crop_track)
+    lw = ledoit_wolf(residuals)
+    variants = [("pretrained", None, x)]
+    for shrink in (*SHRINKAGES, lw):
+        name = f"whitened, shrinkage {shrink:.3f}" + (" (Ledoit-Wolf)" if shrink == lw else "")
+        variants.append((name, shrink, _unit(x @ whitening(residuals, shrink))))
+    rows = []
+    for name, shrink, embeddings in variants:
+        result = cluster_movie(embeddings, crop_track, len(labels), cannot_link=pairs, crop_quality=quality)
+        share, _ = separation(embeddings, crop_track, pairs)
+        row = {"dump": path.stem, "embeddings": name, "shrinkage": shrink, "separation": round(share, 4),
+               "tar": true_recall(embeddings, crop_track, labels, pairs), **_scores(labels, result.labels)}
+        print(row, flush=True)
+        rows.append(row)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    rates = " / ".join(f"{f:g}" for f in FALSE_MERGE_RATES)
+    lines = [
+        "# Within-track covariance normalisation as an adaptation lever",
+        "",
+        f"`benchmarks/adaptation_levers.py`, measured {result['measured_at']} on {result['machine']}, on the "
+        "pretrained embeddings of `benchmarks/cluster_quality.py --dump`. Separation: the label-free share the "
+        f"pipeline's adaptation check compares (on-screen-together quantiles {rates}, averaged; higher looks better "
+        "to the check). TAR: the true share of same-person track pairs closer than those quantiles (labels). "
+        "Clustering: the default pipeline (quality screen, cannot-link, negative cut).",
+        "",
+        "| dump | embeddings | separation | TAR | WCP % | PCR | BCubed F % | NMI % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(f"| {r['dump']} | {r['embeddings']} | {r['separation']} | {r['tar']} | {r['wcp']} | "
+                     f"{r['pcr']} | {r['bcubed_f']} | {r['nmi']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("dumps", nargs="+", type=Path, help="files from cluster_quality.py --dump")
+    parser.add_argument("--name", default="adaptation_levers", help="stem of the results files")
+    args = parser.parse_args(argv)
+    rows = [row for path in args.dumps for row in evaluate(path)]
+    write_results(args.name, {"rows": rows}, markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
