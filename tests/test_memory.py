@@ -131,3 +131,42 @@ def test_reading_a_binary_column_in_batches_holds_one_row_group_not_the_column(t
         most = max(most, pool.bytes_allocated() - before)
     assert seen == 40 * rows
     assert most < 4 * rows * size, f"Arrow held {most / 2**20:.1f} MiB while reading"
+
+
+def test_track_means_are_exact_over_blocks_and_nan_for_tracks_without_crops():
+    import numpy as np
+
+    from vcn.identity.embeddings import TRACK_MEAN_BLOCK, unit_track_means
+
+    rng = np.random.default_rng(3)
+    n_tracks = 50
+    crop_track = rng.integers(0, n_tracks - 2, 2 * TRACK_MEAN_BLOCK + 17)  # the last two tracks have no crops
+    embeddings = rng.standard_normal((len(crop_track), 16)).astype(np.float32)
+    means = unit_track_means(embeddings, crop_track, n_tracks)
+
+    assert means.dtype == np.float32 and means.shape == (n_tracks, 16)
+    assert np.isnan(means[-2:]).all() and np.isfinite(means[:-2]).all()
+    for track in (0, 7, n_tracks - 3):
+        expected = embeddings[crop_track == track].astype(np.float64).sum(axis=0)
+        np.testing.assert_allclose(means[track], expected / np.linalg.norm(expected), rtol=1e-6, atol=1e-7)
+
+
+def test_track_means_make_no_float64_copy_of_the_crop_matrix():
+    """A feature film's 78,756 x 128 crop matrix would be 80 MB again in float64; a block at a time is 8 MB."""
+    import tracemalloc
+
+    import numpy as np
+
+    from vcn.identity.embeddings import TRACK_MEAN_BLOCK, unit_track_means
+
+    rng = np.random.default_rng(4)
+    embeddings = rng.standard_normal((8 * TRACK_MEAN_BLOCK, 128)).astype(np.float32)
+    crop_track = np.sort(rng.integers(0, 100, len(embeddings)))
+    tracemalloc.start()
+    try:
+        unit_track_means(embeddings, crop_track, 100)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    whole_copy = embeddings.size * 8
+    assert peak < whole_copy / 4, f"{peak / 2**20:.1f} MiB at peak, a float64 copy is {whole_copy / 2**20:.1f} MiB"
