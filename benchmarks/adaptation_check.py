@@ -49,16 +49,23 @@ def true_recall(embeddings: np.ndarray, crop_track: np.ndarray, labels: np.ndarr
     return [round(float((values < np.quantile(negatives, f)).mean()), 4) for f in FALSE_MERGE_RATES]
 
 
+def default_scores(embeddings: np.ndarray, crop_track: np.ndarray, labels: np.ndarray, pairs: np.ndarray,
+                   quality: np.ndarray) -> dict:
+    """The default pipeline's clustering of a dump's crops (``cluster_movie``: quality screen, cannot-link, negative
+    cut), scored against the labels: WCP % / PCR / BCubed F % / NMI % / Unknown %."""
+    result = cluster_movie(embeddings, crop_track, len(labels), cannot_link=pairs, crop_quality=quality)
+    return _scores(labels, result.labels)
+
+
 def evaluate(path: Path) -> dict:
     data = np.load(path)
     crop_track, pairs, labels = data["crop_track"], data["cannot_link"], data["labels"]
-    n = len(labels)
     rows = spread_crops(crop_track, MAX_CROPS)
     check = check_adaptation(data["pretrained"][rows], data["finetuned"][rows], crop_track[rows], pairs)
     row = {"dump": path.stem, "check": check.to_dict()}
     for key, quality in (("pretrained", "quality"), ("finetuned", "finetuned_quality")):
-        result = cluster_movie(data[key], crop_track, n, cannot_link=pairs, crop_quality=data[quality])
-        row[key] = {"tar": true_recall(data[key], crop_track, labels, pairs), **_scores(labels, result.labels)}
+        row[key] = {"tar": true_recall(data[key], crop_track, labels, pairs),
+                    **default_scores(data[key], crop_track, labels, pairs, data[quality])}
     better = "finetuned" if row["finetuned"]["bcubed_f"] > row["pretrained"]["bcubed_f"] else "pretrained"
     row["kept"] = "finetuned" if check.keeps_finetuned else "pretrained"
     row["better_by_labels"] = better

@@ -37,9 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.adaptation_check import true_recall
-from benchmarks.cluster_rules import _scores, write_results
-from vcn.clustering.parameter_free import cluster_movie
+from benchmarks.adaptation_check import default_scores, true_recall
+from benchmarks.cluster_rules import write_results
 from vcn.identity.selfsup.separation import FALSE_MERGE_RATES, separation
 
 #: Shrinkages of S_w towards trace(S_w)/d * I measured besides Ledoit-Wolf's.
@@ -91,9 +90,8 @@ def resampling_spread(data, draws: int = DRAWS, keep: float = KEEP) -> dict:
     for seed in range(draws):
         kept = np.random.default_rng(seed).random(len(crop_track)) < keep
         kept[first] = True
-        result = cluster_movie(data["pretrained"][kept], crop_track[kept], len(data["labels"]),
-                               cannot_link=data["cannot_link"], crop_quality=data["quality"][kept])
-        scores.append(_scores(data["labels"], result.labels)["bcubed_f"])
+        scores.append(default_scores(data["pretrained"][kept], crop_track[kept], data["labels"], data["cannot_link"],
+                                     data["quality"][kept])["bcubed_f"])
     return {"draws": draws, "keep": keep, "bcubed_f": scores, "mean": round(float(np.mean(scores)), 2),
             "sd": round(float(np.std(scores, ddof=1)), 2), "min": min(scores), "max": max(scores)}
 
@@ -110,10 +108,10 @@ def evaluate(path: Path) -> list[dict]:
         variants.append((name, shrink, _unit(x @ whitening(residuals, shrink))))
     rows = []
     for name, shrink, embeddings in variants:
-        result = cluster_movie(embeddings, crop_track, len(labels), cannot_link=pairs, crop_quality=quality)
         share, _ = separation(embeddings, crop_track, pairs)
         row = {"dump": path.stem, "embeddings": name, "shrinkage": shrink, "separation": round(share, 4),
-               "tar": true_recall(embeddings, crop_track, labels, pairs), **_scores(labels, result.labels)}
+               "tar": true_recall(embeddings, crop_track, labels, pairs),
+               **default_scores(embeddings, crop_track, labels, pairs, quality)}
         print(row, flush=True)
         rows.append(row)
     rows[0]["resampling"] = resampling_spread(data)
