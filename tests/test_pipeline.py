@@ -150,3 +150,14 @@ def test_a_cpu_embeds_at_most_cpu_batch_size_chips_a_pass(backbone, movie, monke
     embeddings, scores = real(backbone, in_memory.chips, batch_size=len(in_memory.chips))
     np.testing.assert_allclose(capped.embeddings, embeddings, atol=1e-5)
     np.testing.assert_allclose(capped.quality, scores, atol=1e-5)
+
+
+def test_a_source_with_another_number_of_chips_than_crops_is_refused(backbone, movie, monkeypatch):
+    monkeypatch.setattr(pipeline, "CHUNK_SIZE", 8)
+    _, in_memory = movie
+    short = ChipArray(in_memory.chips[:-3], in_memory.crop_track)
+    with pytest.raises(ValueError, match=f"gave {len(in_memory.chips) - 3} chips for {len(in_memory.chips)} crops"):
+        embed(backbone, short, quality=False)
+    long = ChipArray(np.concatenate([in_memory.chips, in_memory.chips[:9]]), in_memory.crop_track)
+    with pytest.raises(ValueError, match=f"more chips than its {len(in_memory.chips)} crops"):
+        embed(backbone, long, quality=False)

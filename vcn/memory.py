@@ -16,8 +16,8 @@ over and over (a network's activations, batch after batch). glibc maps each
 block above its mmap threshold (at most 32 MiB) afresh and unmaps it on
 free, so the kernel faults in and zeroes every page of it again on the next
 batch: embedding with SFace on a 2-core CPU spent a third of its CPU time in
-the kernel that way. :func:`heap_reused` keeps such blocks in the heap for
-the loop's length.
+the kernel that way. :func:`heap_reused` keeps such blocks (up to 32 MiB) in
+the heap for the loop's length, and the loop keeps its buffers below that.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ from contextlib import contextmanager
 # mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-#: Within :func:`heap_reused`: no block is mapped on its own nor the heap trimmed below 1 GiB of free top.
-_REUSE_THRESHOLD = 1 << 30
-#: After it: the ceilings glibc's own sliding thresholds reach once large blocks were freed
-#: (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit systems, and twice that for the trim).
+#: Within :func:`heap_reused` and after it: the ceilings glibc's own sliding thresholds reach once large
+#: blocks were freed (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit systems, and twice that for the trim), set
+#: from the start (which ends the sliding).
 _MMAP_THRESHOLD_AFTER = 32 << 20
 _TRIM_THRESHOLD_AFTER = 64 << 20
+#: Largest block a loop inside :func:`heap_reused` should allocate: larger ones are mapped on their own.
+HEAP_REUSED_MAX_BLOCK = _MMAP_THRESHOLD_AFTER
 
 
 @functools.cache
@@ -70,17 +71,24 @@ def release_freed_memory() -> bool:
 
 @contextmanager
 def heap_reused() -> Iterator[bool]:
-    """Inside, freed large blocks stay in the C heap for the next allocation; on leaving, they go back.
+    """Inside, freed blocks of up to 32 MiB stay in the C heap for the next allocation; on leaving, they go back.
 
     For loops that allocate and free the same large buffers over and over (a
-    network's activations, batch after batch): glibc would map each block above
-    its threshold afresh and unmap it on free, and the kernel would fault in and
-    zero its pages again every time. Inside, no block is mapped on its own and
-    the heap is not trimmed, so a batch reuses the pages of the one before.
-    On leaving, the thresholds are set to the ceilings glibc's own sliding
-    thresholds reach after large frees (32 MiB, 64 MiB trim: setting them once
-    ends the sliding), and the free pages go back to the system
+    network's activations, batch after batch): glibc's sliding threshold starts
+    at 128 KiB, so such blocks are mapped afresh and unmapped on free until a
+    large one was freed, and the kernel faults in and zeroes their pages every
+    time. Inside, the thresholds are fixed at the ceilings glibc's would reach
+    (blocks up to 32 MiB come from the heap, which keeps up to 64 MiB of free
+    pages at its top; setting them once ends the sliding), so a batch reuses the
+    pages of the one before. On leaving, the free pages go back to the system
     (:func:`release_freed_memory`).
+
+    The thresholds are not raised further: with no block mapped on its own and
+    no trim (1 GiB thresholds), SFace's embedding loop kept every freed hole in
+    the heap and its working set wandered from chunk to chunk (8 chunks of 512
+    chips from 458 MiB, buffers under 32 MiB: chunk peaks 824-860 MiB); at the
+    ceilings it stays at 702-704 MiB after the first chunk's 830, at the same
+    speed (111 and 115 s).
 
     Yields:
         Whether the allocator was tuned: False where the C library has no
@@ -90,13 +98,11 @@ def heap_reused() -> Iterator[bool]:
     if libc is None or not hasattr(libc, "mallopt"):
         yield False
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, _REUSE_THRESHOLD)
-    libc.mallopt(_M_TRIM_THRESHOLD, _REUSE_THRESHOLD)
+    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_AFTER)
+    libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_AFTER)
     try:
         yield True
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_AFTER)
-        libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_AFTER)
         release_freed_memory()
 
 

@@ -320,22 +320,28 @@ def embed(
         batch_size = min(batch_size, CPU_BATCH_SIZE)
 
     started = time.perf_counter()
-    embeddings, qualities, logits = [], [], []
+    # The outputs are allocated whole before the loop: kept pieces allocated chunk after chunk would sit
+    # between the freed blocks of the next batches in the C heap, which then grows past them (each chunk's
+    # working set creeping up over a film's hundreds of chunks).
+    embeddings = np.empty((total, model.dim), np.float32)
+    qualities = np.empty(total, np.float32) if scored else None
+    logits = None if loss_rows is None else np.empty((len(loss_rows), loss_metric.head.out_dim), np.float32)
     done = 0
     # Batch after batch allocates and frees the same activations: they stay in the heap meanwhile.
     with heap_reused():
         for chips in source.chunks(CHUNK_SIZE):
+            if done + len(chips) > total:
+                raise ValueError(f"the chip source gave more chips than its {total} crops")
+            rows = slice(done, done + len(chips))
             if scored:
-                chunk_embeddings, chunk_quality = embed_and_score(model, chips, batch_size=min(batch_size, 128))
-                qualities.append(chunk_quality)
+                embeddings[rows], qualities[rows] = embed_and_score(model, chips, batch_size=min(batch_size, 128))
             else:
-                chunk_embeddings = model.embed(chips, batch_size=batch_size)
-            embeddings.append(chunk_embeddings)
-            if loss_rows is not None:
+                embeddings[rows] = model.embed(chips, batch_size=batch_size)
+            if logits is not None:
                 # The sampled chips of this chunk, while it is at hand.
                 first, last = np.searchsorted(loss_rows, [done, done + len(chips)])
                 if last > first:
-                    logits.append(loss_metric.logits(chips[loss_rows[first:last] - done], batch_size=batch_size))
+                    logits[first:last] = loss_metric.logits(chips[loss_rows[first:last] - done], batch_size=batch_size)
             done += len(chips)
             trim_heap()  # the free pages of holes no batch can fit, once a chunk
             if progress is not None:
@@ -345,10 +351,9 @@ def embed(
 
     loss = None
     if loss_metric is not None:
-        out_dim = loss_metric.head.out_dim
         loss = LossSample(
             rows=loss_rows,
-            logits=np.concatenate(logits) if logits else np.zeros((0, out_dim), np.float32),
+            logits=logits,
             metric=loss_metric.loss_dissimilarity(),
             model_version=loss_metric.version,
             device=str(model.device),
@@ -359,8 +364,8 @@ def embed(
     )
     return Embedded(
         crop_track=crop_track,
-        embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, model.dim), np.float32),
-        quality=(np.concatenate(qualities) if qualities else np.zeros(0, np.float32)) if scored else None,
+        embeddings=embeddings,
+        quality=qualities,
         model_version=model.version,
         loss=loss,
     )

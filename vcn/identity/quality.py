@@ -64,6 +64,7 @@ import numpy as np
 
 from vcn.batching import map_batches
 from vcn.identity.backbone import Backbone
+from vcn.memory import HEAP_REUSED_MAX_BLOCK
 
 #: Stochastic passes per crop (SER-FIQ uses 100; the estimate is stable from ~30).
 PASSES = 100
@@ -82,9 +83,11 @@ def supports_quality(backbone: Backbone) -> bool:
 
 
 #: Upper bound on the elements of one batch of perturbed features (passes x chips x
-#: feature size): 32M float32, 128 MiB. iresnet's 25,088 flattened features take
-#: one chip (100 passes) at a time this way; dlib's 256 take 1,300.
-_MAX_PERTURBED_ELEMENTS = 1 << 25
+#: feature size): 4M float32, 16 MiB, half the largest block the embedding loop's
+#: heap keeps (:func:`vcn.memory.heap_reused`). SFace's 50,176 flattened features
+#: and iresnet's 25,088 take one chip (100 passes, 19 and 10 MiB) at a time; dlib's
+#: 256 take 163. One chip at a time runs as fast as six (SFace, 2-core CPU).
+_MAX_PERTURBED_ELEMENTS = HEAP_REUSED_MAX_BLOCK // 8
 
 
 def embed_and_score(
