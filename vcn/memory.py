@@ -33,13 +33,11 @@ from contextlib import contextmanager
 # mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-#: Within :func:`heap_reused` and after it: the ceilings glibc's own sliding thresholds reach once large
-#: blocks were freed (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit systems, and twice that for the trim), set
-#: from the start (which ends the sliding).
-_MMAP_THRESHOLD_AFTER = 32 << 20
-_TRIM_THRESHOLD_AFTER = 64 << 20
-#: Largest block a loop inside :func:`heap_reused` should allocate: larger ones are mapped on their own.
-HEAP_REUSED_MAX_BLOCK = _MMAP_THRESHOLD_AFTER
+#: The thresholds :func:`heap_reused` fixes: the ceilings glibc's own sliding ones reach once large blocks
+#: were freed (``DEFAULT_MMAP_THRESHOLD_MAX`` on 64-bit systems, and twice that for the trim). The mmap one is
+#: the largest block a loop inside should allocate: larger ones are mapped on their own.
+HEAP_REUSED_MAX_BLOCK = 32 << 20
+_HEAP_REUSED_TRIM = 2 * HEAP_REUSED_MAX_BLOCK
 
 
 @functools.cache
@@ -81,7 +79,7 @@ def heap_reused() -> Iterator[bool]:
     (blocks up to 32 MiB come from the heap, which keeps up to 64 MiB of free
     pages at its top; setting them once ends the sliding), so a batch reuses the
     pages of the one before. On leaving, the free pages go back to the system
-    (:func:`release_freed_memory`).
+    (:func:`release_freed_memory`); the thresholds stay fixed.
 
     The thresholds are not raised further: with no block mapped on its own and
     no trim (1 GiB thresholds), SFace's embedding loop kept every freed hole in
@@ -98,8 +96,8 @@ def heap_reused() -> Iterator[bool]:
     if libc is None or not hasattr(libc, "mallopt"):
         yield False
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_AFTER)
-    libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_AFTER)
+    libc.mallopt(_M_MMAP_THRESHOLD, HEAP_REUSED_MAX_BLOCK)
+    libc.mallopt(_M_TRIM_THRESHOLD, _HEAP_REUSED_TRIM)
     try:
         yield True
     finally:
