@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the finetuning")
     parser.add_argument("--no-finetune", action="store_true", help="pretrained rows and baselines only (minutes, not a quarter hour)")
     parser.add_argument("--name", default="cluster_quality", help="stem of the results files in benchmarks/results/")
-    parser.add_argument("--dump", type=Path, help="also save the crop embeddings, qualities, tracks and labels here (.npz)")
+    parser.add_argument("--dump", type=Path, help="also save the crop embeddings, qualities, tracks and labels here (.npz), and with finetuning the loss metric's logits beside it (<stem>_loss.npz)")
     parser.add_argument("--backbone", default=None, help="base model by registry name (default: a new install's)")
     args = parser.parse_args(argv)
     if not (args.trackset / "labels.csv").is_file():
@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         extra = {} if tuned is None else {"finetuned": tuned.embeddings, "finetuned_quality": tuned.quality}
         np.savez(args.dump, pretrained=data.embeddings, quality=data.quality, crop_track=data.crop_track,
                  cannot_link=cannot_link, labels=np.array([labels.get(t, "") for t in track_ids]), **extra)
+        if tuned is not None and tuned.loss is not None:
+            # The loss metric's head logits, centre and temperatures, to rescore it without finetuning again.
+            tuned.loss.save(args.dump.with_name(args.dump.stem + "_loss.npz"))
 
     scale = scale_check(args.scale_tracks) if args.scale_tracks else None
     if scale:
