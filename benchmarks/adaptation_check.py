@@ -35,18 +35,25 @@ from vcn.identity.selfsup.sampling import spread_crops
 from vcn.identity.selfsup.separation import FALSE_MERGE_RATES, check_adaptation
 
 
+def closer_shares(distances: np.ndarray, labels: np.ndarray, pairs: np.ndarray, has: np.ndarray) -> dict:
+    """Shares of different-person (``fmr``) and same-person (``tar``) track pairs closer than the on-screen-together
+    pairs' :data:`FALSE_MERGE_RATES` quantiles, from (T, T) track ``distances`` (labels used; tracks without
+    ``has`` or without a label left out)."""
+    upper = np.triu_indices(len(labels), 1)
+    ok = has[upper[0]] & has[upper[1]] & (labels[upper[0]] != "") & (labels[upper[1]] != "")
+    same = (labels[upper[0]] == labels[upper[1]])[ok]
+    values = distances[upper][ok]
+    cuts = [np.quantile(distances[pairs[:, 0], pairs[:, 1]], f) for f in FALSE_MERGE_RATES]
+    return {"fmr": [round(float((values[~same] < c).mean()), 4) for c in cuts],
+            "tar": [round(float((values[same] < c).mean()), 4) for c in cuts]}
+
+
 def true_recall(embeddings: np.ndarray, crop_track: np.ndarray, labels: np.ndarray, pairs: np.ndarray) -> list[float]:
     """Share of same-person track pairs closer than the on-screen-together quantiles (labels used)."""
-    n = len(labels)
-    means = unit_track_means(embeddings, crop_track, n)
-    has = np.isfinite(means).all(axis=1) & (labels != "")
-    d = 1.0 - np.nan_to_num(means) @ np.nan_to_num(means).T
-    upper = np.triu_indices(n, 1)
-    ok = has[upper[0]] & has[upper[1]]
-    same = (labels[upper[0]] == labels[upper[1]])[ok]
-    negatives = d[pairs[:, 0], pairs[:, 1]]
-    values = d[upper][ok][same]
-    return [round(float((values < np.quantile(negatives, f)).mean()), 4) for f in FALSE_MERGE_RATES]
+    means = unit_track_means(embeddings, crop_track, len(labels))
+    has = np.isfinite(means).all(axis=1)
+    means = np.nan_to_num(means)
+    return closer_shares(1.0 - means @ means.T, labels, pairs, has)["tar"]
 
 
 def default_scores(embeddings: np.ndarray, crop_track: np.ndarray, labels: np.ndarray, pairs: np.ndarray,

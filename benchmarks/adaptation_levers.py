@@ -87,17 +87,15 @@ def ledoit_wolf(residuals: np.ndarray) -> float:
     return float(min(1.0, max(0.0, beta / n / delta)))
 
 
-def whitening(residuals: np.ndarray, shrink: float) -> np.ndarray:
-    """S^(-1/2) of the residuals' covariance shrunk by ``shrink`` towards trace(S)/d * I."""
-    d = residuals.shape[1]
-    s = residuals.T @ residuals / len(residuals)
-    s = (1 - shrink) * s + shrink * np.trace(s) / d * np.eye(d)
-    values, vectors = np.linalg.eigh(s)
-    return vectors @ np.diag(np.maximum(values, 1e-12) ** -0.5) @ vectors.T
-
-
 def _shrunk(s: np.ndarray, shrink: float) -> np.ndarray:
     return (1 - shrink) * s + shrink * np.trace(s) / len(s) * np.eye(len(s))
+
+
+def whitening(residuals: np.ndarray, shrink: float) -> np.ndarray:
+    """S^(-1/2) of the residuals' covariance shrunk by ``shrink`` towards trace(S)/d * I."""
+    s = _shrunk(residuals.T @ residuals / len(residuals), shrink)
+    values, vectors = np.linalg.eigh(s)
+    return vectors @ np.diag(np.maximum(values, 1e-12) ** -0.5) @ vectors.T
 
 
 def kissme(x: np.ndarray, crop_track: np.ndarray, negatives: np.ndarray, seed: int) -> np.ndarray:

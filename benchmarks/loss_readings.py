@@ -43,14 +43,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.adaptation_check import closer_shares  # noqa: E402
 from benchmarks.cluster_rules import _scores, write_results  # noqa: E402
 from vcn.identity.embeddings import unit_track_means  # noqa: E402
 from vcn.identity.selfsup.loss_metric import LossDissimilarity, LossSample  # noqa: E402
+from vcn.identity.selfsup.separation import FALSE_MERGE_RATES  # noqa: E402
 from vcn.pipeline import Embedded, cluster  # noqa: E402
-
-#: Quantiles of the on-screen-together distances at which the mechanism columns are read.
-QUANTILES = (0.05, 0.1, 0.25)
-
 
 class TrackExcessLoss(LossDissimilarity):
     """The loss metric minus each track's own mean pair loss: ``S(A, B) - (S(A, A) + S(B, B)) / 2``.
@@ -79,17 +77,6 @@ def track_distances(metric: LossDissimilarity, sample: LossSample, crop_track: n
     return factors.offset + 0.5 * (u @ v.T + v @ u.T)
 
 
-def mechanism(distances: np.ndarray, labels: np.ndarray, pairs: np.ndarray, has: np.ndarray) -> dict:
-    """Shares of different-person and same-person track pairs closer than the on-screen-together quantiles."""
-    upper = np.triu_indices(len(labels), 1)
-    ok = has[upper[0]] & has[upper[1]] & (labels[upper[0]] != "") & (labels[upper[1]] != "")
-    same = (labels[upper[0]] == labels[upper[1]])[ok]
-    values = distances[upper][ok]
-    cuts = [np.quantile(distances[pairs[:, 0], pairs[:, 1]], q) for q in QUANTILES]
-    return {"fmr": [round(float((values[~same] < c).mean()), 4) for c in cuts],
-            "tar": [round(float((values[same] < c).mean()), 4) for c in cuts]}
-
-
 def evaluate(stem: Path) -> list[dict]:
     data = np.load(stem.with_name(stem.name + ".npz"))
     sample = LossSample.load(stem.with_name(stem.name + "_loss.npz"))
@@ -102,7 +89,7 @@ def evaluate(stem: Path) -> list[dict]:
     def row(name: str, embedded: Embedded, similarity: str, distances: np.ndarray) -> None:
         result = cluster(embedded, n, similarity=similarity, cannot_link=pairs, quality_screen=True)
         r = {"dump": stem.name, "reading": name, **_scores(labels, result.labels),
-             **mechanism(distances, labels, pairs, has)}
+             **closer_shares(distances, labels, pairs, has)}
         print(r, flush=True)
         rows.append(r)
 
@@ -126,7 +113,7 @@ def evaluate(stem: Path) -> list[dict]:
 
 
 def markdown(result: dict) -> str:
-    q = " / ".join(f"{x:g}" for x in QUANTILES)
+    q = " / ".join(f"{x:g}" for x in FALSE_MERGE_RATES)
     lines = [
         "# Readings of the finetuned loss metric",
         "",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.loss_readings import TrackExcessLoss, mechanism, track_distances
+from benchmarks.adaptation_check import closer_shares
+from benchmarks.loss_readings import TrackExcessLoss, track_distances
 from vcn.identity.selfsup.loss_metric import LossDissimilarity, LossSample
 
 
@@ -34,7 +35,7 @@ def test_track_excess_is_the_cross_loss_less_the_tracks_own():
 def test_mechanism_counts_pairs_closer_than_the_negative_quantiles():
     labels = np.array(["a", "a", "b", "b"])
     d = np.array([[0, 1, 5, 6], [1, 0, 7, 8], [5, 7, 0, 2], [6, 8, 2, 0]], dtype=float)
-    out = mechanism(d, labels, np.array([[0, 2], [1, 3], [0, 3], [1, 2]]), np.ones(4, dtype=bool))
+    out = closer_shares(d, labels, np.array([[0, 2], [1, 3], [0, 3], [1, 2]]), np.ones(4, dtype=bool))
     # Negatives 5, 6, 7, 8, every different-person pair: only 5 is below their 5, 10 and 25 % quantiles.
     assert out["fmr"] == [0.25, 0.25, 0.25]
     assert out["tar"] == [1.0, 1.0, 1.0]  # both same-person pairs (1 and 2) are closer than 5.15
