@@ -7,7 +7,8 @@ temperatures) and clusters each episode with the default pipeline
 (:func:`vcn.pipeline.cluster`: quality screen, cannot-link, negative cut) under:
 
 - the finetuned model's cosine, and the pretrained model's (references);
-- the loss metric as the method states it (``--similarity loss``): the
+- the loss metric as the method states it (``--similarity loss`` until this
+  benchmark, :class:`~vcn.identity.selfsup.loss_metric.LossDissimilarity`): the
   symmetrised cross-entropy between one crop's centred, sharpened target
   (teacher temperature, 0.04) and the other's prediction (student temperature, 0.1),
   averaged over crop pairs;
@@ -18,7 +19,8 @@ temperatures) and clusters each episode with the default pipeline
 - that, with the targets at the student's temperature: then a crop's loss to a
   crop with the same logits is its entropy, the least loss it can have, and the
   excess over a track's own loss is a divergence between the two tracks'
-  predictions.
+  predictions. This is what ``--similarity loss`` clusters by now
+  (:class:`~vcn.identity.selfsup.loss_metric.LossDivergence`).
 
 Mechanism columns: the negative cut assumes that tracks on screen together are as far
 apart as any two people's tracks. For each reading, the share of *all* different-person
@@ -46,23 +48,22 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.adaptation_check import closer_shares  # noqa: E402
 from benchmarks.cluster_rules import _scores, write_results  # noqa: E402
 from vcn.identity.embeddings import unit_track_means  # noqa: E402
-from vcn.identity.selfsup.loss_metric import LossDissimilarity, LossSample  # noqa: E402
+from vcn.clustering.dissimilarity import Factors  # noqa: E402
+from vcn.identity.selfsup.loss_metric import LossDissimilarity, LossDivergence, LossSample  # noqa: E402
 from vcn.identity.selfsup.separation import FALSE_MERGE_RATES  # noqa: E402
 from vcn.pipeline import Embedded, cluster  # noqa: E402
 
-class TrackExcessLoss(LossDissimilarity):
-    """The loss metric minus each track's own mean pair loss: ``S(A, B) - (S(A, A) + S(B, B)) / 2``.
+class TrackExcessLoss(LossDivergence):
+    """The loss metric minus each track's own mean pair loss, with the targets at the teacher's temperature.
 
-    A track's representative is its crops' mean factors ``(u, v)`` with one more column each,
-    ``(u . v, -1)``: the bilinear form of two such points is the cross term less the mean of
-    their own terms, so average linkage over tracks stays a mean of bilinear forms.
+    :class:`~vcn.identity.selfsup.loss_metric.LossDivergence` (its representative) on the factors of the loss as
+    written: the excess without the change of temperature.
     """
 
     name = "loss-track-excess"
 
-    def representative(self, mean_u: np.ndarray, mean_v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        own = np.einsum("ij,ij->i", mean_u, mean_v)[:, None]
-        return np.hstack([mean_u, own]), np.hstack([mean_v, -np.ones_like(own)])
+    def factors(self, outputs: np.ndarray) -> Factors:
+        return self.paper_form().factors(outputs)
 
 
 def track_distances(metric: LossDissimilarity, sample: LossSample, crop_track: np.ndarray, n: int) -> np.ndarray:
@@ -97,18 +98,18 @@ def evaluate(stem: Path) -> list[dict]:
         quality = data["quality"] if key == "pretrained" else data["finetuned_quality"]
         means = np.nan_to_num(unit_track_means(data[key], crop_track, n))
         row(name, Embedded(crop_track, data[key], quality, key), "cosine", 1.0 - means @ means.T)
+    tau_s, tau_t = trained.student_temperature, trained.teacher_temperature
     readings = (
-        ("loss, as the method states it", LossDissimilarity, trained.teacher_temperature),
-        ("loss minus each track's own", TrackExcessLoss, trained.teacher_temperature),
-        ("loss minus each track's own, targets at the student's temperature", TrackExcessLoss,
-         trained.student_temperature),
+        (f"loss, as the method states it (tau_t {tau_t:g}, tau_s {tau_s:g})", LossDissimilarity),
+        (f"loss minus each track's own (tau_t {tau_t:g}, tau_s {tau_s:g})", TrackExcessLoss),
+        (f"loss minus each track's own, targets at the student's temperature (tau_t {tau_s:g}, tau_s {tau_s:g}; "
+         "--similarity loss)", LossDivergence),
     )
-    for name, kind, teacher_temperature in readings:
-        metric = kind(trained.center, trained.student_temperature, teacher_temperature)
+    for name, kind in readings:
+        metric = kind(trained.center, tau_s, tau_t)
         embedded = Embedded(crop_track, data["finetuned"], data["finetuned_quality"], sample.model_version,
                             loss=dataclasses.replace(sample, metric=metric))
-        row(f"{name} (tau_t {teacher_temperature:g}, tau_s {trained.student_temperature:g})", embedded, "loss",
-            track_distances(metric, sample, crop_track, n))
+        row(name, embedded, "loss", track_distances(metric, sample, crop_track, n))
     return rows
 
 

@@ -18,6 +18,12 @@ episode structures it was not tuned on:
   of position, scale, rotation and brightness, and per-track degradations drawn
   at random: mirror image, motion blur, defocus, low resolution, a partial
   occluder, side light, a colour cast, JPEG artefacts and noise.
+- ``--views 4``: an episode of dev-mv's kind instead: a track of n crops shows
+  min(4, n // 4) different photos of its person in consecutive segments (dev-mv's
+  rule, read from its render log), under the track's one set of degradations,
+  with identities that neither dev-ep nor dev-mv uses. With
+  ``--views 1`` (the default) the crops are what they were before the option
+  existed, draw for draw.
 
 Research-licensed data: the output is for benchmarks only (under
 ``benchmarks/work/``, never in the package).
@@ -25,6 +31,7 @@ Research-licensed data: the output is for benchmarks only (under
 Usage::
 
     python benchmarks/make_trackset.py --episode bbt_s01e02 --max-tracks 600 --seed 1 OUT_DIR
+    python benchmarks/make_trackset.py --episode buffy_s05e04 --views 4 --seed 2 OUT_DIR   # dev-mv's kind
 """
 
 from __future__ import annotations
@@ -44,14 +51,18 @@ CROP = 128
 STEP = 5
 
 
-def _dev_identities() -> set[str]:
-    meta = json.loads((SHARED / "tracksets" / "dev-ep" / "_meta" / "dataset.json").read_text())
-    return set(meta["identities"]) | set(meta["excluded_flagged_identities"])
+def _dev_identities(episodes: tuple[str, ...] = ("dev-ep",)) -> set[str]:
+    used: set[str] = set()
+    for episode in episodes:
+        meta = json.loads((SHARED / "tracksets" / episode / "_meta" / "dataset.json").read_text())
+        used |= set(meta["identities"]) | set(meta.get("excluded_flagged_identities", ()))
+    return used
 
 
-def _candidates(min_images: int) -> list[tuple[str, list[str]]]:
-    """CelebA identities not used by dev-ep, unflagged, most photos first: (identity, photo paths)."""
-    used = _dev_identities()
+def _candidates(min_images: int, episodes: tuple[str, ...] = ("dev-ep",)) -> list[tuple[str, list[str]]]:
+    """CelebA identities not used by the given development episodes, unflagged, most photos first:
+    (identity, photo paths)."""
+    used = _dev_identities(episodes)
     flagged = {row["identity"] for row in csv.DictReader(open(SHARED / "celeba-faces" / "identity_qa.csv")) if row["flag"]}
     photos: dict[str, list[str]] = {}
     for row in csv.DictReader(open(SHARED / "celeba-faces" / "faces.csv")):
@@ -65,8 +76,22 @@ def _shots(episode: str) -> np.ndarray:
     return np.array(sorted(int(line.split()[0]) for line in lines if line.strip()), dtype=np.int64)
 
 
-def _render_track(photo: np.ndarray, n: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """``n`` degraded 128 px crops of one 256 px source photo, drifting smoothly."""
+#: Crops per photo, when a track shows several (as in dev-mv: a track of n crops shows min(4, n // 4) photos).
+CROPS_PER_VIEW = 4
+
+
+def _view_segments(n: int, max_views: int) -> np.ndarray:
+    """(n,) which of the track's photos each crop shows: min(max_views, n // CROPS_PER_VIEW) consecutive segments."""
+    views = max(1, min(max_views, n // CROPS_PER_VIEW))
+    return np.minimum(np.arange(n) * views // n, views - 1)
+
+
+def _render_track(
+    photo: np.ndarray | list[np.ndarray], n: int, rng: np.random.Generator, segment: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """``n`` degraded 128 px crops of 256 px source photos, drifting smoothly; crop k shows photo ``segment[k]``."""
+    photos = photo if isinstance(photo, list) else [photo]
+    segment = np.zeros(n, dtype=np.int64) if segment is None else segment
     flip = rng.random() < 0.5
     motion = rng.uniform(3, 9) if rng.random() < 0.33 else 0.0
     defocus = rng.uniform(1.0, 2.0) if rng.random() < 0.28 else 0.0
@@ -77,7 +102,7 @@ def _render_track(photo: np.ndarray, n: int, rng: np.random.Generator) -> list[n
     quality = int(rng.integers(30, 90))
     noise = rng.uniform(1.5, 6.0)
     rot0 = rng.normal(0, 6)
-    base = cv2.flip(photo, 1) if flip else photo
+    bases = [cv2.flip(p, 1) if flip else p for p in photos]
     drift = np.cumsum(rng.normal(0, 1, size=(n, 4)), axis=0) * [1.5, 1.5, 0.015, 1.0]
     brightness = 1 + np.cumsum(rng.normal(0, 0.02, size=n))
     occ_side = rng.integers(4)
@@ -86,7 +111,7 @@ def _render_track(photo: np.ndarray, n: int, rng: np.random.Generator) -> list[n
         dx, dy, ds, dr = drift[k]
         matrix = cv2.getRotationMatrix2D((128, 128), rot0 + dr, 0.5 * (1 + ds))
         matrix[:, 2] += [dx - 64, dy - 64]
-        img = cv2.warpAffine(base, matrix, (CROP, CROP), borderMode=cv2.BORDER_REFLECT).astype(np.float32)
+        img = cv2.warpAffine(bases[segment[k]], matrix, (CROP, CROP), borderMode=cv2.BORDER_REFLECT).astype(np.float32)
         if lowres:
             small = max(8, int(CROP * lowres / 64))
             img = cv2.resize(cv2.resize(img, (small, small), interpolation=cv2.INTER_AREA), (CROP, CROP))
@@ -112,7 +137,7 @@ def _render_track(photo: np.ndarray, n: int, rng: np.random.Generator) -> list[n
     return out
 
 
-def build(episode: str, out: Path, max_tracks: int, seed: int, min_images: int = 8) -> dict:
+def build(episode: str, out: Path, max_tracks: int, seed: int, min_images: int = 8, views: int = 1) -> dict:
     rng = np.random.default_rng(seed)
     data = np.load(SHARED / "tv-tracks" / f"{episode}.npz")
     rows, labels, track_ids = data["det_track_frame_xywh"], data["track_label_orig"], data["track_id"]
@@ -128,7 +153,8 @@ def build(episode: str, out: Path, max_tracks: int, seed: int, min_images: int =
         if int(t) in keep:
             characters[label] = characters.get(label, 0) + 1
     ranked = sorted(characters, key=lambda c: -characters[c])
-    candidates = _candidates(min_images)
+    # An episode of dev-mv's kind leaves dev-mv's people out too (the default keeps its draws as they were).
+    candidates = _candidates(min_images, ("dev-ep",) if views == 1 else ("dev-ep", "dev-mv"))
     order = rng.permutation(len(candidates))
     pool = sorted((candidates[i] for i in order[: len(ranked)]), key=lambda item: -len(item[1]))
     if len(pool) < len(ranked):
@@ -140,6 +166,7 @@ def build(episode: str, out: Path, max_tracks: int, seed: int, min_images: int =
     label = dict(zip(track_ids.tolist(), labels.tolist()))
     photo_cache: dict[str, np.ndarray] = {}
     tracks_rows, crop_rows, label_rows = [], [], []
+    shown = np.zeros(5, dtype=np.int64)  # tracks by the number of photos they show
     for t in keep:
         start, end = spans[t]
         identity, photos = cast[label[t]]
@@ -150,12 +177,23 @@ def build(episode: str, out: Path, max_tracks: int, seed: int, min_images: int =
         if len(frames) < 3:
             frames = sorted({start, (start + end) // 2, end}) if end - start >= 2 else [start, start + 1, start + 2]
         frames = frames[:40]
+        sources, segment = [path], None
+        if views > 1:
+            segment = _view_segments(len(frames), views)
+            others = [p for p in photos if p != path]
+            extra = rng.choice(len(others), size=min(int(segment.max()), len(others)), replace=False)
+            sources += [others[i] for i in extra]
+            segment = np.minimum(segment, len(sources) - 1)
+            for p in sources:
+                if p not in photo_cache:
+                    photo_cache[p] = cv2.imread(str(SHARED / "celeba-faces" / p))
+        shown[len(sources)] += 1
         name = f"t{len(tracks_rows):04d}"
         shot = int(np.searchsorted(cuts, start, side="right"))
         tracks_rows.append((name, f"s{shot:04d}", frames[0], frames[-1]))
         label_rows.append((name, identity))
         (out / "crops" / name).mkdir(exist_ok=True)
-        for frame, data_ in zip(frames, _render_track(photo_cache[path], len(frames), rng)):
+        for frame, data_ in zip(frames, _render_track([photo_cache[p] for p in sources], len(frames), rng, segment)):
             rel = f"crops/{name}/{frame:06d}.jpg"
             (out / rel).write_bytes(data_.tobytes())
             crop_rows.append((name, frame, rel))
@@ -169,8 +207,9 @@ def build(episode: str, out: Path, max_tracks: int, seed: int, min_images: int =
             writer.writerow(header)
             writer.writerows(body)
     summary = {
-        "episode": episode, "seed": seed, "tracks": len(tracks_rows), "crops": len(crop_rows),
+        "episode": episode, "seed": seed, "views": views, "tracks": len(tracks_rows), "crops": len(crop_rows),
         "identities": {cast[c][0]: characters[c] for c in ranked},
+        "tracks_by_photos": {str(k): int(shown[k]) for k in range(1, 5) if shown[k]},
     }
     (out / "PROVENANCE.md").write_text(
         "# Validation track dataset (format v1), research data: benchmarks only\n\n"
@@ -186,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episode", default="bbt_s01e02")
     parser.add_argument("--max-tracks", type=int, default=600)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--views", type=int, default=1, choices=range(1, 5),
+                        help="most photos a track shows (4: an episode of dev-mv's kind)")
     args = parser.parse_args(argv)
-    print(json.dumps(build(args.episode, args.out, args.max_tracks, args.seed)))
+    print(json.dumps(build(args.episode, args.out, args.max_tracks, args.seed, views=args.views)))
     return 0
 
 

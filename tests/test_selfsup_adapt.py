@@ -18,7 +18,8 @@ from vcn.clustering.parameter_free import cluster_movie
 from vcn.identity.selfsup.adapt import AdaptConfig, AdaptResult, _jaccard, adapt
 from vcn.identity.selfsup.head import ProjectionHead
 from vcn.identity.selfsup.loss import symmetric_loss
-from vcn.identity.selfsup.loss_metric import LossDissimilarity, crop_logits
+from vcn.clustering.linkage import MIN_NEGATIVES, track_points
+from vcn.identity.selfsup.loss_metric import LossDissimilarity, LossDivergence, LossSample, crop_logits
 from vcn.identity.selfsup.matching import TrackMatches
 from vcn.identity.selfsup.trainer import TrainConfig
 
@@ -80,7 +81,7 @@ def test_cluster_movie_with_the_loss_separates_two_groups():
     track_person = np.array([0, 1, 0, 1, 0, 1, 0, 1])
     crop_track = np.repeat(np.arange(8), 5)
     logits = np.clip(people[track_person[crop_track]] + rng.normal(0, 0.03, (40, k)), -1, 1)
-    metric = LossDissimilarity(logits.mean(axis=0), 0.1, 0.04)
+    metric = LossDivergence(logits.mean(axis=0), 0.1, 0.04)
     result = cluster_movie(logits, crop_track, 8, dissimilarity=metric)
     assert result.dissimilarity == "loss"
     assert result.n_clusters == 2
@@ -89,6 +90,70 @@ def test_cluster_movie_with_the_loss_separates_two_groups():
     # Cannot-link between two tracks of one person keeps them apart.
     linked = cluster_movie(logits, crop_track, 8, dissimilarity=metric, cannot_link=np.array([[0, 2]]))
     assert linked.labels[0] != linked.labels[2]
+
+
+def test_divergence_between_two_crops_is_half_the_symmetrised_kl_of_their_predictions():
+    rng = np.random.default_rng(7)
+    logits = rng.uniform(-1, 1, (6, 20))
+    metric = LossDivergence(np.zeros(20), 0.1, 0.04)
+    points = track_points(metric.factors(logits), np.arange(6), np.arange(6), metric.representative)
+    got = points.between(np.arange(6), np.arange(6))
+    log_p = torch.log_softmax(torch.from_numpy(logits) / 0.1, dim=-1).numpy()
+    p = np.exp(log_p)
+    expected = 0.5 * ((p[:, None] - p[None]) * (log_p[:, None] - log_p[None])).sum(axis=-1)
+    np.testing.assert_allclose(got, expected, atol=1e-5)  # representatives are float32
+    assert (got[~np.eye(6, dtype=bool)] > 0).all()
+    np.testing.assert_allclose(np.diag(got), 0.0, atol=1e-5)
+
+
+def test_divergence_between_sets_is_their_mean_pair_loss_less_their_own():
+    rng = np.random.default_rng(8)
+    logits = rng.uniform(-1, 1, (12, 16))
+    crop_track = np.repeat(np.arange(3), 4)
+    center = rng.normal(0, 0.1, 16)
+    metric = LossDivergence(center, 0.1, 0.04)
+    # The pair loss at the student's temperature for both roles: the training loss with tau_t = tau_s.
+    pair = LossDissimilarity(center, 0.1, 0.1).factors(logits).between(np.arange(12), np.arange(12))
+    mean = np.array([[pair[np.ix_(crop_track == a, crop_track == b)].mean() for b in range(3)] for a in range(3)])
+    expected = mean - 0.5 * (np.diag(mean)[:, None] + np.diag(mean)[None, :])
+    points = track_points(metric.factors(logits), crop_track, np.arange(3), metric.representative)
+    np.testing.assert_allclose(points.between(np.arange(3), np.arange(3)), expected, atol=1e-5)
+    # The paper's form: the loss as written, at the temperatures the model trained with.
+    paper = metric.paper_form()
+    assert type(paper) is LossDissimilarity and paper.name == "loss-as-written"
+    assert (paper.student_temperature, paper.teacher_temperature) == (0.1, 0.04)
+    assert paper.paper_form() is paper
+
+
+def test_without_a_negative_cut_the_adaptive_thresholds_compare_the_loss_as_written():
+    rng = np.random.default_rng(9)
+    k = 48
+    people = rng.uniform(-1, 0.3, (3, k))
+    for i in range(3):
+        people[i, 4 * i : 4 * i + 4] = 1.0
+    track_person = np.arange(9) % 3
+    crop_track = np.repeat(np.arange(9), 4)
+    logits = np.clip(people[track_person[crop_track]] + rng.normal(0, 0.05, (36, k)), -1, 1)
+    metric = LossDivergence(logits.mean(axis=0), 0.1, 0.04)
+    few = np.array([[0, 1], [3, 5]])  # fewer than MIN_NEGATIVES pairs on screen together: no cut
+    assert len(few) < MIN_NEGATIVES
+    result = cluster_movie(logits, crop_track, 9, dissimilarity=metric, cannot_link=few)
+    written = cluster_movie(logits, crop_track, 9, dissimilarity=metric.paper_form(), cannot_link=few)
+    assert result.clustering.rule == written.clustering.rule == "adaptive-threshold"
+    assert result.labels.tolist() == written.labels.tolist()
+    assert result.dissimilarity == "loss" and written.dissimilarity == "loss-as-written"
+
+
+def test_a_saved_loss_sample_reads_back_as_the_divergence(tmp_path):
+    rng = np.random.default_rng(10)
+    sample = LossSample(np.arange(3), rng.normal(size=(3, 8)).astype(np.float32),
+                        LossDivergence(rng.normal(size=8), 0.1, 0.04), "m-1", "cpu")
+    sample.save(tmp_path / "s.npz")
+    back = LossSample.load(tmp_path / "s.npz")
+    assert type(back.metric) is LossDivergence
+    np.testing.assert_array_equal(back.metric.center, sample.metric.center)
+    assert (back.metric.student_temperature, back.metric.teacher_temperature) == (0.1, 0.04)
+    np.testing.assert_array_equal(back.logits, sample.logits)
 
 
 def test_crop_logits_runs_the_student_in_eval_mode():

@@ -76,6 +76,11 @@ class Dissimilarity(Protocol):
         """
         ...
 
+    def paper_form(self) -> Dissimilarity:
+        """The dissimilarity the paper's adaptive thresholds compare sets by
+        (:func:`vcn.clustering.parameter_free.cluster_tracks`): the method's own form of this one."""
+        ...
+
 
 class CosineDissimilarity:
     """``1 - cos(a, b)`` between embeddings: 0 for the same direction, 2 for opposite."""
@@ -94,3 +99,7 @@ class CosineDissimilarity:
         """The set's mean direction, unit length (its centroid on the sphere)."""
         direction = mean_u / np.maximum(np.linalg.norm(mean_u, axis=1, keepdims=True), 1e-12)
         return direction, -direction
+
+    def paper_form(self) -> CosineDissimilarity:
+        """This one: the adaptive thresholds compare centroids by cosine too."""
+        return self

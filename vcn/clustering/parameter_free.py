@@ -470,13 +470,17 @@ def cluster_movie(
             representatives=dissimilarity.representative,
         )
     if result is None:
+        # The paper's rule on the paper's form of the dissimilarity (for the loss metric: as written).
+        paper = dissimilarity.paper_form()
+        if paper is not dissimilarity:
+            factors = paper.factors(outputs)
         result = cluster_tracks(
             factors,
             crop_track,
             n_tracks,
             cannot_link=cannot_link,
             exclude=low,
-            representatives=dissimilarity.representative,
+            representatives=paper.representative,
             device=device,
         )
     has_crops = np.bincount(np.asarray(crop_track, dtype=np.int64), minlength=n_tracks) > 0

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
     from vcn.identity.backbone import Backbone
     from vcn.identity.selfsup.head import ProjectionHead
-    from vcn.identity.selfsup.loss_metric import LossDissimilarity
+    from vcn.identity.selfsup.loss_metric import LossDivergence
 
 log = logging.getLogger(__name__)
 
@@ -290,11 +290,11 @@ class FinetunedModel:
         """Why the movie is embedded by the pretrained model instead of this one; None when this one is used."""
         return None if self.check is None else self.check.reason()
 
-    def loss_dissimilarity(self) -> LossDissimilarity:
-        """The finetuned loss between crops, for :func:`vcn.clustering.parameter_free.cluster_movie`."""
-        from vcn.identity.selfsup.loss_metric import LossDissimilarity
+    def loss_dissimilarity(self) -> LossDivergence:
+        """The finetuned loss between sets of crops, for :func:`vcn.clustering.parameter_free.cluster_movie`."""
+        from vcn.identity.selfsup.loss_metric import LossDivergence
 
-        return LossDissimilarity(self.center, self.student_temperature, self.teacher_temperature)
+        return LossDivergence(self.center, self.student_temperature, self.teacher_temperature)
 
     def logits(self, chips: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """(N, K) head logits of aligned chips through the finetuned student.
