@@ -21,8 +21,8 @@ class ClusteringResource(dg.ConfigurableResource):
         default="cosine",
         description=(
             "How crops are compared: 'cosine' between the movie's (finetuned) embeddings, or 'loss', the finetuned "
-            "model's own symmetrised loss, the paper's metric (falls back to cosine when the movie has no "
-            "finetuned model; it over-splits after CPU-budget finetuning, see the README). Changing it means "
-            "re-materialising track_embeddings as well as face_clusters (the recluster job does both)."
+            "model's own loss, the paper's metric, read as a divergence between tracks (each track's own loss "
+            "subtracted; falls back to cosine when the movie has no finetuned model; see the README). Changing "
+            "it means re-materialising track_embeddings as well as face_clusters (the recluster job does both)."
         ),
     )

@@ -178,9 +178,9 @@ def cluster_trackset(
             device and logged). Off clusters with the pretrained model.
         similarity: One of :data:`vcn.pipeline.SIMILARITIES`: ``"cosine"``
             between embeddings (the default), or ``"loss"``, the finetuned
-            model's symmetrised loss between crops, the paper's metric (needs
-            ``finetune``; it over-splits after our CPU-budget finetuning, see
-            ``benchmarks/results/cluster_quality.md``).
+            model's own loss, the paper's metric, read as a divergence between
+            tracks (:class:`vcn.identity.selfsup.loss_metric.LossDivergence`; needs
+            ``finetune``).
         seed: Seed of the finetuning; the same seed gives the same result on a CPU.
 
     Returns:

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 #: How crops can be compared: cosine between embeddings, or the finetuned model's
-#: own symmetrised loss (the paper's metric; it needs a finetuned model).
+#: own loss (the paper's metric, read as a divergence between tracks; it needs a finetuned model).
 SIMILARITIES = ("cosine", "loss")
 
 #: Chips embedded per step. SER-FIQ's dropout masks restart from their seed with

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "--similarity",
         choices=["loss", "cosine"],
         help="how crops are compared: cosine between the (finetuned) embeddings (default), or the finetuned "
-        "model's own loss, the paper's metric (over-splits on our CPU-budget finetuning: see the README)",
+        "model's own loss, the paper's metric, read as a divergence between tracks (see the README)",
     )
     c.add_argument(
         "--no-finetune",
