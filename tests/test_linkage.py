@@ -9,6 +9,8 @@ from scipy.spatial.distance import squareform
 
 from vcn.clustering.dissimilarity import CosineDissimilarity, Factors
 from vcn.clustering.linkage import (
+    GROUP_QUANTILE,
+    GROUP_SIZE,
     MIN_NEGATIVES,
     NEGATIVE_QUANTILE,
     UNKNOWN,
@@ -17,6 +19,7 @@ from vcn.clustering.linkage import (
     cluster_by_negative_cut,
     lower_quantile_rank,
     negative_cut,
+    track_points,
 )
 
 
@@ -26,22 +29,34 @@ def _points(d: np.ndarray) -> Factors:
     return Factors(u=np.eye(len(d)), v=d, offset=0.0)
 
 
-def _closest_pair_first(d: np.ndarray, cut: float, cannot_link: np.ndarray) -> np.ndarray:
-    """Reference: merge the closest admissible pair of clusters (mean over item pairs) until none is within cut."""
+def _closest_pair_first(
+    d: np.ndarray, cut: float, cannot_link: np.ndarray, group_cut: float | None = None
+) -> np.ndarray:
+    """Reference: merge the closest admissible pair of clusters (mean over item pairs) until none is within cut;
+    with ``group_cut``, a closest pair of two clusters of GROUP_SIZE+ items at group_cut or farther is refused
+    for good instead."""
     clusters = [[i] for i in range(len(d))]
     apart = {frozenset(p) for p in cannot_link.tolist()}
+    refused: set[frozenset] = set()
     while True:
         best = None
         for x in range(len(clusters)):
             for y in range(x + 1, len(clusters)):
                 if any(frozenset((a, b)) in apart for a in clusters[x] for b in clusters[y]):
                     continue
+                if frozenset((tuple(clusters[x]), tuple(clusters[y]))) in refused:
+                    continue
                 mean = d[np.ix_(clusters[x], clusters[y])].mean()
                 if mean < cut and (best is None or mean < best[0]):
                     best = (mean, x, y)
         if best is None:
             break
-        _, x, y = best
+        mean, x, y = best
+        if group_cut is not None and mean >= group_cut and min(len(clusters[x]), len(clusters[y])) >= GROUP_SIZE:
+            refused.add(frozenset((tuple(clusters[x]), tuple(clusters[y]))))
+            # A refused pair stays refused when either grows: the pair is remembered by its items.
+            apart |= {frozenset((a, b)) for a in clusters[x] for b in clusters[y]}
+            continue
         clusters[x] += clusters.pop(y)
     labels = np.empty(len(d), dtype=np.int64)
     for k, members in enumerate(clusters):
@@ -84,6 +99,50 @@ def test_with_constraints_it_merges_as_closest_pair_first(seed):
         assert _same_partition(ours, _closest_pair_first(d, cut, pairs))
         for a, b in pairs:
             assert ours[a] != ours[b]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_with_a_group_cut_it_merges_as_closest_pair_first(seed):
+    # Groups of items around 4 centres, two of them close: the group cut refuses pairs of large clusters.
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=2, size=(4, 4))
+    centres[1] = centres[0] + rng.normal(scale=0.6, size=4)
+    x = np.repeat(centres, 2 * GROUP_SIZE, axis=0) + rng.normal(size=(8 * GROUP_SIZE, 4))
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    d = 1.0 - unit @ unit.T
+    pairs = rng.choice(len(d), size=(10, 2))
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    for cut, group_cut in ((0.6, 0.2), (0.9, 0.4), (0.9, 0.05)):
+        ours = average_linkage(_points(d), cut, cannot_link=pairs, group_cut=group_cut)
+        assert _same_partition(ours, _closest_pair_first(d, cut, pairs, group_cut))
+    # A group cut at the cut changes nothing.
+    assert _same_partition(average_linkage(_points(d), 0.6, group_cut=0.6), average_linkage(_points(d), 0.6))
+
+
+def test_two_look_alike_people_of_many_tracks_stay_apart():
+    # Two people 0.5 apart, each many tracks 0.2 from their centre, never on screen together; a third far off.
+    rng = np.random.default_rng(5)
+    people = np.repeat(np.arange(3), 2 * GROUP_SIZE)
+    d = np.where(people[:, None] == people[None, :], 0.2, 0.9) + rng.uniform(-0.02, 0.02, (len(people),) * 2)
+    d[np.ix_(people == 0, people == 1)] = d[np.ix_(people == 1, people == 0)] = 0.5
+    d = (d + d.T) / 2
+    np.fill_diagonal(d, 0)
+    merged = average_linkage(_points(d), 0.6)
+    assert merged[people == 0][0] == merged[people == 1][0]  # the quartile cut alone joins them in full
+    apart = average_linkage(_points(d), 0.6, group_cut=0.4)
+    assert _same_partition(apart, people)
+
+
+def test_the_group_cut_is_a_lower_order_statistic_of_the_same_pairs():
+    x, crop_track, person, pairs = _cast()
+    cosine = CosineDissimilarity()
+    result = cluster_by_negative_cut(
+        cosine.factors(x), crop_track, len(person), cannot_link=pairs, exclude=None,
+        representatives=cosine.representative,
+    )
+    points = track_points(cosine.factors(x), crop_track, np.arange(len(person)), cosine.representative)
+    assert result.group_cut == negative_cut(points, pairs, GROUP_QUANTILE) <= result.cut
+    assert GROUP_QUANTILE < NEGATIVE_QUANTILE
 
 
 def test_ties_close_the_chain():

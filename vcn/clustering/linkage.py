@@ -2,8 +2,9 @@
 
 Average linkage (UPGMA) merges, one pair at a time, the two clusters whose tracks
 are closest on average; every track weighs the same. Two clusters holding a pair
-of tracks that are on screen together are never merged, and the merging stops
-when the closest admissible pair is no closer than the cut. The dissimilarity is
+of tracks that are on screen together are never merged, two clusters of
+:data:`GROUP_SIZE` or more tracks each only below the stricter group cut, and the
+merging stops when the closest admissible pair is no closer than the cut. The dissimilarity is
 bilinear (:mod:`vcn.clustering.dissimilarity`), so the mean over all track pairs of
 two clusters is the dissimilarity of their mean factors: a cluster is one pair of
 mean vectors, and memory is O(T K) for T tracks of K-wide factors, never a (T, T)
@@ -18,12 +19,17 @@ from vcn.clustering.dissimilarity import Factors
 from vcn.clustering.parameter_free import UNKNOWN, ClusteringResult
 
 
+#: Two clusters that each hold at least this many tracks merge only below the group cut (:func:`negative_cut`).
+GROUP_SIZE = 8
+
+
 def average_linkage(
     points: Factors,
     cut: float,
     *,
     cannot_link: np.ndarray | None = None,
     exclude: np.ndarray | None = None,
+    group_cut: float | None = None,
 ) -> np.ndarray:
     """Average-linkage clusters of T items, merged while closer than ``cut`` and never across a cannot-link pair.
 
@@ -41,6 +47,9 @@ def average_linkage(
         cut: Merging stops when the closest admissible pair of clusters is at ``cut`` or farther.
         cannot_link: (P, 2) item pairs never to share a cluster.
         exclude: (T,) bool, items left out (labelled :data:`UNKNOWN`).
+        group_cut: A stricter cut for two clusters that each hold at least :data:`GROUP_SIZE` items:
+            such a pair at ``group_cut`` or farther never merges (it is refused as a cannot-link pair
+            is, which keeps the linkage reducible). None: ``cut`` for every pair.
 
     Returns:
         (T,) int64 labels ``0..C-1`` numbered by decreasing cluster size (ties by first item),
@@ -95,7 +104,17 @@ def average_linkage(
             b, distance = chain[-2], float(d[position[chain[-2]]])
         if len(chain) > n:
             raise RuntimeError("the nearest-neighbour chain of the average linkage did not close")
-        if not distance < cut:
+        if (
+            group_cut is not None
+            and group_cut <= distance < cut
+            and min(size[a], size[b]) >= GROUP_SIZE
+        ):
+            # Two groups of tracks no closer than the group cut: refused for good, as a cannot-link pair.
+            blocked[a].add(b)
+            blocked[b].add(a)
+            if len(chain) > 1 and b == chain[-2]:
+                chain.pop()
+        elif not distance < cut:
             # Every link of the chain is at least this far: none of its clusters will merge again.
             for c in chain:
                 open_[c] = False
@@ -152,6 +171,14 @@ def _number_by_size(parent: np.ndarray, keep: np.ndarray) -> np.ndarray:
 #: points of its best from 0.15 to 0.3 on all but one, and 0.25 keeps PCR in [0.9, 1.3] on the
 #: development episodes (more clusters than people below it, merged people above).
 NEGATIVE_QUANTILE = 0.25
+#: Two clusters of :data:`GROUP_SIZE` or more tracks each merge only below this quantile of the same
+#: distances. Their mean distance is about the mean distance of their people, and the lower quartile of the
+#: tracks on screen together (mostly the main characters') lies above that of some pairs of people who never
+#: share the screen, so cannot-link cannot refuse them: on a held-out episode of dev-mv's kind 11 of 91 pairs
+#: of people, merged in full (benchmarks/results/cut_mechanism.md). Merges that move a few tracks keep the
+#: quartile. Swept with GROUP_SIZE over 0.1-0.15 and 3-8 tracks on eight embedding sets
+#: (benchmarks/results/group_cut.md).
+GROUP_QUANTILE = 0.1
 #: Fewer known different-person pairs than this give no cut (the quantile would be noise).
 MIN_NEGATIVES = 10
 #: The cut is the largest order statistic of the pairs that lies at or below :data:`NEGATIVE_QUANTILE`
@@ -163,7 +190,7 @@ MIN_NEGATIVES = 10
 CUT_CONFIDENCE = 0.5
 
 
-def negative_cut(points: Factors, negatives: np.ndarray | None) -> float | None:
+def negative_cut(points: Factors, negatives: np.ndarray | None, quantile: float = NEGATIVE_QUANTILE) -> float | None:
     """The movie's own cut: :data:`NEGATIVE_QUANTILE` of the distances of its known different-person pairs,
     bounded from below at :data:`CUT_CONFIDENCE` (:func:`lower_quantile_rank`).
 
@@ -177,6 +204,7 @@ def negative_cut(points: Factors, negatives: np.ndarray | None) -> float | None:
     Args:
         points: The tracks' factors (:func:`track_points`).
         negatives: (P, 2) track pairs known to be different people.
+        quantile: Default :data:`NEGATIVE_QUANTILE`; :data:`GROUP_QUANTILE` gives the group cut.
 
     Returns:
         The cut, or None with fewer than :data:`MIN_NEGATIVES` distinct pairs.
@@ -188,7 +216,7 @@ def negative_cut(points: Factors, negatives: np.ndarray | None) -> float | None:
     if len(pairs) < MIN_NEGATIVES:
         return None
     values = np.sort(pair_distances(points, pairs))
-    return float(values[lower_quantile_rank(len(values), NEGATIVE_QUANTILE, CUT_CONFIDENCE)])
+    return float(values[lower_quantile_rank(len(values), quantile, CUT_CONFIDENCE)])
 
 
 def pair_distances(points: Factors, pairs: np.ndarray) -> np.ndarray:
@@ -338,8 +366,9 @@ def cluster_by_negative_cut(
     representatives,
     attach: np.ndarray | None = None,
 ) -> ClusteringResult | None:
-    """Tracks clustered by constrained average linkage cut at :func:`negative_cut`; None when the movie has too
-    few tracks on screen together to give a cut.
+    """Tracks clustered by constrained average linkage cut at :func:`negative_cut`, with the group cut at
+    :data:`GROUP_QUANTILE` of the same distances for two clusters of :data:`GROUP_SIZE` or more tracks each;
+    None when the movie has too few tracks on screen together to give a cut.
 
     Args: as :func:`vcn.clustering.parameter_free.cluster_tracks` (``cannot_link`` required: it is both the
     constraint and the sample of different-person distances), and
@@ -376,7 +405,8 @@ def cluster_by_negative_cut(
     cut = negative_cut(points, pairs)
     if cut is None:
         return None
-    local = average_linkage(points, cut, cannot_link=pairs)
+    group_cut = negative_cut(points, pairs, GROUP_QUANTILE)
+    local = average_linkage(points, cut, cannot_link=pairs, group_cut=group_cut)
     labels = np.full(n_tracks, UNKNOWN, dtype=np.int64)
     labels[tracks] = local
     n_clusters = int(local.max()) + 1 if len(local) else 0
@@ -390,5 +420,5 @@ def cluster_by_negative_cut(
         attached = 0
     return ClusteringResult(
         labels=labels, n_clusters=n_clusters, rounds=len(tracks) - n_clusters, rule="negative-cut", cut=cut,
-        attached=attached,
+        group_cut=group_cut, attached=attached,
     )

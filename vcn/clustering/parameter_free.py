@@ -102,6 +102,8 @@ class ClusteringResult:
             different-person distances, :mod:`vcn.clustering.linkage`) or
             ``"adaptive-threshold"`` (the paper's per-cluster thresholds, this module).
         cut: The distance cut of ``"negative-cut"``; None for the other rule.
+        group_cut: The stricter cut of ``"negative-cut"`` for two clusters of several tracks each
+            (:data:`vcn.clustering.linkage.GROUP_QUANTILE`); None for the other rule.
         attached: Tracks kept out of the linkage (low quality) that then joined a cluster within the cut.
     """
 
@@ -112,6 +114,7 @@ class ClusteringResult:
     blocked_merges: int = 0
     rule: str = "adaptive-threshold"
     cut: float | None = None
+    group_cut: float | None = None
     attached: int = 0
 
 

@@ -148,6 +148,7 @@ def face_clusters(
             "unknown_reasons": dict(why),
             "rule": result.clustering.rule,
             "cut": result.clustering.cut,
+            "group_cut": result.clustering.group_cut,
             "rounds": result.clustering.rounds,
             "low_quality_joined": result.clustering.attached,
         }
@@ -163,6 +164,7 @@ def face_clusters(
             "quality_cut": cut,
             "rule": result.clustering.rule,
             "cut": result.clustering.cut,
+            "group_cut": result.clustering.group_cut,
             "rounds": result.clustering.rounds,
             "blocked_merges": result.clustering.blocked_merges,
             "cannot_link": config.cannot_link,
