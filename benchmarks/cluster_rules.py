@@ -36,6 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from vcn.clustering.dissimilarity import CosineDissimilarity
 from vcn.clustering.linkage import (
+    GROUP_QUANTILE,
+    GROUP_SIZE,
     NEGATIVE_QUANTILE,
     average_linkage,
     cluster_by_negative_cut,
@@ -48,6 +50,8 @@ from vcn.identity.quality import low_quality_tracks, track_quality
 
 RESULTS = ROOT / "benchmarks" / "results"
 SWEEP = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+#: The product's rule as the rows name it.
+RULE = f"negative cut q{NEGATIVE_QUANTILE}, group cut q{GROUP_QUANTILE} ({GROUP_SIZE}+ tracks)"
 
 
 def _scores(labels: np.ndarray, assignment: np.ndarray) -> dict:
@@ -90,15 +94,15 @@ def _evaluate(data, stem: str) -> list[dict]:
         rows.append({**base, "rule": "adaptive thresholds (paper)", **_scores(labels, old.labels)})
         new = cluster_by_negative_cut(factors, crop_track, n, cannot_link=pairs, exclude=None, attach=low,
                                       representatives=cosine.representative)
-        rows.append({**base, "rule": f"negative cut q{NEGATIVE_QUANTILE}", "cut": round(new.cut, 4),
+        rows.append({**base, "rule": RULE, "cut": round(new.cut, 4),
                      "attached": new.attached, **_scores(labels, new.labels)})
         left_out = cluster_by_negative_cut(factors, crop_track, n, cannot_link=pairs, exclude=low,
                                            representatives=cosine.representative)
-        rows.append({**base, "rule": f"negative cut q{NEGATIVE_QUANTILE}, low-quality tracks left Unknown",
+        rows.append({**base, "rule": f"{RULE}, low-quality tracks left Unknown",
                      "cut": round(left_out.cut, 4), **_scores(labels, left_out.labels)})
         unscreened = cluster_by_negative_cut(factors, crop_track, n, cannot_link=pairs, exclude=None,
                                              representatives=cosine.representative)
-        rows.append({**base, "rule": f"negative cut q{NEGATIVE_QUANTILE}, no quality screen",
+        rows.append({**base, "rule": f"{RULE}, no quality screen",
                      "cut": round(unscreened.cut, 4), **_scores(labels, unscreened.labels)})
         kept = np.flatnonzero(~low & (np.bincount(crop_track, minlength=n) > 0))
         points = track_points(factors, crop_track, kept, cosine.representative)
@@ -119,7 +123,8 @@ def _evaluate(data, stem: str) -> list[dict]:
             cut = float(np.quantile(negatives, q))
             assignment = np.full(n, UNKNOWN)
             assignment[kept] = average_linkage(points, cut, cannot_link=local)
-            rows.append({**base, "rule": f"sweep q{q}", "cut": round(cut, 4), **_scores(labels, assignment)})
+            rows.append({**base, "rule": f"sweep q{q} (no group cut)", "cut": round(cut, 4),
+                         **_scores(labels, assignment)})
     return rows
 
 

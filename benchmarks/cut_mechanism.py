@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,11 @@ def person_pairs(distances: np.ndarray, labels: np.ndarray, cannot_link: np.ndar
     }
 
 
+def _majority(members: list) -> str:
+    """The most frequent label; a tie goes to the first in sorted order (the same in every run)."""
+    return Counter(sorted(members)).most_common(1)[0][0]
+
+
 def merges(points: np.ndarray, labels: np.ndarray, cut: float) -> dict:
     """Unconstrained average linkage on unit track directions: the merges of clusters of MERGE_SIZE+ tracks."""
     from scipy.cluster.hierarchy import linkage
@@ -72,7 +78,7 @@ def merges(points: np.ndarray, labels: np.ndarray, cut: float) -> dict:
         left, other = members.pop(int(a)), members.pop(int(b))
         if min(len(left), len(other)) >= MERGE_SIZE:
             heights.append(height)
-            right.append(max(set(left), key=left.count) == max(set(other), key=other.count))
+            right.append(_majority(left) == _majority(other))
         members[n + k] = left + other
     heights, right = np.array(heights), np.array(right, dtype=bool)
     wrong = heights[~right]

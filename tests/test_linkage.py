@@ -143,6 +143,11 @@ def test_the_group_cut_is_a_lower_order_statistic_of_the_same_pairs():
     points = track_points(cosine.factors(x), crop_track, np.arange(len(person)), cosine.representative)
     assert result.group_cut == negative_cut(points, pairs, GROUP_QUANTILE) <= result.cut
     assert GROUP_QUANTILE < NEGATIVE_QUANTILE
+    off = cluster_by_negative_cut(
+        cosine.factors(x), crop_track, len(person), cannot_link=pairs, exclude=None,
+        representatives=cosine.representative, group=False,
+    )
+    assert off.group_cut is None and off.cut == result.cut
 
 
 def test_ties_close_the_chain():

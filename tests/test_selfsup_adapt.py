@@ -137,6 +137,7 @@ def test_without_a_negative_cut_the_adaptive_thresholds_compare_the_loss_as_writ
     metric = LossDivergence(logits.mean(axis=0), 0.1, 0.04)
     few = np.array([[0, 1], [3, 5]])  # fewer than MIN_NEGATIVES pairs on screen together: no cut
     assert len(few) < MIN_NEGATIVES
+    assert metric.group_cut is False and metric.paper_form().group_cut is False
     result = cluster_movie(logits, crop_track, 9, dissimilarity=metric, cannot_link=few)
     written = cluster_movie(logits, crop_track, 9, dissimilarity=metric.paper_form(), cannot_link=few)
     assert result.clustering.rule == written.clustering.rule == "adaptive-threshold"

@@ -59,9 +59,16 @@ class Factors:
 
 
 class Dissimilarity(Protocol):
-    """Turns per-crop model outputs into bilinear factors (see the module docstring)."""
+    """Turns per-crop model outputs into bilinear factors (see the module docstring).
+
+    Attributes:
+        name: What the clustering records.
+        group_cut: Whether the negative cut's stricter cut for two clusters of several tracks each
+            applies (:data:`vcn.clustering.linkage.GROUP_QUANTILE`).
+    """
 
     name: str
+    group_cut: bool
 
     def factors(self, outputs: np.ndarray) -> Factors:
         """Per-crop factors of (N, ...) model outputs."""
@@ -86,6 +93,8 @@ class CosineDissimilarity:
     """``1 - cos(a, b)`` between embeddings: 0 for the same direction, 2 for opposite."""
 
     name = "cosine"
+    #: Measured on nine saved SFace embedding sets (benchmarks/results/group_cut.md): better or the same on each.
+    group_cut = True
 
     def factors(self, outputs: np.ndarray) -> Factors:
         """Factors of L2-normalised ``outputs`` ((N, D) embeddings, normalised here)."""

@@ -176,8 +176,10 @@ NEGATIVE_QUANTILE = 0.25
 #: tracks on screen together (mostly the main characters') lies above that of some pairs of people who never
 #: share the screen, so cannot-link cannot refuse them: on a held-out episode of dev-mv's kind 11 of 91 pairs
 #: of people, merged in full (benchmarks/results/cut_mechanism.md). Merges that move a few tracks keep the
-#: quartile. Swept with GROUP_SIZE over 0.1-0.15 and 3-8 tracks on eight embedding sets
-#: (benchmarks/results/group_cut.md).
+#: quartile. On nine saved SFace embedding sets (development and held-out episodes, pretrained and adapted)
+#: no set is worse for it, dev-ep +4.6 BCubed F, that held-out episode +11.4; over 5-12 tracks and 0.1-0.15
+#: none falls below the rule without it (benchmarks/results/group_cut.md). Cosine only
+#: (:attr:`vcn.clustering.dissimilarity.Dissimilarity.group_cut`).
 GROUP_QUANTILE = 0.1
 #: Fewer known different-person pairs than this give no cut (the quantile would be noise).
 MIN_NEGATIVES = 10
@@ -365,6 +367,7 @@ def cluster_by_negative_cut(
     exclude: np.ndarray | None,
     representatives,
     attach: np.ndarray | None = None,
+    group: bool = True,
 ) -> ClusteringResult | None:
     """Tracks clustered by constrained average linkage cut at :func:`negative_cut`, with the group cut at
     :data:`GROUP_QUANTILE` of the same distances for two clusters of :data:`GROUP_SIZE` or more tracks each;
@@ -375,6 +378,8 @@ def cluster_by_negative_cut(
         attach: (T,) bool, tracks kept out of the linkage and of the cut that afterwards join the cluster
             they are within the cut of (:func:`attach_to_clusters`), e.g. low-quality tracks: they may
             join a person's cluster, but never make one or bridge two.
+        group: Whether the group cut applies
+            (:attr:`vcn.clustering.dissimilarity.Dissimilarity.group_cut`); off, every merge is at the cut.
 
     Returns:
         A :class:`vcn.clustering.parameter_free.ClusteringResult` (``rounds``: merges made), or None.
@@ -405,7 +410,7 @@ def cluster_by_negative_cut(
     cut = negative_cut(points, pairs)
     if cut is None:
         return None
-    group_cut = negative_cut(points, pairs, GROUP_QUANTILE)
+    group_cut = negative_cut(points, pairs, GROUP_QUANTILE) if group else None
     local = average_linkage(points, cut, cannot_link=pairs, group_cut=group_cut)
     labels = np.full(n_tracks, UNKNOWN, dtype=np.int64)
     labels[tracks] = local

@@ -470,7 +470,7 @@ def cluster_movie(
         # enough of them, or with cannot-link off (the paper's setting), the adaptive thresholds decide.
         result = cluster_by_negative_cut(
             factors, crop_track, n_tracks, cannot_link=cannot_link, exclude=None, attach=low,
-            representatives=dissimilarity.representative,
+            representatives=dissimilarity.representative, group=dissimilarity.group_cut,
         )
     if result is None:
         # The paper's rule on the paper's form of the dissimilarity (for the loss metric: as written).

@@ -65,6 +65,12 @@ class LossDissimilarity:
     """
 
     name = "loss-as-written"
+    #: Off for the loss metric: its head places one person's photo groups about as far apart as two people
+    #: (same-person recall at the cut's quantiles half the cosine's on dev-ep), and holding merges of large
+    #: clusters to the lower decile split people further: BCubed F -3.2 on dev-mv, -2.4 on dev-ep, -5.7 on
+    #: BBT S01E02 (+4.9 on a Buffy episode of dev-mv's kind) for the divergence reading
+    #: (benchmarks/results/loss_readings_group_cut_on_loss.md against loss_readings.md).
+    group_cut = False
 
     def __init__(
         self, center: np.ndarray | torch.Tensor, student_temperature: float, teacher_temperature: float
