@@ -136,17 +136,11 @@ def test_two_look_alike_people_of_many_tracks_stay_apart():
 def test_the_group_cut_is_a_lower_order_statistic_of_the_same_pairs():
     x, crop_track, person, pairs = _cast()
     cosine = CosineDissimilarity()
-    result = cluster_by_negative_cut(
-        cosine.factors(x), crop_track, len(person), cannot_link=pairs, exclude=None,
-        representatives=cosine.representative,
-    )
+    result = _cosine_cut(x, crop_track, person, pairs)
     points = track_points(cosine.factors(x), crop_track, np.arange(len(person)), cosine.representative)
     assert result.group_cut == negative_cut(points, pairs, GROUP_QUANTILE) <= result.cut
     assert GROUP_QUANTILE < NEGATIVE_QUANTILE
-    off = cluster_by_negative_cut(
-        cosine.factors(x), crop_track, len(person), cannot_link=pairs, exclude=None,
-        representatives=cosine.representative, group=False,
-    )
+    off = _cosine_cut(x, crop_track, person, pairs, group=False)
     assert off.group_cut is None and off.cut == result.cut
 
 
@@ -225,13 +219,18 @@ def _cast(seed: int = 0, people: int = 6, tracks_per_person: int = 12, crops: in
     return x, crop_track, person, np.concatenate(pairs)
 
 
+def _cosine_cut(x, crop_track, person, pairs, **options):
+    """The cast clustered by cosine under the negative cut (all tracks, no attachment)."""
+    cosine = CosineDissimilarity()
+    return cluster_by_negative_cut(
+        cosine.factors(x), crop_track, len(person), cannot_link=pairs, exclude=None,
+        representatives=cosine.representative, **options,
+    )
+
+
 def test_a_cast_is_recovered_from_its_own_negatives():
     x, crop_track, person, pairs = _cast()
-    cosine = CosineDissimilarity()
-    result = cluster_by_negative_cut(
-        cosine.factors(x), crop_track, len(person), cannot_link=pairs, exclude=None,
-        representatives=cosine.representative,
-    )
+    result = _cosine_cut(x, crop_track, person, pairs)
     assert result is not None and result.rule == "negative-cut"
     assert _same_partition(result.labels, person)
     assert result.n_clusters == 6

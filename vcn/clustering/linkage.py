@@ -19,10 +19,6 @@ from vcn.clustering.dissimilarity import Factors
 from vcn.clustering.parameter_free import UNKNOWN, ClusteringResult
 
 
-#: Two clusters that each hold at least this many tracks merge only below the group cut (:func:`negative_cut`).
-GROUP_SIZE = 8
-
-
 def average_linkage(
     points: Factors,
     cut: float,
@@ -181,6 +177,8 @@ NEGATIVE_QUANTILE = 0.25
 #: none falls below the rule without it (benchmarks/results/group_cut.md). Cosine only
 #: (:attr:`vcn.clustering.dissimilarity.Dissimilarity.group_cut`).
 GROUP_QUANTILE = 0.1
+#: Two clusters that each hold at least this many tracks merge only below the group cut.
+GROUP_SIZE = 8
 #: Fewer known different-person pairs than this give no cut (the quantile would be noise).
 MIN_NEGATIVES = 10
 #: The cut is the largest order statistic of the pairs that lies at or below :data:`NEGATIVE_QUANTILE`
