@@ -431,6 +431,34 @@ def embedding_spread(home: Path, tracks: Mapping[str, TrackTruth]) -> dict:
     }
 
 
+def dump_embeddings(home: Path, tracks: Mapping[str, TrackTruth], path: Path) -> None:
+    """Our latest crop embeddings of the movie saved as ``benchmarks/cluster_quality.py --dump`` saves a track
+    set's (``pretrained``, ``quality``, ``crop_track``, ``cannot_link``, ``labels``), so the benchmarks that read
+    those dumps (``group_cut.py``, ``cut_levers.py``, ...) read the movie too.
+
+    Rows are the movie's tracks in ``track_id`` order; ``labels`` is each track's identity by
+    :func:`track_truths` ("" for a false track, scored as no one's); ``cannot_link`` is the product's
+    on-screen-together pairs, as positions.
+    """
+    from vcn.clustering.cannot_link import positions_on_screen_together
+    from vcn.pipeline import track_rows
+
+    folder = home / "artifacts" / "movies" / MOVIE_ID
+    table = pl.read_parquet(folder / "tracks.parquet").sort("track_id")
+    track_ids = table["track_id"].to_numpy()
+    crops = pl.read_parquet(folder / "crop_embeddings.parquet", columns=["track_id", "quality"])
+    labels = [tracks[str(t)].identity if str(t) in tracks and tracks[str(t)].identity else "" for t in track_ids]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        path,
+        pretrained=np.load(folder / "crop_embeddings.npy").astype(np.float32),
+        quality=crops["quality"].to_numpy().astype(np.float32),
+        crop_track=track_rows(track_ids, crops["track_id"].to_numpy()),
+        cannot_link=positions_on_screen_together(table, track_ids),
+        labels=np.array(labels),
+    )
+
+
 def _default_label(meta: dict) -> str:
     """The default run's row name: its base model, and whether its clusters came from a finetuned model."""
     first = (meta.get("clusterings") or [{}])[0]
@@ -680,6 +708,12 @@ def main(argv: list[str] | None = None) -> None:
         "--rescore", action="store_true", help="score the raw outputs of an earlier run in benchmarks/work/NAME again"
     )
     parser.add_argument(
+        "--dump",
+        type=Path,
+        help="also save our pretrained crop embeddings, qualities, tracks and their identities here (.npz, the format "
+        "of cluster_quality.py --dump)",
+    )
+    parser.add_argument(
         "--ours-only",
         action="store_true",
         help="run our pipeline again and keep the dlib chain's raw outputs of an earlier run (they do not depend on "
@@ -700,6 +734,9 @@ def main(argv: list[str] | None = None) -> None:
             run_stock(video, work, args.every)
 
     rows = _ours_rows(work, truth) + _stock_rows(work, truth)
+    if args.dump:
+        pretrained_tracks = track_truths(_detected(pl.read_csv(work / "ours_pretrained" / "detections.csv")), truth)
+        dump_embeddings(work / "vcn_home", pretrained_tracks, args.dump)
     report = {
         "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",

@@ -17,7 +17,6 @@ from vcn.clustering.linkage import (
     attach_to_clusters,
     average_linkage,
     cluster_by_negative_cut,
-    lower_quantile_rank,
     negative_cut,
     track_points,
 )
@@ -133,7 +132,7 @@ def test_two_look_alike_people_of_many_tracks_stay_apart():
     assert _same_partition(apart, people)
 
 
-def test_the_group_cut_is_a_lower_order_statistic_of_the_same_pairs():
+def test_the_group_cut_is_a_lower_quantile_of_the_same_pairs():
     x, crop_track, person, pairs = _cast()
     cosine = CosineDissimilarity()
     result = _cosine_cut(x, crop_track, person, pairs)
@@ -180,28 +179,34 @@ def test_bad_input_is_refused():
         average_linkage(_points(np.zeros((2, 2))), 0.5, exclude=np.zeros(3, dtype=bool))
 
 
-def test_negative_cut_is_an_order_statistic_of_distinct_pairs():
+def test_negative_cut_is_the_quantile_of_a_normal_fitted_to_the_distinct_pairs():
     rng = np.random.default_rng(0)
     d = rng.uniform(size=(30, 30))
     d = (d + d.T) / 2
     pairs = np.stack([np.arange(0, 28, 2), np.arange(1, 29, 2)], axis=1)
-    doubled = np.concatenate([pairs, pairs[:, ::-1]])  # both orders, counted once
-    values = np.sort(d[pairs[:, 0], pairs[:, 1]])
-    # 14 pairs: the 3rd smallest is at or below the quartile with probability P(Binomial(14, 1/4) >= 3) = 0.72,
-    # the 4th with 0.48.
-    assert negative_cut(_points(d), doubled) == values[2]
+    doubled = np.concatenate([pairs, pairs[:, ::-1], pairs[:1]])  # both orders and a repeat, each counted once
+    values = d[pairs[:, 0], pairs[:, 1]]
+    # z(0.25) = -0.6745: the lower quartile of a normal with the pairs' mean and (sample) standard deviation.
+    assert negative_cut(_points(d), doubled) == pytest.approx(values.mean() - 0.67449 * values.std(ddof=1), abs=1e-4)
+    assert negative_cut(_points(d), doubled, GROUP_QUANTILE) < negative_cut(_points(d), doubled)
     assert negative_cut(_points(d), pairs[: MIN_NEGATIVES - 1]) is None
     assert negative_cut(_points(d), None) is None
 
 
-def test_the_cut_rank_is_the_quantile_on_many_pairs_and_lower_on_few():
-    assert NEGATIVE_QUANTILE == 0.25
-    assert lower_quantile_rank(10, 0.25, 0.5) == 1  # the 2nd smallest of 10, where np.quantile interpolates 3rd-4th
-    for n in (300, 3000, 30000):
-        assert abs(lower_quantile_rank(n, 0.25, 0.5) / (n - 1) - 0.25) < 0.01
-    # Ranks fall as the confidence asked rises, down to the smallest sample.
-    assert lower_quantile_rank(100, 0.25, 0.9) < lower_quantile_rank(100, 0.25, 0.5)
-    assert lower_quantile_rank(10, 0.25, 0.99) == 0
+def test_a_long_lower_tail_of_pairs_on_screen_together_lowers_the_cut():
+    # 40 pairs about 0.8 apart; then 4 of them replaced by look-alikes 0.45 apart. The order statistic at the
+    # quartile (the 10th smallest) barely moves; the fitted cut falls, holding apart pairs as close as those.
+    rng = np.random.default_rng(1)
+    values = np.sort(rng.normal(0.8, 0.03, 40))
+    d = np.zeros((80, 80))
+    pairs = np.stack([np.arange(0, 80, 2), np.arange(1, 80, 2)], axis=1)
+    d[pairs[:, 0], pairs[:, 1]] = d[pairs[:, 1], pairs[:, 0]] = values
+    plain = negative_cut(_points(d), pairs)
+    d[pairs[:4, 0], pairs[:4, 1]] = d[pairs[:4, 1], pairs[:4, 0]] = 0.45
+    tailed = negative_cut(_points(d), pairs)
+    assert plain == pytest.approx(0.8 - 0.6745 * 0.03, abs=0.02)
+    assert tailed < plain - 0.05
+    assert np.sort(d[pairs[:, 0], pairs[:, 1]])[9] > plain - 0.01  # the order statistic would have stayed
 
 
 def _cast(seed: int = 0, people: int = 6, tracks_per_person: int = 12, crops: int = 5):
