@@ -18,6 +18,7 @@ from vcn.clustering.linkage import (
     average_linkage,
     cluster_by_negative_cut,
     negative_cut,
+    same_person_reach,
     track_points,
 )
 
@@ -137,10 +138,12 @@ def test_the_group_cut_is_a_lower_quantile_of_the_same_pairs():
     cosine = CosineDissimilarity()
     result = _cosine_cut(x, crop_track, person, pairs)
     points = track_points(cosine.factors(x), crop_track, np.arange(len(person)), cosine.representative)
-    assert result.group_cut == negative_cut(points, pairs, GROUP_QUANTILE) <= result.cut
+    assert negative_cut(points, pairs, GROUP_QUANTILE) <= negative_cut(points, pairs)
+    assert result.group_cut == min(result.cut, negative_cut(points, pairs, GROUP_QUANTILE))
+    assert result.cut == min(negative_cut(points, pairs), same_person_reach(points, pairs))
     assert GROUP_QUANTILE < NEGATIVE_QUANTILE
     off = _cosine_cut(x, crop_track, person, pairs, group=False)
-    assert off.group_cut is None and off.cut == result.cut
+    assert off.group_cut is None and off.same_person_reach is None and off.cut == negative_cut(points, pairs)
 
 
 def test_ties_close_the_chain():
@@ -342,3 +345,51 @@ def test_two_tracks_on_screen_together_never_join_one_cluster():
     )
     # Both are nearest cluster 0; the nearer one (3) joins it, and 4 takes the next cluster within the cut.
     assert out[3] == 0 and out[4] == 1
+
+
+def test_same_person_reach_is_the_same_person_component_and_four_of_its_deviations():
+    rng = np.random.default_rng(2)
+    person = np.repeat(np.arange(6), 10)
+    same = person[:, None] == person[None, :]
+    d = np.where(same, rng.normal(0.3, 0.04, same.shape), rng.normal(0.9, 0.04, same.shape))
+    d = (d + d.T) / 2
+    np.fill_diagonal(d, 0)
+    upper = np.triu(np.ones_like(same), 1)
+    different = np.argwhere(upper & ~same)
+    negatives = different[rng.choice(len(different), 40, replace=False)]
+    reach = same_person_reach(_points(d), negatives)
+    within = d[upper & same]
+    assert reach == pytest.approx(within.mean() + 4 * within.std(), abs=0.01)
+    assert within.max() < reach < d[upper & ~same].min()
+    assert same_person_reach(_points(d), negatives[: MIN_NEGATIVES - 1]) is None
+    assert same_person_reach(_points(d), None) is None
+
+
+def test_two_minor_characters_stay_apart_where_the_movie_holds_each_person_close():
+    # Three main characters, 10 tracks each, on screen together and 0.95 apart; two minor characters of 3
+    # tracks each, 0.7 apart and never on screen; every person's tracks 0.2 apart. The quartile of the pairs on
+    # screen together (about 0.95) would join the minor two; the same-person reach (about 0.25) holds them apart.
+    rng = np.random.default_rng(3)
+    person = np.repeat(np.arange(5), [10, 10, 10, 3, 3])
+    same = person[:, None] == person[None, :]
+    d = np.where(same, 0.2, 0.95) + rng.uniform(-0.02, 0.02, same.shape)
+    d[np.ix_(person == 3, person == 4)] = 0.7
+    d[np.ix_(person == 4, person == 3)] = 0.7
+    d = (d + d.T) / 2
+    np.fill_diagonal(d, 0)
+    mains = np.flatnonzero(person < 3)
+    pairs = np.array([(a, b) for a in mains for b in mains if a < b and person[a] != person[b]])[::7]
+
+    def run(group: bool):
+        return cluster_by_negative_cut(
+            _points(d), np.arange(len(person)), len(person), cannot_link=pairs, exclude=None,
+            representatives=lambda u, v: (u, v), group=group,
+        )
+
+    held = run(True)
+    assert held.same_person_reach == pytest.approx(0.2 + 4 * 0.0082, abs=0.03)
+    assert held.cut == held.same_person_reach < negative_cut(_points(d), pairs)
+    assert _same_partition(held.labels, person)
+    loose = run(False)
+    assert loose.same_person_reach is None
+    assert loose.labels[person == 3][0] == loose.labels[person == 4][0]

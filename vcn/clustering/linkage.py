@@ -226,6 +226,78 @@ def negative_cut(points: Factors, negatives: np.ndarray | None, quantile: float 
     return float(values.mean() + NormalDist().inv_cdf(quantile) * values.std(ddof=1))
 
 
+#: The cut never exceeds the reach of the movie's own same-person distances: the mean of the same-person
+#: component of the track pairs' distances plus this many of its standard deviations (for a normal, 1 in
+#: 30,000 pairs beyond it). On a track dataset of degraded photos one person's tracks spread as wide as
+#: the quartile of different people (the reach lies above the cut on every saved trackset embedding set:
+#: no change); in a movie they sit close together (same-person median 0.21-0.36 on the end-to-end
+#: benchmark movies against a cut of 0.72-0.87) and the quartile of the main characters' pairs on screen
+#: together let two minor characters of 3 tracks each merge at 0.71-0.82. Measured in
+#: benchmarks/results/cut_levers.md (lever "no same-person reach").
+SAME_PERSON_SDS = 4.0
+#: The mixture is fitted on all track pairs up to this many, on a seeded sample of them beyond.
+MIXTURE_PAIRS = 200_000
+
+
+def same_person_reach(points: Factors, negatives: np.ndarray | None) -> float | None:
+    """How far apart two tracks of one person reach in this movie, for the cut to stay under.
+
+    The distances of all track pairs are a mixture of same-person and different-person pairs; the
+    different-person component is the normal fitted to the pairs on screen together (as in
+    :func:`negative_cut`), and EM fits the same-person component (a normal) and its share. The reach is
+    that component's mean plus :data:`SAME_PERSON_SDS` standard deviations.
+
+    Args:
+        points: The tracks' factors (:func:`track_points`).
+        negatives: (P, 2) track pairs known to be different people.
+
+    Returns:
+        The reach, or None with fewer than :data:`MIN_NEGATIVES` distinct pairs or when no same-person
+        component separates from the different-person one.
+    """
+    if negatives is None or len(negatives) == 0:
+        return None
+    pairs = np.unique(np.sort(np.asarray(negatives, dtype=np.int64).reshape(-1, 2), axis=1), axis=0)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    if len(pairs) < MIN_NEGATIVES:
+        return None
+    negative = pair_distances(points, pairs)
+    mu, sd = float(negative.mean()), float(negative.std(ddof=1))
+    n = len(points.u)
+    if n * (n - 1) // 2 <= MIXTURE_PAIRS:
+        every = np.stack(np.triu_indices(n, 1), axis=1)
+    else:
+        rng = np.random.default_rng(0)
+        a, b = rng.integers(0, n, size=(2, MIXTURE_PAIRS))
+        every = np.stack([a, b], axis=1)[a != b]
+    d = pair_distances(points, every)
+    if sd <= 0 or len(d) < MIN_NEGATIVES:
+        return None
+
+    def density(x: np.ndarray, mean: float, spread: float) -> np.ndarray:
+        return np.exp(-0.5 * ((x - mean) / spread) ** 2) / spread
+
+    share, mean, spread = 0.1, float(np.quantile(d, 0.02)), sd
+    different = density(d, mu, sd)
+    for _ in range(500):
+        same = share * density(d, mean, spread)
+        weight = same / np.maximum(same + (1 - share) * different, 1e-300)
+        total = weight.sum()
+        if total <= 0:
+            return None
+        previous = (share, mean, spread)
+        share = float(total / len(d))
+        mean = float((weight * d).sum() / total)
+        spread = float(np.sqrt((weight * (d - mean) ** 2).sum() / total))
+        if spread <= 1e-6:
+            return None
+        if max(abs(x - y) for x, y in zip(previous, (share, mean, spread))) < 1e-7:
+            break
+    if not mean < mu:
+        return None
+    return mean + SAME_PERSON_SDS * spread
+
+
 def pair_distances(points: Factors, pairs: np.ndarray) -> np.ndarray:
     """(P,) float64 dissimilarities of the given (P, 2) pairs of points."""
     a, b = np.asarray(pairs, dtype=np.int64).reshape(-1, 2).T
@@ -360,17 +432,18 @@ def cluster_by_negative_cut(
     attach: np.ndarray | None = None,
     group: bool = True,
 ) -> ClusteringResult | None:
-    """Tracks clustered by constrained average linkage cut at :func:`negative_cut`, with the group cut at
-    :data:`GROUP_QUANTILE` of the same distances for two clusters of :data:`GROUP_SIZE` or more tracks each;
-    None when the movie has too few tracks on screen together to give a cut.
+    """Tracks clustered by constrained average linkage cut at :func:`negative_cut` (at most
+    :func:`same_person_reach`), with the group cut at :data:`GROUP_QUANTILE` of the same distances for two
+    clusters of :data:`GROUP_SIZE` or more tracks each; None when the movie has too few tracks on screen
+    together to give a cut.
 
     Args: as :func:`vcn.clustering.parameter_free.cluster_tracks` (``cannot_link`` required: it is both the
     constraint and the sample of different-person distances), and
         attach: (T,) bool, tracks kept out of the linkage and of the cut that afterwards join the cluster
             they are within the cut of (:func:`attach_to_clusters`), e.g. low-quality tracks: they may
             join a person's cluster, but never make one or bridge two.
-        group: Whether the group cut applies
-            (:attr:`vcn.clustering.dissimilarity.Dissimilarity.group_cut`); off, every merge is at the cut.
+        group: Whether the group cut and the same-person reach apply (the cosine's safeguards,
+            :attr:`vcn.clustering.dissimilarity.Dissimilarity.group_cut`); off, every merge is at the cut.
 
     Returns:
         A :class:`vcn.clustering.parameter_free.ClusteringResult` (``rounds``: merges made), or None.
@@ -401,7 +474,10 @@ def cluster_by_negative_cut(
     cut = negative_cut(points, pairs)
     if cut is None:
         return None
-    group_cut = negative_cut(points, pairs, GROUP_QUANTILE) if group else None
+    reach = same_person_reach(points, pairs) if group else None
+    if reach is not None:
+        cut = min(cut, reach)
+    group_cut = min(cut, negative_cut(points, pairs, GROUP_QUANTILE)) if group else None
     local = average_linkage(points, cut, cannot_link=pairs, group_cut=group_cut)
     labels = np.full(n_tracks, UNKNOWN, dtype=np.int64)
     labels[tracks] = local
@@ -416,5 +492,5 @@ def cluster_by_negative_cut(
         attached = 0
     return ClusteringResult(
         labels=labels, n_clusters=n_clusters, rounds=len(tracks) - n_clusters, rule="negative-cut", cut=cut,
-        group_cut=group_cut, attached=attached,
+        group_cut=group_cut, same_person_reach=reach, attached=attached,
     )

@@ -104,6 +104,9 @@ class ClusteringResult:
         cut: The distance cut of ``"negative-cut"``; None for the other rule.
         group_cut: The stricter cut of ``"negative-cut"`` for two clusters of several tracks each
             (:data:`vcn.clustering.linkage.GROUP_QUANTILE`); None for the other rule.
+        same_person_reach: How far apart the movie's tracks of one person reach
+            (:func:`vcn.clustering.linkage.same_person_reach`); the cut is at most this. None when
+            not estimated (the other rule, the loss metric, too few pairs on screen together).
         attached: Tracks kept out of the linkage (low quality) that then joined a cluster within the cut.
     """
 
@@ -115,6 +118,7 @@ class ClusteringResult:
     rule: str = "adaptive-threshold"
     cut: float | None = None
     group_cut: float | None = None
+    same_person_reach: float | None = None
     attached: int = 0
 
 

@@ -149,6 +149,7 @@ def face_clusters(
             "rule": result.clustering.rule,
             "cut": result.clustering.cut,
             "group_cut": result.clustering.group_cut,
+            "same_person_reach": result.clustering.same_person_reach,
             "rounds": result.clustering.rounds,
             "low_quality_joined": result.clustering.attached,
         }
@@ -165,6 +166,7 @@ def face_clusters(
             "rule": result.clustering.rule,
             "cut": result.clustering.cut,
             "group_cut": result.clustering.group_cut,
+            "same_person_reach": result.clustering.same_person_reach,
             "rounds": result.clustering.rounds,
             "blocked_merges": result.clustering.blocked_merges,
             "cannot_link": config.cannot_link,
