@@ -54,6 +54,15 @@ SWEEP = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
 RULE = f"negative cut q{NEGATIVE_QUANTILE}, group cut q{GROUP_QUANTILE} ({GROUP_SIZE}+ tracks)"
 
 
+#: The embedding sets a dump of ``cluster_quality.py --dump`` may hold: (embeddings key, crop quality key).
+DUMP_SETS = (("pretrained", "quality"), ("finetuned", "finetuned_quality"))
+
+
+def dump_sets(data) -> list[tuple[str, str]]:
+    """The :data:`DUMP_SETS` that ``data`` (a loaded dump) holds."""
+    return [(key, quality) for key, quality in DUMP_SETS if key in data]
+
+
 def _scores(labels: np.ndarray, assignment: np.ndarray) -> dict:
     truth = {str(i): name for i, name in enumerate(labels) if name}
     predicted = {str(i): (None if a == UNKNOWN else str(int(a))) for i, a in enumerate(assignment)}
@@ -83,9 +92,7 @@ def _evaluate(data, stem: str) -> list[dict]:
     n = len(labels)
     cosine = CosineDissimilarity()
     rows = []
-    for key, quality_key in (("pretrained", "quality"), ("finetuned", "finetuned_quality")):
-        if key not in data:
-            continue
+    for key, quality_key in dump_sets(data):
         factors = cosine.factors(data[key])
         low, _ = low_quality_tracks(track_quality(data[quality_key], crop_track, n))
         base = {"dump": stem, "embeddings": key}

@@ -45,10 +45,9 @@ sys.path.insert(0, str(ROOT))
 
 import vcn.clustering.dissimilarity as dissimilarity  # noqa: E402
 import vcn.clustering.linkage as linkage  # noqa: E402
-from benchmarks.cluster_rules import _scores, write_results  # noqa: E402
+from benchmarks.cluster_rules import _scores, dump_sets, write_results  # noqa: E402
 from vcn.pipeline import Embedded, cluster  # noqa: E402
 
-SETS = (("pretrained", "quality"), ("finetuned", "finetuned_quality"))
 #: A set counts as moved when BCubed F changes by more than this (points).
 MOVED = 0.5
 
@@ -68,13 +67,10 @@ def order_statistic_cut(confidence: float) -> Callable:
     """:func:`vcn.clustering.linkage.negative_cut` with the quantile read as an order statistic of the pairs."""
 
     def cut(points, negatives, quantile: float = linkage.NEGATIVE_QUANTILE) -> float | None:
-        if negatives is None or len(negatives) == 0:
+        values = linkage.negative_distances(points, negatives)
+        if values is None:
             return None
-        pairs = np.unique(np.sort(np.asarray(negatives, dtype=np.int64).reshape(-1, 2), axis=1), axis=0)
-        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-        if len(pairs) < linkage.MIN_NEGATIVES:
-            return None
-        values = np.sort(linkage.pair_distances(points, pairs))
+        values = np.sort(values)
         return float(values[lower_quantile_rank(len(values), quantile, confidence)])
 
     return cut
@@ -162,9 +158,7 @@ def run(data: dict, key: str, quality: str, name: str) -> dict:
 def evaluate(path: Path) -> list[dict]:
     data = dict(np.load(path))
     rows = []
-    for key, quality in SETS:
-        if key not in data:
-            continue
+    for key, quality in dump_sets(data):
         row = {"dump": path.stem, "embeddings": key, "levers": {name: run(data, key, quality, name) for name in LEVERS}}
         print(path.stem, key, {k: v["bcubed_f"] for k, v in row["levers"].items()}, flush=True)
         rows.append(row)

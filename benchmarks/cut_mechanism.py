@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.cluster_rules import write_results  # noqa: E402
+from benchmarks.cluster_rules import dump_sets, write_results  # noqa: E402
 from vcn.clustering.dissimilarity import CosineDissimilarity  # noqa: E402
 from vcn.clustering.linkage import track_points  # noqa: E402
 from vcn.pipeline import Embedded, cluster  # noqa: E402
@@ -41,7 +41,6 @@ from vcn.pipeline import Embedded, cluster  # noqa: E402
 MERGE_SIZE = 3
 #: The band under the cut whose right merges a lower cut would give up.
 BAND = 0.04
-SETS = (("pretrained", "quality"), ("finetuned", "finetuned_quality"))
 
 
 def person_pairs(distances: np.ndarray, labels: np.ndarray, cannot_link: np.ndarray, cut: float) -> dict:
@@ -94,9 +93,7 @@ def evaluate(path: Path) -> list[dict]:
     crop_track, labels, pairs = data["crop_track"], data["labels"], data["cannot_link"]
     n = len(labels)
     rows = []
-    for key, quality in SETS:
-        if key not in data.files:
-            continue
+    for key, quality in dump_sets(data):
         result = cluster(Embedded(crop_track, data[key], data[quality], key), n, similarity="cosine",
                          cannot_link=pairs, quality_screen=True)
         cut = float(result.clustering.cut)

@@ -25,12 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import vcn.clustering.linkage as linkage  # noqa: E402
-from benchmarks.cluster_rules import _scores, write_results  # noqa: E402
+from benchmarks.cluster_rules import _scores, dump_sets, write_results  # noqa: E402
 from vcn.pipeline import Embedded, cluster  # noqa: E402
 
 SIZES = (3, 5, 8, 12)
 QUANTILES = (0.05, 0.1, 0.15)
-SETS = (("pretrained", "quality"), ("finetuned", "finetuned_quality"))
 
 
 def _run(data, key: str, quality: str, size: int | None, quantile: float | None) -> dict:
@@ -50,9 +49,7 @@ def _run(data, key: str, quality: str, size: int | None, quantile: float | None)
 def evaluate(path: Path) -> list[dict]:
     data = dict(np.load(path))
     rows = []
-    for key, quality in SETS:
-        if key not in data:
-            continue
+    for key, quality in dump_sets(data):
         row = {"dump": path.stem, "embeddings": key, "without": _run(data, key, quality, None, None),
                "default": _run(data, key, quality, linkage.GROUP_SIZE, linkage.GROUP_QUANTILE),
                "grid": {f"{size}/{q:g}": _run(data, key, quality, size, q) for size in SIZES for q in QUANTILES}}

@@ -216,14 +216,22 @@ def negative_cut(points: Factors, negatives: np.ndarray | None, quantile: float 
     Returns:
         The cut, or None with fewer than :data:`MIN_NEGATIVES` distinct pairs.
     """
+    values = negative_distances(points, negatives)
+    if values is None:
+        return None
+    return float(values.mean() + NormalDist().inv_cdf(quantile) * values.std(ddof=1))
+
+
+def negative_distances(points: Factors, negatives: np.ndarray | None) -> np.ndarray | None:
+    """(P,) distances of the distinct pairs among ``negatives`` (each pair once, in either order, none of
+    a track with itself); None with fewer than :data:`MIN_NEGATIVES` of them."""
     if negatives is None or len(negatives) == 0:
         return None
     pairs = np.unique(np.sort(np.asarray(negatives, dtype=np.int64).reshape(-1, 2), axis=1), axis=0)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
     if len(pairs) < MIN_NEGATIVES:
         return None
-    values = pair_distances(points, pairs)
-    return float(values.mean() + NormalDist().inv_cdf(quantile) * values.std(ddof=1))
+    return pair_distances(points, pairs)
 
 
 #: The cut never exceeds the reach of the movie's own same-person distances: the mean of the same-person
@@ -255,13 +263,9 @@ def same_person_reach(points: Factors, negatives: np.ndarray | None) -> float | 
         The reach, or None with fewer than :data:`MIN_NEGATIVES` distinct pairs or when no same-person
         component separates from the different-person one.
     """
-    if negatives is None or len(negatives) == 0:
+    negative = negative_distances(points, negatives)
+    if negative is None:
         return None
-    pairs = np.unique(np.sort(np.asarray(negatives, dtype=np.int64).reshape(-1, 2), axis=1), axis=0)
-    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    if len(pairs) < MIN_NEGATIVES:
-        return None
-    negative = pair_distances(points, pairs)
     mu, sd = float(negative.mean()), float(negative.std(ddof=1))
     n = len(points.u)
     if n * (n - 1) // 2 <= MIXTURE_PAIRS:
