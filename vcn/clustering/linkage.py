@@ -267,6 +267,8 @@ def same_person_reach(points: Factors, negatives: np.ndarray | None) -> float | 
     if negative is None:
         return None
     mu, sd = float(negative.mean()), float(negative.std(ddof=1))
+    if sd <= 0:
+        return None
     n = len(points.u)
     if n * (n - 1) // 2 <= MIXTURE_PAIRS:
         every = np.stack(np.triu_indices(n, 1), axis=1)
@@ -275,8 +277,6 @@ def same_person_reach(points: Factors, negatives: np.ndarray | None) -> float | 
         a, b = rng.integers(0, n, size=(2, MIXTURE_PAIRS))
         every = np.stack([a, b], axis=1)[a != b]
     d = pair_distances(points, every)
-    if sd <= 0 or len(d) < MIN_NEGATIVES:
-        return None
 
     def density(x: np.ndarray, mean: float, spread: float) -> np.ndarray:
         return np.exp(-0.5 * ((x - mean) / spread) ** 2) / spread
